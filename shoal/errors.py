@@ -1,0 +1,35 @@
+"""The one exception hierarchy of Shoal: every error names what went wrong and where."""
+
+from __future__ import annotations
+
+
+class ShoalError(Exception):
+    """Root of every error Shoal raises on purpose."""
+
+
+class ConfigError(ShoalError, ValueError):
+    """A URL, duration, size or manifest value is not what was expected."""
+
+
+class InvalidEvent(ShoalError, ValueError):
+    """A CloudEvent envelope is malformed; ``attribute`` names the offending attribute."""
+
+    def __init__(self, attribute: str, message: str) -> None:
+        super().__init__(f"{attribute}: {message}")
+        self.attribute = attribute
+
+
+class TopicError(ShoalError):
+    """A topic does not exist, or cannot be created as asked."""
+
+
+class PublishError(ShoalError):
+    """An event could not be appended to the log."""
+
+
+class StoreError(ShoalError):
+    """The coordination store refused or failed an operation."""
+
+
+class LeaseExpired(StoreError):
+    """A lease ran out (or was revoked) before it was kept alive."""

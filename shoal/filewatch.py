@@ -1,0 +1,116 @@
+"""Wake up when another process writes a file: inotify on Linux, a slow poll elsewhere.
+
+SQLite gives no cross-process notification. Shoal's SQLite adapters share one database
+file between processes, and a reader must learn of new rows without busy-polling the
+table; the kernel already knows when the database or its write-ahead log is written, so
+we ask it (``inotify(7)`` through ``ctypes``, no dependency). Where inotify is missing we
+fall back to polling at ``FALLBACK_POLL`` seconds, which is correct but slower.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import os
+import struct
+import weakref
+from pathlib import Path
+
+FALLBACK_POLL = 0.05
+_IN_MODIFY, _IN_CLOSE_WRITE, _IN_MOVED_TO, _IN_CREATE = 0x2, 0x8, 0x80, 0x100
+_IN_NONBLOCK, _IN_CLOEXEC = 0o4000, 0o2000000
+_HEADER = struct.Struct("iIII")
+
+_libc = None
+try:
+    _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    _libc.inotify_init1  # noqa: B018 - probe
+except (OSError, AttributeError):
+    _libc = None
+
+
+class FileChangeSignal:
+    """An awaitable "something wrote these files" signal for one directory.
+
+    ``wait(timeout)`` returns True after the next write to any watched file name (or
+    False on timeout). One inotify descriptor serves every waiter in the loop.
+    """
+
+    def __init__(self, paths: list[Path]) -> None:
+        self._dir = paths[0].parent.resolve()
+        self._names = {p.name.encode() for p in paths}
+        self._event = asyncio.Event()
+        self._fd: int | None = None
+        self._loop = asyncio.get_running_loop()
+        if _libc is not None:
+            fd = _libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
+            if fd >= 0:
+                mask = _IN_MODIFY | _IN_CLOSE_WRITE | _IN_MOVED_TO | _IN_CREATE
+                if _libc.inotify_add_watch(fd, str(self._dir).encode(), mask) >= 0:
+                    self._fd = fd
+                    self._loop.add_reader(fd, self._on_readable)
+                else:
+                    os.close(fd)
+
+    @property
+    def native(self) -> bool:
+        """True when the kernel notifies us (no polling)."""
+        return self._fd is not None
+
+    def _on_readable(self) -> None:
+        try:
+            buf = os.read(self._fd, 64 * 1024)  # type: ignore[arg-type]
+        except BlockingIOError:
+            return
+        hit, pos = False, 0
+        while pos + _HEADER.size <= len(buf):
+            _wd, _mask, _cookie, length = _HEADER.unpack_from(buf, pos)
+            name = buf[pos + _HEADER.size : pos + _HEADER.size + length].rstrip(b"\0")
+            pos += _HEADER.size + length
+            if name in self._names:
+                hit = True
+        if hit:
+            self.notify()
+
+    def notify(self) -> None:
+        """Wake every current waiter (also used by writers in the same process)."""
+        event, self._event = self._event, asyncio.Event()
+        event.set()
+
+    async def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the next change; True if one came before ``timeout``."""
+        if self._fd is None:
+            timeout = FALLBACK_POLL if timeout is None else min(timeout, FALLBACK_POLL)
+        try:
+            async with asyncio.timeout(timeout):
+                await self._event.wait()
+            return True
+        except TimeoutError:
+            return self._fd is None  # polling: report a possible change
+
+    def close(self) -> None:
+        """Stop watching."""
+        if self._fd is not None:
+            try:
+                self._loop.remove_reader(self._fd)
+            except Exception:  # noqa: BLE001 - loop already closed
+                pass
+            os.close(self._fd)
+            self._fd = None
+
+
+_signals: weakref.WeakValueDictionary[tuple[int, str], FileChangeSignal] = (
+    weakref.WeakValueDictionary()
+)
+
+
+def signal_for(db_path: Path) -> FileChangeSignal:
+    """The shared signal for an SQLite database file (and its -wal) in the running loop."""
+    loop = asyncio.get_running_loop()
+    key = (id(loop), str(db_path.resolve()))
+    sig = _signals.get(key)
+    if sig is None or sig._loop is not loop:
+        sig = FileChangeSignal([db_path, db_path.with_name(db_path.name + "-wal")])
+        _signals[key] = sig
+    return sig

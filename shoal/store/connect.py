@@ -1,0 +1,23 @@
+"""Open a Store from a URL: ``memory://``, ``sqlite:///PATH``."""
+
+from __future__ import annotations
+
+from shoal.errors import ConfigError
+from shoal.store.base import Store
+
+DEFAULT_STORE_URL = "sqlite:///.shoal/store.db"
+
+
+async def connect_store(url: str | None = None) -> Store:
+    """Open the store at ``url`` (default ``sqlite:///.shoal/store.db``)."""
+    url = url or DEFAULT_STORE_URL
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    if scheme == "memory":
+        from shoal.store.memory import MemoryStore
+
+        return MemoryStore.named(url)
+    if scheme == "sqlite":
+        from shoal.store.sqlite import SqliteStore
+
+        return await SqliteStore.open(url)
+    raise ConfigError(f"store url: unsupported scheme in {url!r} (expected memory:// or sqlite:///PATH)")
