@@ -41,6 +41,7 @@ class FileChangeSignal:
         self._dir = paths[0].parent.resolve()
         self._names = {p.name.encode() for p in paths}
         self._event = asyncio.Event()
+        self.generation = 0
         self._fd: int | None = None
         self._loop = asyncio.get_running_loop()
         if _libc is not None:
@@ -75,11 +76,17 @@ class FileChangeSignal:
 
     def notify(self) -> None:
         """Wake every current waiter (also used by writers in the same process)."""
+        self.generation += 1
         event, self._event = self._event, asyncio.Event()
         event.set()
 
-    async def wait(self, timeout: float | None = None) -> bool:
-        """Wait for the next change; True if one came before ``timeout``."""
+    async def wait(self, timeout: float | None = None, *, since: int | None = None) -> bool:
+        """Wait for the next change (or for any since ``generation`` was ``since``).
+
+        True if one came before ``timeout``.
+        """
+        if since is not None and since != self.generation:
+            return True
         if self._fd is None:
             timeout = FALLBACK_POLL if timeout is None else min(timeout, FALLBACK_POLL)
         try:
@@ -94,7 +101,7 @@ class FileChangeSignal:
         if self._fd is not None:
             try:
                 self._loop.remove_reader(self._fd)
-            except Exception:  # noqa: BLE001 - loop already closed
+            except Exception:
                 pass
             os.close(self._fd)
             self._fd = None

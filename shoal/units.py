@@ -15,7 +15,7 @@ _SIZE_UNITS = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9,
 
 
 def parse_duration(value: str | float | int | None, *, name: str = "duration") -> float | None:
-    """Seconds from ``"250ms"``, ``"2s"``, ``"1m"`` or a plain number of seconds; None stays None."""
+    """Seconds from ``"250ms"``, ``"2s"``, ``"1m"`` or plain seconds; None stays None."""
     if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
         if isinstance(value, (int, float)) and value < 0:
             raise ConfigError(f"{name}: must not be negative, got {value!r}")
@@ -28,7 +28,7 @@ def parse_duration(value: str | float | int | None, *, name: str = "duration") -
 
 
 def parse_size(value: str | int | None, *, name: str = "size") -> int | None:
-    """Bytes from ``"64KiB"``, ``"1MiB"``, ``"10MB"`` or a plain number of bytes; None stays None."""
+    """Bytes from ``"64KiB"``, ``"1MiB"``, ``"10MB"`` or plain bytes; None stays None."""
     if value is None or (isinstance(value, int) and not isinstance(value, bool)):
         if isinstance(value, int) and value < 0:
             raise ConfigError(f"{name}: must not be negative, got {value!r}")

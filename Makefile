@@ -1,0 +1,42 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+
+.PHONY: demo test lint bench servers clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+## demo: a producer and two consumers of one group, in separate processes
+demo: $(STAMP)
+	$(BIN)/python -m shoal.demo
+
+## servers: Debian's nats-server and redis-server, when missing and we are root
+servers:
+	@if ! command -v nats-server >/dev/null || ! command -v redis-server >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server redis-server >/dev/null; \
+	  else echo "nats-server/redis-server missing and not root: their tests will be skipped"; fi; \
+	fi
+
+## test: the whole suite
+test: $(STAMP) servers
+	$(BIN)/ruff check shoal tests bench
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+lint: $(STAMP)
+	$(BIN)/ruff check shoal tests bench
+
+## bench: every benchmark (prints figures and ratios against peers)
+bench: $(STAMP) servers
+	$(BIN)/python bench/bus.py
+
+clean:
+	rm -rf $(VENV) .shoal .pytest_cache build *.egg-info

@@ -1,0 +1,327 @@
+"""Benchmark the event bus against Redis Streams and NATS JetStream, in one run.
+
+    python bench/bus.py [--events 200000] [--rate 5000] [--seconds 4]
+
+Figures (175-byte payloads, uvloop everywhere):
+* publish: events/s appended durably, batches of 1,000 (Shoal ``publish_many``; Redis
+  pipelined XADD; NATS ``publish_async`` windows);
+* publish (single): Shoal's ``publish`` called 1,000 at a time concurrently (group commit);
+* consume: events/s read and acknowledged through a consumer group (Shoal subscription
+  with offset commits; Redis XREADGROUP + XACK; NATS pull consumer, ack-all per batch);
+* e2e: latency percentiles at a fixed rate with the producer in another process;
+* idle: CPU share of one core used by an idle Shoal consumer process.
+The last line is one JSON object with every figure and the ratios Shoal / peer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import uvloop
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _servers import nats_server, redis_server
+
+PAYLOAD = "x" * 175
+BATCH = 1000
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    s = sorted(samples)
+    if not s:
+        return {}
+    pick = lambda q: round(s[min(len(s) - 1, int(q * len(s)))] * 1000, 3)  # noqa: E731
+    return {"p50_ms": pick(0.5), "p99_ms": pick(0.99), "p999_ms": pick(0.999)}
+
+
+# -- Shoal ---------------------------------------------------------------------------
+async def shoal_throughput(url: str, n: int) -> dict[str, float]:
+    from shoal.events import EventBus, Message
+
+    async with EventBus.connect(url) as bus:
+        await bus.create_topic("bench", partitions=8)
+        msgs = [Message(PAYLOAD, key=f"k{i % 64}") for i in range(BATCH)]
+        t = time.perf_counter()
+        for _ in range(n // BATCH):
+            await bus.publish_many("bench", msgs)
+        publish = n / (time.perf_counter() - t)
+
+        await bus.create_topic("bench1", partitions=8)
+        t = time.perf_counter()
+        for _ in range(n // BATCH // 2):
+            await asyncio.gather(
+                *(bus.publish("bench1", PAYLOAD, key=f"k{i % 64}") for i in range(BATCH))
+            )
+        single = (n // 2) / (time.perf_counter() - t)
+
+        done = asyncio.Event()
+        count = 0
+
+        async def handler(event: object) -> None:
+            nonlocal count
+            count += 1
+            if count == n:
+                done.set()
+
+        t = time.perf_counter()
+        sub = await bus.subscribe("bench", "g", handler)
+        await done.wait()
+        await sub.close()  # includes the final offset commit
+        consume = n / (time.perf_counter() - t)
+    return {"publish": publish, "publish_single": single, "consume": consume}
+
+
+# -- Redis Streams ---------------------------------------------------------------------
+async def redis_throughput(url: str, n: int) -> dict[str, float]:
+    import redis.asyncio as redis
+
+    r = redis.from_url(url)
+    await r.delete("bench")
+    t = time.perf_counter()
+    for _ in range(n // BATCH):
+        pipe = r.pipeline(transaction=False)
+        for i in range(BATCH):
+            pipe.xadd("bench", {"k": f"k{i % 64}", "v": PAYLOAD})
+        await pipe.execute()
+    publish = n / (time.perf_counter() - t)
+    await r.xgroup_create("bench", "g", id="0")
+    got = 0
+    t = time.perf_counter()
+    while got < n:
+        resp = await r.xreadgroup("g", "c", {"bench": ">"}, count=BATCH)
+        ids = [mid for _, entries in resp for mid, _ in entries]
+        got += len(ids)
+        if ids:
+            await r.xack("bench", "g", *ids)
+    consume = n / (time.perf_counter() - t)
+    await r.aclose()
+    return {"publish": publish, "consume": consume}
+
+
+# -- NATS JetStream --------------------------------------------------------------------
+async def nats_throughput(url: str, n: int) -> dict[str, float]:
+    import nats
+    from nats.js.api import AckPolicy, ConsumerConfig
+
+    nc = await nats.connect(url)
+    js = nc.jetstream(publish_async_max_pending=4 * BATCH)
+    await js.add_stream(name="bench", subjects=["bench.*"])
+    data = PAYLOAD.encode()
+    t = time.perf_counter()
+    for _ in range(n // BATCH):
+        futs = [await js.publish_async(f"bench.k{i % 64}", data) for i in range(BATCH)]
+        await asyncio.gather(*futs)
+    publish = n / (time.perf_counter() - t)
+    sub = await js.pull_subscribe(
+        "bench.*", "g", config=ConsumerConfig(ack_policy=AckPolicy.ALL, max_ack_pending=-1)
+    )
+    got = 0
+    t = time.perf_counter()
+    while got < n:
+        msgs = await sub.fetch(BATCH, timeout=5)
+        got += len(msgs)
+        await msgs[-1].ack()
+    consume = n / (time.perf_counter() - t)
+    await nc.close()
+    return {"publish": publish, "consume": consume}
+
+
+# -- end-to-end latency across processes -----------------------------------------------
+async def produce_at_rate(backend: str, url: str, rate: int, seconds: float) -> None:
+    """The producer process: ``rate`` events/s for ``seconds``, each carrying its send time."""
+    total = int(rate * seconds)
+    tick = 0.001
+    per_tick = max(1, int(rate * tick))
+    if backend == "shoal":
+        from shoal.events import EventBus
+
+        bus = await EventBus.connect(url)
+        send = lambda i: bus.publish("e2e", {"t": time.time(), "p": PAYLOAD}, key=f"k{i % 64}")  # noqa: E731
+    elif backend == "redis":
+        import redis.asyncio as redis
+
+        r = redis.from_url(url)
+        send = lambda i: r.xadd("e2e", {"t": repr(time.time()), "v": PAYLOAD})  # noqa: E731
+    else:
+        import nats
+
+        nc = await nats.connect(url)
+        js = nc.jetstream()
+        send = lambda i: js.publish(f"e2e.k{i % 64}", f"{time.time()!r} {PAYLOAD}".encode())  # noqa: E731
+    start = time.perf_counter()
+    sent = 0
+    while sent < total:
+        due = min(total, int((time.perf_counter() - start) * rate) + per_tick)
+        if due > sent:
+            await asyncio.gather(*(send(i) for i in range(sent, due)))
+            sent = due
+        await asyncio.sleep(tick)
+    await asyncio.sleep(0.5)
+
+
+async def e2e(backend: str, url: str, rate: int, seconds: float) -> dict[str, float]:
+    total = int(rate * seconds)
+    lat: list[float] = []
+    done = asyncio.Event()
+    cleanup = None
+    if backend == "shoal":
+        from shoal.events import EventBus
+
+        bus = await EventBus.connect(url)
+        await bus.create_topic("e2e", partitions=8)
+
+        async def handler(event) -> None:  # type: ignore[no-untyped-def]
+            lat.append(time.time() - event.data["t"])
+            if len(lat) >= total:
+                done.set()
+
+        await bus.subscribe("e2e", "g", handler, start="latest")
+        cleanup = bus.close
+    elif backend == "redis":
+        import redis.asyncio as redis
+
+        r = redis.from_url(url)
+        await r.xgroup_create("e2e", "g", id="$", mkstream=True)
+
+        async def reader() -> None:
+            while len(lat) < total:
+                resp = await r.xreadgroup("g", "c", {"e2e": ">"}, count=BATCH, block=1000)
+                now = time.time()
+                ids = []
+                for _, entries in resp or []:
+                    for mid, fields in entries:
+                        lat.append(now - float(fields[b"t"]))
+                        ids.append(mid)
+                if ids:
+                    await r.xack("e2e", "g", *ids)
+            done.set()
+
+        task = asyncio.create_task(reader())
+        cleanup = r.aclose
+    else:
+        import nats
+        from nats.js.api import AckPolicy, ConsumerConfig
+
+        nc = await nats.connect(url)
+        js = nc.jetstream()
+        await js.add_stream(name="e2e", subjects=["e2e.*"])
+        sub = await js.pull_subscribe(
+            "e2e.*", "g", config=ConsumerConfig(ack_policy=AckPolicy.ALL, max_ack_pending=-1)
+        )
+
+        async def reader() -> None:
+            while len(lat) < total:
+                try:
+                    msgs = await sub.fetch(BATCH, timeout=1)
+                except nats.errors.TimeoutError:
+                    continue
+                now = time.time()
+                for m in msgs:
+                    lat.append(now - float(m.data.split(b" ", 1)[0]))
+                await msgs[-1].ack()
+            done.set()
+
+        task = asyncio.create_task(reader())
+        cleanup = nc.close
+    producer = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--produce", backend, url, str(rate), str(seconds)
+    )
+    try:
+        await asyncio.wait_for(done.wait(), seconds * 3 + 10)
+    finally:
+        await producer.wait()
+        if backend != "shoal":
+            task.cancel()
+        await cleanup()
+    warm = lat[int(len(lat) * 0.05) :]  # skip connection warm-up
+    return percentiles(warm)
+
+
+def idle_cpu(url: str) -> float:
+    code = (
+        "import asyncio\nfrom shoal.events import EventBus\n"
+        "async def main():\n"
+        f"    async with EventBus.connect({url!r}) as bus:\n"
+        "        await bus.subscribe('quiet', 'g', lambda e: None)\n"
+        "        print('ready', flush=True)\n"
+        "        await asyncio.sleep(60)\n"
+        "asyncio.run(main())\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        time.sleep(0.5)
+
+        def cpu() -> float:
+            f = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+        c0, t0 = cpu(), time.monotonic()
+        time.sleep(3)
+        return (cpu() - c0) / (time.monotonic() - t0)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 2) if a and b else None
+
+
+async def main(args: argparse.Namespace) -> dict[str, object]:
+    n = args.events
+    result: dict[str, object] = {
+        "events": n, "payload_bytes": len(PAYLOAD), "cores": os.cpu_count()
+    }
+    with tempfile.TemporaryDirectory() as d, redis_server() as rurl, nats_server() as nurl:
+        url = f"sqlite:///{d}/events.db"
+        shoal = await shoal_throughput(url, n)
+        result["shoal"] = {k: round(v) for k, v in shoal.items()}
+        print(f"shoal sqlite    publish {shoal['publish']:>10,.0f}/s  "
+              f"single {shoal['publish_single']:>10,.0f}/s  consume {shoal['consume']:>10,.0f}/s")
+        peers = {}
+        if rurl:
+            peers["redis"] = await redis_throughput(rurl, n)
+        if nurl:
+            peers["nats"] = await nats_throughput(nurl, n)
+        for name, fig in peers.items():
+            result[name] = {k: round(v) for k, v in fig.items()}
+            print(f"{name:<15} publish {fig['publish']:>10,.0f}/s  "
+                  f"{'':>18}  consume {fig['consume']:>10,.0f}/s")
+        e2e_url = f"sqlite:///{d}/e2e.db"
+        lat = {"shoal": await e2e("shoal", e2e_url, args.rate, args.seconds)}
+        if rurl:
+            lat["redis"] = await e2e("redis", rurl, args.rate, args.seconds)
+        if nurl:
+            lat["nats"] = await e2e("nats", nurl, args.rate, args.seconds)
+        for name, p in lat.items():
+            print(f"e2e @{args.rate}/s {name:<7} {p}")
+        result["e2e"] = {"rate": args.rate, **lat}
+        result["idle_cpu_share"] = round(idle_cpu(f"sqlite:///{d}/idle.db"), 4)
+        print(f"idle consumer: {result['idle_cpu_share']:.2%} of one core")
+    result["ratios"] = {
+        f"{metric}_vs_{peer}": ratio(shoal[metric], peers[peer][metric])
+        for peer in peers
+        for metric in ("publish", "consume")
+    }
+    return result
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--produce":
+        _, _, backend, url, rate, seconds = sys.argv
+        uvloop.run(produce_at_rate(backend, url, int(rate), float(seconds)))
+        sys.exit(0)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--rate", type=int, default=5000)
+    parser.add_argument("--seconds", type=float, default=4.0)
+    print(json.dumps(uvloop.run(main(parser.parse_args()))))

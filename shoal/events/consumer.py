@@ -1,0 +1,312 @@
+"""Subscriptions: a group member's partition workers, handlers, retries and dead letters."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Literal
+
+from shoal.events.event import Event, decode_record
+from shoal.events.group import GroupMember, offset_key
+from shoal.events.retry import Drop, RetryPolicy
+from shoal.events.tracker import OffsetTracker
+
+if TYPE_CHECKING:
+    from shoal.events.brokers.base import Record
+    from shoal.events.bus import EventBus
+
+log = logging.getLogger("shoal.events.consumer")
+
+Handler = Callable[[Event], Awaitable[Any] | Any]
+StartPosition = Literal["earliest", "latest"] | int | datetime
+
+READ_BATCH = 1024
+COMMIT_INTERVAL = 0.05  # seconds between commits while busy; always on idle and on stop
+IDLE_WAIT = 5.0
+
+
+@dataclass
+class SubscriptionStats:
+    """Counters of what a subscription did with its events."""
+
+    handled: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
+    dropped: int = 0
+    partitions: set[int] = field(default_factory=set)
+
+
+class Subscription:
+    """One consumer-group member handling a topic's events with ``handler``.
+
+    Per-key order: events of one partition are dispatched in offset order; with
+    ``concurrency > 1`` events of different keys overlap, but an event waits for the
+    previous event with the same key to finish (retries included).
+    """
+
+    def __init__(
+        self,
+        bus: EventBus,
+        topic: str,
+        group: str,
+        handler: Handler,
+        *,
+        partitions: int,
+        retry: RetryPolicy,
+        concurrency: int,
+        start: StartPosition,
+        session_timeout: float,
+        member: str,
+    ) -> None:
+        self.bus = bus
+        self.topic = topic
+        self.group = group
+        self.handler = handler
+        self.retry = retry
+        self.concurrency = concurrency
+        self.start_position = start
+        self.stats = SubscriptionStats()
+        self._is_async = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
+            getattr(handler, "__call__", None)  # noqa: B004 - async callable objects
+        )
+        self._threads = (
+            None if self._is_async else ThreadPoolExecutor(concurrency, "shoal-handler")
+        )
+        self._slots = asyncio.Semaphore(concurrency)
+        self._workers: dict[int, _PartitionWorker] = {}
+        self._key_tails: dict[str, asyncio.Future[None]] = {}
+        self._rng = random.Random()
+        self.member = GroupMember(
+            bus.store, topic, group, member, partitions, session_timeout,
+            self._start_partition, self._stop_partition,
+        )
+        self.ready = asyncio.Event()
+
+    async def start(self) -> None:
+        """Join the group and start handling the partitions it gives us."""
+        await self.member.join()
+        self.ready.set()
+
+    async def _start_partition(self, p: int) -> None:
+        worker = _PartitionWorker(self, p)
+        self._workers[p] = worker
+        self.stats.partitions.add(p)
+        worker.task = asyncio.create_task(worker.run())
+
+    async def _stop_partition(self, p: int) -> None:
+        worker = self._workers.pop(p, None)
+        self.stats.partitions.discard(p)
+        if worker is not None:
+            await worker.stop()
+
+    async def close(self) -> None:
+        """Finish what is in flight, commit, and leave the group."""
+        await self.member.leave()
+        if self._threads is not None:
+            self._threads.shutdown(wait=False)
+
+    async def __aenter__(self) -> Subscription:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- handling one event ----------------------------------------------------------
+    async def _call(self, event: Event) -> Any:
+        if self._is_async:
+            return await self.handler(event)  # type: ignore[misc]
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._threads, self.handler, event)
+
+    async def handle(self, record: Record, event: Event) -> None:
+        """Run the handler with retries; dead-letter or drop as it says. Never raises."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                await self._call(event)
+                self.stats.handled += 1
+                return
+            except Drop as exc:
+                self.stats.dropped += 1
+                log.info("dropped %s/%s@%s: %s", self.topic, record.partition, record.offset, exc)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if attempt >= self.retry.attempts:
+                    await self._dead_letter(record, event, exc, attempt)
+                    return
+                self.stats.retried += 1
+                await asyncio.sleep(self.retry.backoff(attempt, self._rng))
+
+    async def _dead_letter(
+        self, record: Record, event: Event, exc: Exception, attempts: int
+    ) -> None:
+        reason = f"{type(exc).__name__}: {exc}"[:1000]
+        extensions = dict(event.extensions)
+        extensions.update(
+            dlqreason=reason, dlqattempts=attempts, dlqtopic=self.topic,
+            dlqpartition=record.partition, dlqoffset=record.offset, dlqgroup=self.group,
+        )
+        dead = Event(
+            id=f"{event.id}.dlq.{self.group}", source=event.source, type=event.type,
+            datacontenttype=event.datacontenttype, dataschema=event.dataschema,
+            subject=event.subject, time=event.time, data=event.data, extensions=extensions,
+        )
+        dedup = f"{self.group}/{self.topic}/{record.partition}/{record.offset}"
+        await self.bus.publish_event(f"{self.topic}.dlq", dead, dedup_id=dedup)
+        self.stats.dead_lettered += 1
+        log.warning(
+            "dead-lettered %s/%s@%s after %d attempts: %s",
+            self.topic, record.partition, record.offset, attempts, reason,
+        )
+
+
+class _PartitionWorker:
+    """Reads one owned partition from the committed offset and dispatches it in order."""
+
+    def __init__(self, sub: Subscription, partition: int) -> None:
+        self.sub = sub
+        self.p = partition
+        self.task: asyncio.Task[None] | None = None
+        self.stopping = False
+        self.idle = False
+        self.tracker: OffsetTracker | None = None
+        self.revision = 0
+        self.committed = -1
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._key = offset_key(sub.topic, sub.group, partition)
+
+    async def _initial_offset(self) -> int:
+        sub, store = self.sub, self.sub.bus.store
+        entry = await store.get(self._key)
+        if entry is not None:
+            self.revision = entry.revision
+            self.committed = int(entry.value)
+            return self.committed
+        broker = sub.bus.broker
+        rng = (await broker.ranges(sub.topic))[self.p]
+        start = sub.start_position
+        if start == "earliest":
+            offset = rng.start
+        elif start == "latest":
+            offset = rng.end
+        elif isinstance(start, datetime):
+            offset = await broker.offset_for_time(
+                sub.topic, self.p, int(start.timestamp() * 1000)
+            )
+        else:
+            offset = min(max(int(start), rng.start), rng.end)
+        await self._commit(offset)
+        return offset
+
+    async def _commit(self, offset: int) -> bool:
+        """Commit ``offset`` fenced on the revision we last saw; False if someone moved it."""
+        if offset == self.committed:
+            return True
+        rev = await self.sub.bus.store.cas(
+            self._key, str(offset).encode(), expected_revision=self.revision
+        )
+        if rev is None:
+            log.warning(
+                "offset of %s/%s for group %s was moved by another writer (seek or new owner);"
+                " reloading", self.sub.topic, self.p, self.sub.group,
+            )
+            return False
+        self.revision, self.committed = rev, offset
+        return True
+
+    async def run(self) -> None:
+        sub, broker = self.sub, self.sub.bus.broker
+        topic = sub.topic
+        try:
+            while not self.stopping:
+                await self._drain()
+                offset = await self._initial_offset()
+                self.tracker = tracker = OffsetTracker(offset)
+                last_commit = time.monotonic()
+                moved = False
+                while not self.stopping and not moved:
+                    gen = broker.append_generation(topic)
+                    records = await broker.read(topic, self.p, offset, READ_BATCH)
+                    if not records:
+                        await self._drain()
+                        if not await self._commit(tracker.committable):
+                            break
+                        self.idle = True
+                        try:
+                            await broker.wait_for_append(topic, gen, IDLE_WAIT)
+                        finally:
+                            self.idle = False
+                        continue
+                    for record in records:
+                        if self.stopping:
+                            break
+                        await self._dispatch(record, tracker)
+                        offset = record.offset + 1
+                    if time.monotonic() - last_commit >= COMMIT_INTERVAL:
+                        moved = not await self._commit(tracker.committable)
+                        last_commit = time.monotonic()
+        except asyncio.CancelledError:
+            if not self.stopping:
+                raise
+        finally:
+            await self._drain()
+            if self.tracker is not None:
+                with contextlib.suppress(Exception):
+                    await self._commit(self.tracker.committable)
+
+    async def _dispatch(self, record: Record, tracker: OffsetTracker) -> None:
+        sub = self.sub
+        event = decode_record(record.value)
+        tracker.dispatched(record.offset)
+        if sub.concurrency == 1:
+            async with sub._slots:
+                await sub.handle(record, event)
+            tracker.handled(record.offset)
+            return
+        await sub._slots.acquire()
+        key = record.key
+        previous = sub._key_tails.get(key) if key is not None else None
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if key is not None:
+            sub._key_tails[key] = done
+
+        async def handle() -> None:
+            try:
+                if previous is not None:
+                    await previous
+                await sub.handle(record, event)
+            finally:
+                sub._slots.release()
+                tracker.handled(record.offset)
+                done.set_result(None)
+                if key is not None and sub._key_tails.get(key) is done:
+                    del sub._key_tails[key]
+
+        task = asyncio.create_task(handle())
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
+    async def _drain(self) -> None:
+        while self._inflight:
+            await asyncio.gather(*list(self._inflight), return_exceptions=True)
+
+    async def stop(self) -> None:
+        """Stop reading, finish in-flight events, commit."""
+        self.stopping = True
+        if self.task is None:
+            return
+        if self.idle:
+            self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
