@@ -33,3 +33,27 @@ class StoreError(ShoalError):
 
 class LeaseExpired(StoreError):
     """A lease ran out (or was revoked) before it was kept alive."""
+
+
+class TransportError(ShoalError):
+    """A call to an endpoint failed below HTTP semantics; ``address`` names the endpoint."""
+
+    def __init__(self, address: str, message: str) -> None:
+        super().__init__(message)
+        self.address = address
+
+
+class ConnectError(TransportError):
+    """No connection could be opened (refused, unreachable, timed out): nothing was sent."""
+
+
+class ConnectionLost(TransportError):
+    """The connection broke mid-exchange; ``request_sent`` False means a retry is always safe."""
+
+    def __init__(self, address: str, message: str, *, request_sent: bool) -> None:
+        super().__init__(address, message)
+        self.request_sent = request_sent
+
+
+class ProtocolError(TransportError):
+    """The peer answered with something that is not valid HTTP/1.1 (or exceeds our limits)."""
