@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
+
 from shoal.errors import ConfigError, InvalidEvent, TopicError
 from shoal.events.brokers.base import Append, Appended, Broker, PartitionRange, TopicSpec
 from shoal.events.brokers.connect import DEFAULT_BROKER_URL, connect_broker
@@ -30,8 +32,7 @@ DEFAULT_PARTITIONS = 8
 _EXTENSION_NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyz0123456789")
 
 
-@dataclass(frozen=True, slots=True)
-class PublishAck:
+class PublishAck(msgspec.Struct, frozen=True, gc=False):
     """Where a published event went: topic, partition, offset, and whether it was a duplicate."""
 
     topic: str
@@ -224,7 +225,8 @@ class EventBus:
         ext = _check_extensions(extensions) if extensions else {}
         if key is not None:
             if not isinstance(key, str):
-                raise InvalidEvent("partitionkey", f"key must be a string, not {type(key)}")
+                kind = key.__class__.__name__
+                raise InvalidEvent("partitionkey", f"key must be a string, not {kind}")
             ext["partitionkey"] = key
         if id is not None and (not isinstance(id, str) or not id):
             raise InvalidEvent("id", "must be a non-empty string")
@@ -330,20 +332,33 @@ class EventBus:
         self._subscriptions.append(sub)
         return sub
 
-    async def consume(
+    def consume(
         self,
         topic: str,
         group: str,
         *,
         start: StartPosition = "earliest",
         session_timeout: str | float = "10s",
+    ) -> EventStream:
+        """Pull events: ``async with bus.consume(topic, group) as events: async for e in events``.
+
+        An event counts as handled when the next one is asked for, or when the block
+        ends without an exception, so a crash mid-event redelivers it. (A bare ``async
+        for`` works too; after a ``break`` the group is left when the iterator is
+        garbage-collected rather than at once.)
+        """
+        return EventStream(self._pull(topic, group, start, session_timeout))
+
+    async def _pull(
+        self, topic: str, group: str, start: StartPosition, session_timeout: str | float
     ) -> AsyncIterator[Event]:
-        """Pull events as an async iterator; an event counts as handled when the next is
-        asked for (or the loop ends normally), so a crash mid-event redelivers it."""
         handoff: asyncio.Queue[Event] = asyncio.Queue(maxsize=1)
         taken: asyncio.Queue[None] = asyncio.Queue(maxsize=1)
+        closing = False
 
         async def handler(event: Event) -> None:
+            if closing:  # nobody will take it: stop here, leaving it uncommitted
+                raise asyncio.CancelledError
             await handoff.put(event)
             await taken.get()
 
@@ -360,6 +375,7 @@ class EventBus:
                 pending = True
                 yield event
         finally:
+            closing = True
             if pending:
                 with contextlib.suppress(asyncio.QueueFull):
                     taken.put_nowait(None)
@@ -436,6 +452,30 @@ class EventBus:
         await self.broker.close()
         if self._owns_store:
             await self.store.close()
+
+
+class EventStream:
+    """What ``EventBus.consume`` returns: an async iterator of events, best used as an
+    async context manager so that leaving the block commits and leaves the group at once."""
+
+    def __init__(self, events: AsyncIterator[Event]) -> None:
+        self._events = events
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> Event:
+        return await self._events.__anext__()
+
+    async def aclose(self) -> None:
+        """Acknowledge the current event, commit, and leave the group."""
+        await self._events.aclose()  # type: ignore[attr-defined]
+
+    async def __aenter__(self) -> EventStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
 
 class _Connecting:

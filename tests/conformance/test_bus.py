@@ -263,15 +263,16 @@ async def test_consume_iterator_acknowledges_on_next(bus: EventBus) -> None:
     for i in range(5):
         await bus.publish("it", i)
     seen = []
-    async for event in bus.consume("it", "puller"):
-        seen.append(event.data)
-        if len(seen) == 3:
-            break
+    async with bus.consume("it", "puller") as events:
+        async for event in events:
+            seen.append(event.data)
+            if len(seen) == 3:
+                break
     assert seen == [0, 1, 2]
-    # event 2 was being handled when the loop broke: it counts as handled
+    # event 2 was being handled when the block ended normally: it counts as handled
     assert await bus.committed("it", "puller") == {0: 3}
     rest = []
-    async for event in bus.consume("it", "puller"):
+    async for event in bus.consume("it", "puller"):  # the bare form works too
         rest.append(event.data)
         if len(rest) == 2:
             break
@@ -288,7 +289,7 @@ async def test_retention_by_age_and_size(bus: EventBus) -> None:
     (info,) = [t for t in await bus.topics() if t.spec.name == "old"]
     assert info.ranges[0].end == 11 and info.ranges[0].start >= 10
     await bus.create_topic("big", partitions=1, retention_bytes="2KiB")
-    for i in range(100):
+    for _ in range(100):
         await bus.publish("big", "x" * 100)
     await bus.apply_retention()
     (info,) = [t for t in await bus.topics() if t.spec.name == "big"]
