@@ -57,3 +57,50 @@ class ConnectionLost(TransportError):
 
 class ProtocolError(TransportError):
     """The peer answered with something that is not valid HTTP/1.1 (or exceeds our limits)."""
+
+
+class MeshError(ShoalError):
+    """A call through the mesh gave up; the message names the layer that gave up and why."""
+
+
+class NoEndpoint(MeshError):
+    """The balancer had no instance of ``service`` to send the call to."""
+
+    def __init__(self, service: str, reason: str) -> None:
+        super().__init__(f"balancer: no endpoint for service {service!r}: {reason}")
+        self.service = service
+        self.reason = reason
+
+
+class CircuitOpen(MeshError):
+    """The circuit breaker of ``service`` refused the call (open, or a concurrency limit hit)."""
+
+    def __init__(self, service: str, reason: str, *, retry_after: float | None = None) -> None:
+        hint = f"; retry in {retry_after:.3g}s" if retry_after else ""
+        super().__init__(f"circuit breaker: call to {service!r} rejected: {reason}{hint}")
+        self.service = service
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class RetryBudgetExhausted(MeshError):
+    """A retry was warranted but the retry budget of ``service`` is spent."""
+
+    def __init__(self, service: str, reason: str) -> None:
+        super().__init__(f"retry budget: not retrying call to {service!r}: {reason}")
+        self.service = service
+        self.reason = reason
+
+
+class UpstreamTimeout(MeshError, TimeoutError):
+    """A call to ``service`` ran out of time; ``scope`` is ``"request"`` or ``"per-try"``."""
+
+    def __init__(self, service: str, timeout: float, *, scope: str = "request",
+                 attempts: int = 1) -> None:
+        tries = f" after {attempts} attempt(s)" if attempts > 1 else ""
+        super().__init__(
+            f"timeout: {scope} timeout of {timeout:.3g}s for call to {service!r} expired{tries}")
+        self.service = service
+        self.timeout = timeout
+        self.scope = scope
+        self.attempts = attempts
