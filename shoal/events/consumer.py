@@ -242,7 +242,9 @@ class _PartitionWorker:
                         await self._drain()
                         if not await self._commit(tracker.committable):
                             break
-                        self.idle = True
+                        if self.stopping:  # stop() came while we committed
+                            break
+                        self.idle = True  # from here to the wait nothing yields: stop() sees it
                         try:
                             await broker.wait_for_append(topic, gen, IDLE_WAIT)
                         finally:
