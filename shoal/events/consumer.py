@@ -184,6 +184,8 @@ class _PartitionWorker:
         self.revision = 0
         self.committed = -1
         self._inflight: set[asyncio.Task[None]] = set()
+        self._committing: asyncio.Task[bool] | None = None
+        self.moved = False  # our committed offset was changed by someone else
         self._key = offset_key(sub.topic, sub.group, partition)
 
     async def _initial_offset(self) -> int:
@@ -225,22 +227,44 @@ class _PartitionWorker:
         self.revision, self.committed = rev, offset
         return True
 
+    def _commit_in_background(self, offset: int) -> None:
+        """Commit without stalling dispatch; at most one commit in flight per partition."""
+        if self._committing is not None or offset == self.committed:
+            return
+
+        def done(task: asyncio.Task[bool]) -> None:
+            self._committing = None
+            if task.cancelled() or task.exception() is not None or not task.result():
+                self.moved = True
+
+        self._committing = asyncio.create_task(self._commit(offset))
+        self._committing.add_done_callback(done)
+
+    async def _commit_now(self, offset: int) -> bool:
+        if self._committing is not None:
+            with contextlib.suppress(Exception):
+                await self._committing
+        return not self.moved and await self._commit(offset)
+
     async def run(self) -> None:
         sub, broker = self.sub, self.sub.bus.broker
         topic = sub.topic
         try:
             while not self.stopping:
                 await self._drain()
+                if self._committing is not None:
+                    with contextlib.suppress(Exception):
+                        await self._committing
+                self.moved = False
                 offset = await self._initial_offset()
                 self.tracker = tracker = OffsetTracker(offset)
                 last_commit = time.monotonic()
-                moved = False
-                while not self.stopping and not moved:
+                while not self.stopping and not self.moved:
                     gen = broker.append_generation(topic)
                     records = await broker.read(topic, self.p, offset, READ_BATCH)
                     if not records:
                         await self._drain()
-                        if not await self._commit(tracker.committable):
+                        if not await self._commit_now(tracker.committable):
                             break
                         if self.stopping:  # stop() came while we committed
                             break
@@ -256,7 +280,7 @@ class _PartitionWorker:
                         await self._dispatch(record, tracker)
                         offset = record.offset + 1
                     if time.monotonic() - last_commit >= COMMIT_INTERVAL:
-                        moved = not await self._commit(tracker.committable)
+                        self._commit_in_background(tracker.committable)
                         last_commit = time.monotonic()
         except asyncio.CancelledError:
             if not self.stopping:
@@ -265,7 +289,7 @@ class _PartitionWorker:
             await self._drain()
             if self.tracker is not None:
                 with contextlib.suppress(Exception):
-                    await self._commit(self.tracker.committable)
+                    await self._commit_now(self.tracker.committable)
 
     async def _dispatch(self, record: Record, tracker: OffsetTracker) -> None:
         sub = self.sub
