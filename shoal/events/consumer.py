@@ -264,10 +264,12 @@ class _PartitionWorker:
                     records = await broker.read(topic, self.p, offset, READ_BATCH)
                     if not records:
                         await self._drain()
-                        if not await self._commit_now(tracker.committable):
+                        if self.stopping:  # stop() came while we drained
                             break
-                        if self.stopping:  # stop() came while we committed
-                            break
+                        # Commit what is handled without waiting for the store: a slow
+                        # store write must not delay the next event. A failed commit
+                        # (seek, new owner) is noticed on the next wake-up.
+                        self._commit_in_background(tracker.committable)
                         self.idle = True  # from here to the wait nothing yields: stop() sees it
                         try:
                             await broker.wait_for_append(topic, gen, IDLE_WAIT)
