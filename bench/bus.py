@@ -144,24 +144,39 @@ async def produce_at_rate(backend: str, url: str, rate: int, seconds: float) -> 
         from shoal.events import EventBus
 
         bus = await EventBus.connect(url)
-        send = lambda i: bus.publish("e2e", {"t": time.time(), "p": PAYLOAD}, key=f"k{i % 64}")  # noqa: E731
+
+        async def send(first: int, last: int) -> None:
+            await asyncio.gather(*(
+                bus.publish("e2e", {"t": time.time(), "p": PAYLOAD}, key=f"k{i % 64}")
+                for i in range(first, last)
+            ))
     elif backend == "redis":
         import redis.asyncio as redis
 
         r = redis.from_url(url)
-        send = lambda i: r.xadd("e2e", {"t": repr(time.time()), "v": PAYLOAD})  # noqa: E731
+
+        async def send(first: int, last: int) -> None:
+            pipe = r.pipeline(transaction=False)
+            for _ in range(first, last):
+                pipe.xadd("e2e", {"t": repr(time.time()), "v": PAYLOAD})
+            await pipe.execute()
     else:
         import nats
 
         nc = await nats.connect(url)
         js = nc.jetstream()
-        send = lambda i: js.publish(f"e2e.k{i % 64}", f"{time.time()!r} {PAYLOAD}".encode())  # noqa: E731
+
+        async def send(first: int, last: int) -> None:
+            await asyncio.gather(*(
+                js.publish(f"e2e.k{i % 64}", f"{time.time()!r} {PAYLOAD}".encode())
+                for i in range(first, last)
+            ))
     start = time.perf_counter()
     sent = 0
     while sent < total:
         due = min(total, int((time.perf_counter() - start) * rate) + per_tick)
         if due > sent:
-            await asyncio.gather(*(send(i) for i in range(sent, due)))
+            await send(sent, due)
             sent = due
         await asyncio.sleep(tick)
     await asyncio.sleep(0.5)

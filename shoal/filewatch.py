@@ -43,6 +43,7 @@ class FileChangeSignal:
         self._event = asyncio.Event()
         self.generation = 0
         self._fd: int | None = None
+        self._reading = False  # the loop reads the descriptor from the first wait() on
         self._loop = asyncio.get_running_loop()
         if _libc is not None:
             fd = _libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
@@ -50,7 +51,6 @@ class FileChangeSignal:
                 mask = _IN_MODIFY | _IN_CLOSE_WRITE | _IN_MOVED_TO | _IN_CREATE
                 if _libc.inotify_add_watch(fd, str(self._dir).encode(), mask) >= 0:
                     self._fd = fd
-                    self._loop.add_reader(fd, self._on_readable)
                 else:
                     os.close(fd)
 
@@ -89,6 +89,10 @@ class FileChangeSignal:
             return True
         if self._fd is None:
             timeout = FALLBACK_POLL if timeout is None else min(timeout, FALLBACK_POLL)
+        elif not self._reading:
+            # Publish-only processes never get here, so their own writes never wake them.
+            self._reading = True
+            self._loop.add_reader(self._fd, self._on_readable)
         try:
             async with asyncio.timeout(timeout):
                 await self._event.wait()
@@ -100,7 +104,8 @@ class FileChangeSignal:
         """Stop watching."""
         if self._fd is not None:
             try:
-                self._loop.remove_reader(self._fd)
+                if self._reading:
+                    self._loop.remove_reader(self._fd)
             except Exception:
                 pass
             os.close(self._fd)
