@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -27,6 +26,7 @@ from shoal.store.validation import (
     check_ttl,
     check_value,
 )
+from shoal.store.watch import ChangeStream
 
 
 @dataclass
@@ -116,6 +116,42 @@ class MemoryLease(Lease):
         return f"MemoryLease(id={self.id}, ttl={self.ttl})"
 
 
+class _MemoryChangeStream(ChangeStream):
+    def __init__(self, store: MemoryStore, prefix: str, last: int) -> None:
+        super().__init__(prefix, last)
+        self._store = store
+
+    async def _fetch(self) -> list[Change] | None:
+        store, state = self._store, self._store._state
+        while not store._closed:
+            state.sweep()
+            if self.last < state.compacted:
+                raise StoreError(
+                    f"store {store.url}: watch on {self.prefix!r} fell behind: changes up to "
+                    f"revision {state.compacted} were compacted; list again and watch "
+                    f"from the current revision"
+                )
+            batch = state.since(self.last)
+            if batch:
+                self.last = batch[-1].revision
+                mine = [c for c in batch if c.key.startswith(self.prefix)]
+                if mine:
+                    return mine
+                continue
+            ev = asyncio.Event()
+            state.waiters.add(ev)
+            store._wakers.add(ev)
+            try:
+                async with asyncio.timeout(state.next_expiry()):
+                    await ev.wait()
+            except TimeoutError:
+                pass  # a lease is due: the next sweep deletes its keys
+            finally:
+                state.waiters.discard(ev)
+                store._wakers.discard(ev)
+        return None
+
+
 class MemoryStore(Store):
     """Store adapter holding everything in this process's memory."""
 
@@ -131,7 +167,7 @@ class MemoryStore(Store):
         self.url = url
         self._state = _state if _state is not None else _MemoryState(history)
         self._closed = False
-        self._wakers: set[asyncio.Event] = set()  # this client's watchers, ended by close()
+        self._wakers: set[asyncio.Event] = set()  # this client's waiting watchers
 
     @classmethod
     def named(cls, url: str) -> MemoryStore:
@@ -215,7 +251,7 @@ class MemoryStore(Store):
         state.leases[lease_id] = _LeaseRecord(ttl, time.monotonic() + ttl)
         return MemoryLease(self, lease_id, ttl)
 
-    def watch(self, prefix: str, *, after_revision: int | None = None) -> AsyncIterator[Change]:
+    def watch(self, prefix: str, *, after_revision: int | None = None) -> ChangeStream:
         """Changes under ``prefix``; "now" is the moment of this call, not the first ``anext``.
 
         A watcher further behind than the kept history (``history`` changes) gets a
@@ -227,36 +263,7 @@ class MemoryStore(Store):
             start = state.revision
         else:
             start = check_revision(after_revision, "watch after_revision")
-        return self._watch(prefix, start)
-
-    async def _watch(self, prefix: str, last: int) -> AsyncIterator[Change]:
-        state = self._state
-        while not self._closed:
-            state.sweep()
-            if last < state.compacted:
-                raise StoreError(
-                    f"store {self.url}: watch on {prefix!r} fell behind: changes up to "
-                    f"revision {state.compacted} were compacted; list again and watch "
-                    f"from the current revision"
-                )
-            batch = state.since(last)
-            if batch:
-                last = batch[-1].revision
-                for change in batch:
-                    if change.key.startswith(prefix):
-                        yield change
-                continue
-            ev = asyncio.Event()
-            state.waiters.add(ev)
-            self._wakers.add(ev)
-            try:
-                async with asyncio.timeout(state.next_expiry()):
-                    await ev.wait()
-            except TimeoutError:
-                pass  # a lease is due: the next sweep deletes its keys
-            finally:
-                state.waiters.discard(ev)
-                self._wakers.discard(ev)
+        return _MemoryChangeStream(self, prefix, start)
 
     async def revision(self) -> int:
         return self._open_state().revision

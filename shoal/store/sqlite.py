@@ -27,7 +27,7 @@ one ``run_in_executor`` hop per operation (~50 us). Inline calls would be sub-mi
 when idle, but ``BEGIN IMMEDIATE`` may wait up to ``busy_timeout`` on another process's
 write and a large ``list`` or prune is not bounded, so they stay off the event loop. The
 one exception: ``watch()`` reads the current revision inline (one indexed row from a
-second connection; a WAL read never waits for writers; ~10 us measured), because "from
+second connection; a WAL read never waits for writers; ~5 us measured), because "from
 now" must mean before ``watch()`` returns, not whenever the store thread gets to it.
 A store belongs to the event loop that opened it.
 """
@@ -39,7 +39,7 @@ import functools
 import sqlite3
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -57,6 +57,7 @@ from shoal.store.validation import (
     check_value,
     prefix_end,
 )
+from shoal.store.watch import ChangeStream
 
 T = TypeVar("T")
 
@@ -232,6 +233,22 @@ def _range(prefix: str) -> tuple[str, tuple[str, ...]]:
     if end is None:
         return "key >= ?", (prefix,)
     return "key >= ? AND key < ?", (prefix, end)
+
+
+class _SqliteChangeStream(ChangeStream):
+    def __init__(self, store: SqliteStore, prefix: str, last: int) -> None:
+        super().__init__(prefix, last, store._watcher_stopped)
+        self._store = store
+
+    async def _fetch(self) -> list[Change] | None:
+        store = self._store
+        while not store._closed:
+            changed = store._changed  # taken before reading: no wakeup is lost
+            rows, self.last = await store._read(_changes_after, self.prefix, self.last, store.url)
+            if rows:
+                return rows
+            await changed.wait()
+        return None
 
 
 class SqliteStore(Store):
@@ -423,7 +440,7 @@ class SqliteStore(Store):
         return await self._read(_current_revision)
 
     # -- watch -----------------------------------------------------------------------
-    def watch(self, prefix: str, *, after_revision: int | None = None) -> AsyncIterator[Change]:
+    def watch(self, prefix: str, *, after_revision: int | None = None) -> ChangeStream:
         """Changes under ``prefix``; "now" is this call, not the first ``anext``.
 
         A watcher further behind than the kept log gets a ``StoreError``: list again and
@@ -436,7 +453,8 @@ class SqliteStore(Store):
             start = self._revision_inline()
         else:
             start = check_revision(after_revision, "watch after_revision")
-        return self._watch(prefix, start)
+        self._watcher_started()
+        return _SqliteChangeStream(self, prefix, start)
 
     def _revision_inline(self) -> int:
         """The current revision, read on the event loop: "now" must precede the return."""
@@ -445,19 +463,6 @@ class SqliteStore(Store):
             return _current_revision(self._inline)
         except sqlite3.Error as e:
             raise StoreError(f"store {self.url}: {e}") from e
-
-    async def _watch(self, prefix: str, last: int) -> AsyncIterator[Change]:
-        self._watcher_started()
-        try:
-            while not self._closed:
-                changed = self._changed  # taken before reading: no wakeup is lost
-                rows, last = await self._read(_changes_after, prefix, last, self.url)
-                for change in rows:
-                    yield change
-                if len(rows) < WATCH_BATCH:
-                    await changed.wait()
-        finally:
-            self._watcher_stopped()
 
     def _bump(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
@@ -473,7 +478,7 @@ class SqliteStore(Store):
 
     def _watcher_stopped(self) -> None:
         self._watchers -= 1
-        if self._watchers == 0:
+        if self._watchers == 0 and not self._loop.is_closed():
             self._stop_tasks()
 
     def _stop_tasks(self) -> None:
@@ -509,7 +514,7 @@ class SqliteStore(Store):
             except StoreError:
                 if self._closed:
                     return
-                next_expiry = None  # e.g. locked for longer than busy_timeout: retry later
+                next_expiry = time.time() + 1.0  # e.g. locked past busy_timeout: retry soon
             self._bump()
 
     async def close(self) -> None:

@@ -96,7 +96,8 @@ async def test_put_get_list_delete(store: Store) -> None:
 async def test_list_is_sorted_and_prefix_exact(store: Store) -> None:
     for key in ["p/b", "p/a", "p0", "p/\u00e9", "p/\U0010ffff", "q", "p/a/x"]:
         await store.put(key, key.encode())
-    assert [e.key for e in await store.list("p/")] == ["p/a", "p/a/x", "p/b", "p/\u00e9", "p/\U0010ffff"]
+    expected = ["p/a", "p/a/x", "p/b", "p/\u00e9", "p/\U0010ffff"]
+    assert [e.key for e in await store.list("p/")] == expected
     assert [e.key for e in await store.list("p/\U0010ffff")] == ["p/\U0010ffff"]
     assert await store.list("zzz") == []
 
@@ -265,6 +266,22 @@ async def test_watch_filters_by_prefix(store: Store) -> None:
     await store.put("svc/a/2", b"yes")
     assert [(await next_change(changes)).key for _ in range(2)] == ["svc/a/1", "svc/a/2"]
     await assert_quiet(changes, 0.1)
+
+
+async def test_timeout_around_anext_keeps_the_watch(store: Store) -> None:
+    changes = store.watch("t/")
+    for _ in range(3):
+        await assert_quiet(changes, 0.02)  # each cancels a pending anext()
+    revision = await store.put("t/1", b"x")
+    assert (await next_change(changes)) == Change("put", "t/1", b"x", revision)
+
+
+async def test_aclose_ends_a_watch(store: Store) -> None:
+    changes = store.watch("e/")
+    await store.put("e/1", b"x")
+    await changes.aclose()  # type: ignore[attr-defined]
+    with pytest.raises(StopAsyncIteration):
+        await next_change(changes)
 
 
 async def test_many_watchers_and_close_ends_them(backend: Backend) -> None:
