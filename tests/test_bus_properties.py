@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -246,6 +246,22 @@ class _PartitionWorker:
                 await self._committing
         return not self.moved and await self._commit(offset)
 
+    async def _idle_wait(self, generation: int) -> None:
+        """Wait for an append, or for our background commit to fail (seek, new owner)."""
+        waiting = asyncio.ensure_future(
+            self.sub.bus.broker.wait_for_append(self.sub.topic, generation, IDLE_WAIT)
+        )
+        committing = self._committing
+        if committing is None:
+            await waiting
+            return
+        try:
+            await asyncio.wait((waiting, committing), return_when=asyncio.FIRST_COMPLETED)
+            if not waiting.done() and not self.moved:
+                await waiting  # the commit went through: keep waiting for events
+        finally:
+            waiting.cancel()
+
     async def run(self) -> None:
         sub, broker = self.sub, self.sub.bus.broker
         topic = sub.topic
@@ -272,7 +288,7 @@ class _PartitionWorker:
                         self._commit_in_background(tracker.committable)
                         self.idle = True  # from here to the wait nothing yields: stop() sees it
                         try:
-                            await broker.wait_for_append(topic, gen, IDLE_WAIT)
+                            await self._idle_wait(gen)
                         finally:
                             self.idle = False
                         continue
