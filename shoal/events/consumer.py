@@ -29,7 +29,8 @@ Handler = Callable[[Event], Awaitable[Any] | Any]
 StartPosition = Literal["earliest", "latest"] | int | datetime
 
 READ_BATCH = 1024
-COMMIT_INTERVAL = 0.05  # seconds between commits while busy; always on idle and on stop
+TAIL_BATCH = 64  # a worker that keeps up asks for little (brokers may read it inline)
+COMMIT_INTERVAL = 0.1  # at most one commit per partition per interval; always on stop
 IDLE_WAIT = 5.0
 
 
@@ -185,6 +186,9 @@ class _PartitionWorker:
         self.committed = -1
         self._inflight: set[asyncio.Task[None]] = set()
         self._committing: asyncio.Task[bool] | None = None
+        self._commit_timer: asyncio.TimerHandle | None = None
+        self._wake: asyncio.Future[None] | None = None
+        self._last_commit = 0.0
         self.moved = False  # our committed offset was changed by someone else
         self._key = offset_key(sub.topic, sub.group, partition)
 
@@ -227,15 +231,32 @@ class _PartitionWorker:
         self.revision, self.committed = rev, offset
         return True
 
+    def _commit_later(self, tracker: OffsetTracker, last_commit: float) -> None:
+        """Commit now if the interval has passed, else once it has (one timer at a time)."""
+        wait = COMMIT_INTERVAL - (time.monotonic() - last_commit)
+        if wait <= 0:
+            self._commit_in_background(tracker.committable)
+        elif self._commit_timer is None:
+
+            def fire() -> None:
+                self._commit_timer = None
+                if not self.stopping:
+                    self._commit_in_background(tracker.committable)
+
+            self._commit_timer = asyncio.get_running_loop().call_later(wait, fire)
+
     def _commit_in_background(self, offset: int) -> None:
         """Commit without stalling dispatch; at most one commit in flight per partition."""
         if self._committing is not None or offset == self.committed:
             return
+        self._last_commit = time.monotonic()
 
         def done(task: asyncio.Task[bool]) -> None:
             self._committing = None
             if task.cancelled() or task.exception() is not None or not task.result():
                 self.moved = True
+                if self._wake is not None and not self._wake.done():
+                    self._wake.set_result(None)
 
         self._committing = asyncio.create_task(self._commit(offset))
         self._committing.add_done_callback(done)
@@ -247,20 +268,16 @@ class _PartitionWorker:
         return not self.moved and await self._commit(offset)
 
     async def _idle_wait(self, generation: int) -> None:
-        """Wait for an append, or for our background commit to fail (seek, new owner)."""
+        """Wait for an append, or for a background commit to fail (seek, new owner)."""
+        self._wake = asyncio.get_running_loop().create_future()
         waiting = asyncio.ensure_future(
             self.sub.bus.broker.wait_for_append(self.sub.topic, generation, IDLE_WAIT)
         )
-        committing = self._committing
-        if committing is None:
-            await waiting
-            return
         try:
-            await asyncio.wait((waiting, committing), return_when=asyncio.FIRST_COMPLETED)
-            if not waiting.done() and not self.moved:
-                await waiting  # the commit went through: keep waiting for events
+            await asyncio.wait((waiting, self._wake), return_when=asyncio.FIRST_COMPLETED)
         finally:
             waiting.cancel()
+            self._wake = None
 
     async def run(self) -> None:
         sub, broker = self.sub, self.sub.bus.broker
@@ -274,18 +291,21 @@ class _PartitionWorker:
                 self.moved = False
                 offset = await self._initial_offset()
                 self.tracker = tracker = OffsetTracker(offset)
-                last_commit = time.monotonic()
+                last_commit = self._last_commit = time.monotonic()
+                limit = READ_BATCH
                 while not self.stopping and not self.moved:
                     gen = broker.append_generation(topic)
-                    records = await broker.read(topic, self.p, offset, READ_BATCH)
+                    records = await broker.read(topic, self.p, offset, limit)
+                    limit = TAIL_BATCH if len(records) < TAIL_BATCH else READ_BATCH
                     if not records:
                         await self._drain()
                         if self.stopping:  # stop() came while we drained
                             break
-                        # Commit what is handled without waiting for the store: a slow
-                        # store write must not delay the next event. A failed commit
-                        # (seek, new owner) is noticed on the next wake-up.
-                        self._commit_in_background(tracker.committable)
+                        # Commit what is handled without waiting for the store (a slow
+                        # store write must not delay the next event), and no more often
+                        # than COMMIT_INTERVAL: a consumer that keeps up goes idle after
+                        # nearly every event.
+                        self._commit_later(tracker, last_commit)
                         self.idle = True  # from here to the wait nothing yields: stop() sees it
                         try:
                             await self._idle_wait(gen)
@@ -299,11 +319,14 @@ class _PartitionWorker:
                         offset = record.offset + 1
                     if time.monotonic() - last_commit >= COMMIT_INTERVAL:
                         self._commit_in_background(tracker.committable)
-                        last_commit = time.monotonic()
+                    last_commit = self._last_commit
         except asyncio.CancelledError:
             if not self.stopping:
                 raise
         finally:
+            if self._commit_timer is not None:
+                self._commit_timer.cancel()
+                self._commit_timer = None
             await self._drain()
             if self.tracker is not None:
                 with contextlib.suppress(Exception):
