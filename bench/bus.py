@@ -79,6 +79,28 @@ async def shoal_throughput(url: str, n: int) -> dict[str, float]:
     return {"publish": publish, "publish_single": single, "consume": consume}
 
 
+async def shoal_fsync_cost(directory: str, n: int) -> dict[str, float]:
+    """What ``?fsync=1`` (synchronous=FULL, survives power loss) costs, against the default."""
+    from shoal.events import EventBus, Message
+
+    out: dict[str, float] = {}
+    for name, query in (("default", ""), ("fsync", "?fsync=1")):
+        async with EventBus.connect(f"sqlite:///{directory}/{name}.db{query}") as bus:
+            await bus.create_topic("f", partitions=8)
+            msgs = [Message(PAYLOAD, key=f"k{i % 64}") for i in range(BATCH)]
+            t = time.perf_counter()
+            for _ in range(n // BATCH):
+                await bus.publish_many("f", msgs)
+            out[f"{name}_publish"] = n / (time.perf_counter() - t)
+            lat = []
+            for i in range(300):
+                t = time.perf_counter()
+                await bus.publish("f", PAYLOAD, key=f"k{i}")
+                lat.append(time.perf_counter() - t)
+            out[f"{name}_single_p50_ms"] = percentiles(lat)["p50_ms"]
+    return out
+
+
 # -- Redis Streams ---------------------------------------------------------------------
 async def redis_throughput(url: str, n: int) -> dict[str, float]:
     import redis.asyncio as redis
@@ -302,6 +324,11 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         result["shoal"] = {k: round(v) for k, v in shoal.items()}
         print(f"shoal sqlite    publish {shoal['publish']:>10,.0f}/s  "
               f"single {shoal['publish_single']:>10,.0f}/s  consume {shoal['consume']:>10,.0f}/s")
+        fsync = await shoal_fsync_cost(d, n // 4)
+        result["shoal_fsync"] = {k: round(v, 3) for k, v in fsync.items()}
+        print(f"shoal fsync=1   publish {fsync['fsync_publish']:>10,.0f}/s "
+              f"(default {fsync['default_publish']:,.0f}/s); one publish p50 "
+              f"{fsync['fsync_single_p50_ms']} ms (default {fsync['default_single_p50_ms']} ms)")
         peers = {}
         if rurl:
             peers["redis"] = await redis_throughput(rurl, n)

@@ -201,9 +201,37 @@ class EventBus:
         ]
 
     # -- publishing ------------------------------------------------------------------
-    def _append_for(
-        self, spec: TopicSpec, event: Event, ts_ms: int, dedup_id: str | None
-    ) -> Append:
+    def _prepare(
+        self,
+        spec: TopicSpec,
+        data: Any,
+        key: str | None,
+        type: str | None,
+        id: str | None,
+        extensions: Mapping[str, Any] | None,
+        when: datetime,
+        ts_ms: int,
+    ) -> tuple[Event, Append]:
+        """Validate, build the envelope, and place it: the one path every publish takes."""
+        ext = _check_extensions(extensions) if extensions else {}
+        if key is None:
+            partition = next(self._round_robin) % spec.partitions
+        elif isinstance(key, str):
+            ext["partitionkey"] = key
+            partition = partition_for(key, spec.partitions)
+        else:
+            kind = key.__class__.__name__
+            raise InvalidEvent("partitionkey", f"key must be a string, not {kind}")
+        if id is not None and (not isinstance(id, str) or not id):
+            raise InvalidEvent("id", "must be a non-empty string")
+        event = Event(
+            id=id or new_event_id(), source=self.source, type=type or spec.name, time=when,
+            data=data, extensions=ext,
+        )
+        return event, Append(partition, key, ts_ms, encode_record(event), id)
+
+    def _place(self, spec: TopicSpec, event: Event, ts_ms: int, dedup_id: str | None) -> Append:
+        """The append for an envelope built elsewhere (relayed, replayed, dead-lettered)."""
         key = event.extensions.get("partitionkey")
         if key is None:
             partition = next(self._round_robin) % spec.partitions
@@ -211,29 +239,6 @@ class EventBus:
             key = str(key)
             partition = partition_for(key, spec.partitions)
         return Append(partition, key, ts_ms, encode_record(event), dedup_id)
-
-    def _event(
-        self,
-        topic: str,
-        data: Any,
-        key: str | None,
-        type: str | None,
-        id: str | None,
-        extensions: Mapping[str, Any] | None,
-        when: datetime,
-    ) -> Event:
-        ext = _check_extensions(extensions) if extensions else {}
-        if key is not None:
-            if not isinstance(key, str):
-                kind = key.__class__.__name__
-                raise InvalidEvent("partitionkey", f"key must be a string, not {kind}")
-            ext["partitionkey"] = key
-        if id is not None and (not isinstance(id, str) or not id):
-            raise InvalidEvent("id", "must be a non-empty string")
-        return Event(
-            id=id or new_event_id(), source=self.source, type=type or topic, time=when,
-            data=data, extensions=ext,
-        )
 
     def _queue(self, topic: str) -> AppendQueue:
         queue = self._queues.get(topic)
@@ -254,8 +259,10 @@ class EventBus:
         """Append one event; returns once it is durable. A repeated ``id`` is not re-added."""
         spec = self._topics.get(topic) or await self._spec(topic)
         t = time.time()
-        event = self._event(topic, data, key, type, id, extensions, datetime.fromtimestamp(t, UTC))
-        (ack,) = await self._queue(topic).submit([self._append_for(spec, event, int(t * 1000), id)])
+        event, append = self._prepare(
+            spec, data, key, type, id, extensions, datetime.fromtimestamp(t, UTC), int(t * 1000)
+        )
+        (ack,) = await self._queue(topic).submit([append])
         return PublishAck(topic, ack.partition, ack.offset, ack.duplicate, event.id)
 
     async def publish_many(self, topic: str, messages: Iterable[Message | Any]) -> list[PublishAck]:
@@ -264,15 +271,16 @@ class EventBus:
         t = time.time()
         when, ts_ms = datetime.fromtimestamp(t, UTC), int(t * 1000)
         events, appends = [], []
+        prepare = self._prepare
         for m in messages:
             if isinstance(m, Message):
-                event = self._event(topic, m.data, m.key, m.type, m.id, m.extensions, when)
-                dedup = m.id
+                event, append = prepare(
+                    spec, m.data, m.key, m.type, m.id, m.extensions, when, ts_ms
+                )
             else:
-                event = Event(id=new_event_id(), source=self.source, type=topic, time=when, data=m)
-                dedup = None
+                event, append = prepare(spec, m, None, None, None, None, when, ts_ms)
             events.append(event)
-            appends.append(self._append_for(spec, event, ts_ms, dedup))
+            appends.append(append)
         if not appends:
             return []
         acks = await self._queue(topic).submit(appends)
@@ -292,7 +300,7 @@ class EventBus:
         spec = self._topics.get(topic) or await self._spec(topic)
         ts_ms = int((event.time.timestamp() if event.time else time.time()) * 1000)
         ack: Appended
-        (ack,) = await self._queue(topic).submit([self._append_for(spec, event, ts_ms, dedup_id)])
+        (ack,) = await self._queue(topic).submit([self._place(spec, event, ts_ms, dedup_id)])
         return PublishAck(topic, ack.partition, ack.offset, ack.duplicate, event.id)
 
     # -- consuming -------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import zlib
 
@@ -11,10 +12,12 @@ _TOPIC = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 _GROUP = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
 
+@functools.lru_cache(maxsize=65536)
 def partition_for(key: str, partitions: int) -> int:
     """A stable partition for ``key``: CRC-32 of its UTF-8 bytes modulo the partition count.
 
     Stable across processes, machines and backends (unlike ``hash()``, which is salted).
+    Cached: hot keys repeat.
     """
     return zlib.crc32(key.encode()) % partitions
 
