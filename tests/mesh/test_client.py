@@ -114,7 +114,7 @@ async def test_errors_name_the_layer(store) -> None:
         with pytest.raises(NoEndpoint, match="balancer: no endpoint for service 'nobody'"):
             await mesh.get("http://nobody/")
         await mesh.cache.wait_for("slow", lambda eps: len(eps) == 1, timeout=5)
-        with pytest.raises(UpstreamTimeout, match="timeout: request timeout of 0.2s"):
+        with pytest.raises(UpstreamTimeout, match=r"timeout: request timeout of 0\.2s"):
             await mesh.get("http://slow/")
     await registry.close()
     await runner.cleanup()
@@ -162,4 +162,31 @@ async def test_endpoint_changes_reach_the_client(store) -> None:
         await eventually(lambda: len(mesh.cache.endpoints("late")) == 1, 2)
         assert (await mesh.get("http://late/")).status == 200
         await registry.close()
+    await runner.cleanup()
+
+
+async def test_httpx_transport_speaks_to_services_by_name(store) -> None:
+    import httpx
+
+    from shoal.mesh.httpx_transport import HTTPXTransport
+
+    hits: dict[str, int] = {}
+    runner, address = await backend("hx", hits)
+    registry = Registry(store)
+    await registry.register(Instance(id="hx", service="orders", address=address))
+    mesh = await MeshClient.connect(store)
+    await mesh.cache.wait_for("orders", lambda eps: len(eps) == 1, timeout=5)
+    async with httpx.AsyncClient(transport=HTTPXTransport(mesh)) as client:
+        resp = await client.post("http://orders/new?a=b", json={"sku": "x"})
+        assert resp.status_code == 200
+        data = resp.json()
+        assert data["path"] == "/new?a=b" and data["body"] == '{"sku":"x"}'
+
+        async def chunks():
+            yield b"str"
+            yield b"eamed"
+
+        resp = await client.post("http://orders/up", content=chunks())
+        assert resp.json()["body"] == "streamed"
+    await registry.close()
     await runner.cleanup()
