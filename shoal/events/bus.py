@@ -355,20 +355,27 @@ class EventBus:
         for`` works too; after a ``break`` the group is left when the iterator is
         garbage-collected rather than at once.)
         """
-        return EventStream(self._pull(topic, group, start, session_timeout))
+        outcome = _StreamOutcome()
+        return EventStream(self._pull(topic, group, start, session_timeout, outcome), outcome)
 
     async def _pull(
-        self, topic: str, group: str, start: StartPosition, session_timeout: str | float
+        self,
+        topic: str,
+        group: str,
+        start: StartPosition,
+        session_timeout: str | float,
+        outcome: _StreamOutcome,
     ) -> AsyncIterator[Event]:
         handoff: asyncio.Queue[Event] = asyncio.Queue(maxsize=1)
-        taken: asyncio.Queue[None] = asyncio.Queue(maxsize=1)
+        taken: asyncio.Queue[bool] = asyncio.Queue(maxsize=1)  # True: handled
         closing = False
 
         async def handler(event: Event) -> None:
             if closing:  # nobody will take it: stop here, leaving it uncommitted
                 raise asyncio.CancelledError
             await handoff.put(event)
-            await taken.get()
+            if not await taken.get():
+                raise asyncio.CancelledError  # the reader failed on it: redeliver later
 
         sub = await self.subscribe(
             topic, group, handler, retry=RetryPolicy(attempts=1), start=start,
@@ -378,7 +385,7 @@ class EventBus:
         try:
             while True:
                 if pending:
-                    taken.put_nowait(None)
+                    taken.put_nowait(True)
                 event = await handoff.get()
                 pending = True
                 yield event
@@ -386,7 +393,7 @@ class EventBus:
             closing = True
             if pending:
                 with contextlib.suppress(asyncio.QueueFull):
-                    taken.put_nowait(None)
+                    taken.put_nowait(not outcome.failed)
             await self._unsubscribe(sub)
 
     async def _unsubscribe(self, sub: Subscription) -> None:
@@ -464,10 +471,15 @@ class EventBus:
 
 class EventStream:
     """What ``EventBus.consume`` returns: an async iterator of events, best used as an
-    async context manager so that leaving the block commits and leaves the group at once."""
+    async context manager so that leaving the block commits and leaves the group at once.
 
-    def __init__(self, events: AsyncIterator[Event]) -> None:
+    Leaving the block with an exception leaves the current event unacknowledged, so the
+    group gets it again.
+    """
+
+    def __init__(self, events: AsyncIterator[Event], outcome: _StreamOutcome) -> None:
         self._events = events
+        self._outcome = outcome  # shared with the generator, which must not hold us
 
     def __aiter__(self) -> EventStream:
         return self
@@ -476,14 +488,21 @@ class EventStream:
         return await self._events.__anext__()
 
     async def aclose(self) -> None:
-        """Acknowledge the current event, commit, and leave the group."""
+        """Acknowledge the current event (unless the block failed), commit, leave the group."""
         await self._events.aclose()  # type: ignore[attr-defined]
 
     async def __aenter__(self) -> EventStream:
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def __aexit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        self._outcome.failed = exc_type is not None
         await self.aclose()
+
+
+class _StreamOutcome:
+    """Whether the block reading an ``EventStream`` failed (read when it closes)."""
+
+    failed = False
 
 
 class _Connecting:

@@ -25,7 +25,10 @@ class SyncEventBus:
             target=self._loop.run_forever, name="shoal-bus", daemon=True
         )
         self._thread.start()
-        self._bus: EventBus = self._run(EventBus.connect(url, **options))
+        async def connect() -> EventBus:
+            return await EventBus.connect(url, **options)
+
+        self._bus: EventBus = self._run(connect())
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()

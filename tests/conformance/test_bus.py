@@ -350,3 +350,28 @@ async def test_lag_counts_unhandled_events(bus: EventBus) -> None:
     await bus.publish("lag", 11, key="x")
     assert sum((await bus.lag("lag", "g")).values()) == 1
     assert await bus.groups("lag") == ["g"]
+
+
+async def test_consume_block_failing_leaves_the_event_for_redelivery(bus: EventBus) -> None:
+    await bus.create_topic("fail", partitions=1)
+    for i in range(3):
+        await bus.publish("fail", i)
+    with pytest.raises(RuntimeError):
+        async with bus.consume("fail", "g") as events:
+            async for event in events:
+                if event.data == 1:
+                    raise RuntimeError("could not write it")
+    assert await bus.committed("fail", "g") == {0: 1}
+    async with bus.consume("fail", "g") as events:
+        async for event in events:
+            assert event.data == 1
+            break
+
+
+def test_sync_facade_publishes_from_plain_code(bus_url: str) -> None:
+    from shoal.events import SyncEventBus
+
+    with SyncEventBus(bus_url) as sync:
+        ack = sync.publish("s", {"x": 1}, key="k")
+        acks = sync.publish_many("s", [1, 2, 3])
+    assert not ack.duplicate and len(acks) == 3
