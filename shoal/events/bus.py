@@ -118,14 +118,20 @@ class EventBus:
         store: str | Store | None = None,
         source: str | None = None,
         dedup_window: str | float = "2m",
+        fsync: bool = False,
     ) -> _Connecting:
         """Open the bus at ``url`` (default ``sqlite:///.shoal/events.db``).
 
         Use ``bus = await EventBus.connect(url)`` or ``async with EventBus.connect(url) as
         bus:``. ``store`` is the coordination Store (URL or object); by default a
         ``memory://`` bus uses an in-process store and ``sqlite:///DIR/events.db`` uses
-        ``sqlite:///DIR/store.db`` beside it.
+        ``sqlite:///DIR/store.db`` beside it. ``fsync=True`` makes an acknowledged publish
+        survive power loss too, not only a crash of any process (the SQLite broker's
+        ``?fsync=1``; see the README for what it costs).
         """
+        if fsync:
+            url = url or os.environ.get("SHOAL_BROKER") or DEFAULT_BROKER_URL
+            url += ("&" if "?" in url else "?") + "fsync=1"
         return _Connecting(cls._open(url, store, source, dedup_window))
 
     @classmethod

@@ -375,3 +375,9 @@ def test_sync_facade_publishes_from_plain_code(bus_url: str) -> None:
         ack = sync.publish("s", {"x": 1}, key="k")
         acks = sync.publish_many("s", [1, 2, 3])
     assert not ack.duplicate and len(acks) == 3
+
+
+async def test_fsync_option_reaches_the_sqlite_broker(tmp_path) -> None:
+    async with EventBus.connect(f"sqlite:///{tmp_path}/f.db", fsync=True) as bus:
+        assert getattr(bus.broker, "fsync", True) is True
+        assert not (await bus.publish("f", 1)).duplicate
