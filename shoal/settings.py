@@ -1,0 +1,197 @@
+"""Where the broker and the Store are: ``--broker``/``--store`` flags, the environment, the
+``shoal.yaml`` manifest, then the defaults.
+
+Precedence, for the broker: the flag, else ``SHOAL_BROKER``, else ``broker:`` in
+``./shoal.yaml``, else ``sqlite:///.shoal/events.db``. The Store likewise (``--store``,
+``SHOAL_STORE``, ``store:``), else beside the broker (as ``EventBus.connect`` does).
+
+One exception, so that a consumer group's offsets never land in a Store that belongs to
+another log: the manifest's ``store:`` describes the manifest's broker, so it is used only
+when the broker came from the manifest or the default. ``--broker elsewhere`` with no
+``--store``/``SHOAL_STORE`` puts the Store beside ``elsewhere``.
+
+``resolve`` is pure (tested without files or environment); ``load_settings`` reads them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from shoal.errors import ConfigError
+from shoal.events.brokers.connect import DEFAULT_BROKER_URL
+from shoal.events.bus import _default_store_for
+
+MANIFEST_NAME = "shoal.yaml"
+BROKER_ENV = "SHOAL_BROKER"
+STORE_ENV = "SHOAL_STORE"
+
+Origin = Literal["flag", "env", "manifest", "default"]
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """The connection settings of a ``shoal.yaml``: values, and the line each came from."""
+
+    path: Path
+    broker: str | None = None
+    store: str | None = None
+    broker_line: int | None = None
+    store_line: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The resolved broker and Store URLs, each with where it came from."""
+
+    broker: str
+    store: str
+    broker_origin: str  # "from the environment", "from shoal.yaml, line 2", "default"...
+    store_origin: str
+
+
+def _origin_text(
+    what: str, origin: Origin, manifest: Manifest | None, line: int | None
+) -> str:
+    if origin == "flag":
+        return f"from --{what}"
+    if origin == "env":
+        return f"from ${BROKER_ENV if what == 'broker' else STORE_ENV}"
+    if origin == "manifest" and manifest is not None:
+        return f"from {manifest.path}, line {line}"
+    return "the default" if what == "broker" else "beside the broker"
+
+
+def resolve(
+    *,
+    broker: str | None = None,
+    store: str | None = None,
+    env: Mapping[str, str] | None = None,
+    manifest: Manifest | None = None,
+) -> Settings:
+    """Pure resolution of the broker and Store URLs (see the module docstring)."""
+    env = env or {}
+    broker_origin: Origin
+    if broker:
+        url, broker_origin = broker, "flag"
+    elif env.get(BROKER_ENV):
+        url, broker_origin = env[BROKER_ENV], "env"
+    elif manifest is not None and manifest.broker:
+        url, broker_origin = manifest.broker, "manifest"
+    else:
+        url, broker_origin = DEFAULT_BROKER_URL, "default"
+
+    store_origin: Origin
+    manifest_store_applies = broker_origin in ("manifest", "default")
+    if store:
+        store_url, store_origin = store, "flag"
+    elif env.get(STORE_ENV):
+        store_url, store_origin = env[STORE_ENV], "env"
+    elif manifest is not None and manifest.store and manifest_store_applies:
+        store_url, store_origin = manifest.store, "manifest"
+    else:
+        store_url, store_origin = _default_store_for(url), "default"
+    return Settings(
+        url,
+        store_url,
+        _origin_text("broker", broker_origin, manifest,
+                     manifest.broker_line if manifest else None),
+        _origin_text("store", store_origin, manifest,
+                     manifest.store_line if manifest else None),
+    )
+
+
+_KINDS = {bool: "a boolean", int: "an integer", float: "a number", list: "a list",
+          dict: "a mapping"}
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "empty (null)"
+    if isinstance(value, str):
+        return "an empty string"
+    return _KINDS.get(type(value), f"a {type(value).__name__}")
+
+
+def parse_manifest(text: str, path: Path) -> Manifest:
+    """The ``broker:`` and ``store:`` of a manifest's text; ``ConfigError`` naming the file
+    and line if it is not YAML, not a mapping, or either value is not a non-empty string.
+    Other top-level keys are left to the manifest schema (``shoal.config``)."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}, line {mark.line + 1}" if mark is not None else str(path)
+        problem = exc.problem or exc.context or "invalid YAML"
+        raise ConfigError(f"{where}: not valid YAML: {problem}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        return Manifest(path)
+    if not isinstance(data, dict) or not isinstance(node, yaml.MappingNode):
+        raise ConfigError(
+            f"{path}, line 1: the manifest must be a mapping (keys like broker: and store:),"
+            f" not {_kind(data)}"
+        )
+    lines: dict[str, int] = {}
+    for key_node, value_node in node.value:
+        if isinstance(key_node, yaml.ScalarNode) and key_node.value in ("broker", "store"):
+            lines[key_node.value] = value_node.start_mark.line + 1
+    values: dict[str, str | None] = {}
+    for name in ("broker", "store"):
+        if name not in data:
+            values[name] = None
+            continue
+        value = data[name]
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(
+                f"{path}, line {lines.get(name, 1)}: {name} must be a URL string"
+                f" like sqlite:///.shoal/events.db, not {_kind(value)}"
+            )
+        values[name] = value.strip()
+    return Manifest(
+        path, values["broker"], values["store"], lines.get("broker"), lines.get("store")
+    )
+
+
+def load_manifest(path: Path) -> Manifest | None:
+    """The manifest at ``path``, or None if there is no such file."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a manifest file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read: {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}, line {line}: not valid UTF-8") from None
+    return parse_manifest(text, path)
+
+
+def load_settings(
+    broker: str | None = None,
+    store: str | None = None,
+    *,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Settings:
+    """Resolve from the flags given, ``os.environ`` and ``./shoal.yaml``.
+
+    The manifest is read only when it can matter (the broker is not given by flag or
+    environment), so a broken manifest does not stand in the way of ``--broker URL``.
+    """
+    env = os.environ if env is None else env
+    manifest = None
+    if not (broker or env.get(BROKER_ENV)):
+        manifest = load_manifest(cwd / MANIFEST_NAME if cwd else Path(MANIFEST_NAME))
+    return resolve(broker=broker, store=store, env=env, manifest=manifest)
