@@ -25,7 +25,7 @@ import yaml
 
 from shoal.errors import ConfigError
 from shoal.events.brokers.connect import DEFAULT_BROKER_URL
-from shoal.events.bus import _default_store_for
+from shoal.events.bus import default_store_for
 
 MANIFEST_NAME = "shoal.yaml"
 BROKER_ENV = "SHOAL_BROKER"
@@ -95,7 +95,7 @@ def resolve(
     elif manifest is not None and manifest.store and manifest_store_applies:
         store_url, store_origin = manifest.store, "manifest"
     else:
-        store_url, store_origin = _default_store_for(url), "default"
+        store_url, store_origin = default_store_for(url), "default"
     return Settings(
         url,
         store_url,

@@ -18,6 +18,7 @@ import msgspec
 from shoal.errors import ConfigError, InvalidEvent, TopicError
 from shoal.events.brokers.base import Append, Appended, Broker, PartitionRange, TopicSpec
 from shoal.events.brokers.connect import DEFAULT_BROKER_URL, connect_broker
+from shoal.events.codec import check_extensions
 from shoal.events.consumer import Handler, StartPosition, Subscription
 from shoal.events.event import Event, encode_record, new_event_id
 from shoal.events.group import GROUPS, group_prefix, offset_key
@@ -29,7 +30,6 @@ from shoal.store.connect import connect_store
 from shoal.units import parse_duration, parse_size
 
 DEFAULT_PARTITIONS = 8
-_EXTENSION_NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyz0123456789")
 
 
 class PublishAck(msgspec.Struct, frozen=True, gc=False):
@@ -69,25 +69,6 @@ class TopicInfo:
     def size_bytes(self) -> int:
         """Bytes currently kept, over all partitions."""
         return sum(r.size_bytes for r in self.ranges)
-
-
-def _check_extensions(extensions: Mapping[str, Any]) -> dict[str, str | int | bool]:
-    out: dict[str, str | int | bool] = {}
-    for name, value in extensions.items():
-        if (
-            not isinstance(name, str)
-            or not 1 <= len(name) <= 20
-            or not set(name) <= _EXTENSION_NAME_OK
-            or name in ("data", "data_base64")
-        ):
-            raise InvalidEvent(
-                str(name), "extension names are 1-20 lowercase letters or digits (CloudEvents)"
-            )
-        if not isinstance(value, (str, int, bool)):
-            raise InvalidEvent(name, f"extension values are strings, integers or booleans, "
-                               f"not {type(value).__name__}")
-        out[name] = value
-    return out
 
 
 class EventBus:
@@ -147,7 +128,7 @@ class EventBus:
         broker.dedup_window_seconds = parse_duration(dedup_window, name="dedup_window") or 0.0
         owns_store = not isinstance(store, Store)
         if not isinstance(store, Store):
-            store_url = store or os.environ.get("SHOAL_STORE") or _default_store_for(url)
+            store_url = store or os.environ.get("SHOAL_STORE") or default_store_for(url)
             try:
                 store = await connect_store(store_url)
             except BaseException:
@@ -219,7 +200,7 @@ class EventBus:
         ts_ms: int,
     ) -> tuple[Event, Append]:
         """Validate, build the envelope, and place it: the one path every publish takes."""
-        ext = _check_extensions(extensions) if extensions else {}
+        ext = check_extensions(extensions) if extensions else {}
         if key is None:
             partition = next(self._round_robin) % spec.partitions
         elif isinstance(key, str):
@@ -304,7 +285,7 @@ class EventBus:
         producer's and may legitimately repeat across sources).
         """
         spec = self._topics.get(topic) or await self._spec(topic)
-        ts_ms = int((event.time.timestamp() if event.time else time.time()) * 1000)
+        ts_ms = int(time.time() * 1000)  # when it entered this log (retention, seek by time)
         ack: Appended
         (ack,) = await self._queue(topic).submit([self._place(spec, event, ts_ms, dedup_id)])
         return PublishAck(topic, ack.partition, ack.offset, ack.duplicate, event.id)
@@ -392,6 +373,7 @@ class EventBus:
             while True:
                 if pending:
                     taken.put_nowait(True)
+                    pending = False
                 event = await handoff.get()
                 pending = True
                 yield event
@@ -530,7 +512,8 @@ class _Connecting:
             await self._bus.close()
 
 
-def _default_store_for(broker_url: str) -> str:
+def default_store_for(broker_url: str) -> str:
+    """The Store URL that goes with a broker URL when none is given."""
     if broker_url.startswith("memory://"):
         return broker_url
     if broker_url.startswith("sqlite:///"):

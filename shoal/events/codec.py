@@ -221,6 +221,14 @@ def _check_extension_value(name: str, value: object) -> ExtensionValue:
     )
 
 
+def check_extensions(extensions: Mapping[str, object]) -> dict[str, ExtensionValue]:
+    """Extension attributes as CloudEvents allows them, else ``InvalidEvent`` naming one."""
+    return {
+        _check_extension_name(name): _check_extension_value(name, value)
+        for name, value in extensions.items()
+    }
+
+
 def _parse_time(value: object) -> datetime:
     """An RFC 3339 timestamp, as a timezone-aware ``datetime``."""
     if not isinstance(value, str):

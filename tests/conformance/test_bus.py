@@ -381,3 +381,16 @@ async def test_fsync_option_reaches_the_sqlite_broker(tmp_path) -> None:
     async with EventBus.connect(f"sqlite:///{tmp_path}/f.db", fsync=True) as bus:
         assert getattr(bus.broker, "fsync", True) is True
         assert not (await bus.publish("f", 1)).duplicate
+
+
+async def test_unopenable_sqlite_path_is_a_config_error(tmp_path) -> None:
+    from shoal.errors import ConfigError
+
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(ConfigError, match="cannot open"):
+        await EventBus.connect(f"sqlite:///{tmp_path}/file/events.db")
+
+
+async def test_out_of_range_extension_integer_is_refused(bus: EventBus) -> None:
+    with pytest.raises(InvalidEvent, match="32-bit"):
+        await bus.publish("t", 1, extensions={"big": 2**40})

@@ -127,10 +127,13 @@ class SqliteBroker(Broker):
         """Open (creating if needed) the database at ``sqlite:///PATH``."""
         path, options = sqlite_path(url)
         fsync = options.get("fsync", "0").lower() in ("1", "true", "yes", "on")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self = cls(url, path, fsync)
-        await self._on_writer(self._init_writer)
-        await self._on_reader(self._init_reader)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self = cls(url, path, fsync)
+            await self._on_writer(self._init_writer)
+            await self._on_reader(self._init_reader)
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigError(f"broker url {url!r}: cannot open {path}: {exc}") from exc
         return self
 
     # -- threads ---------------------------------------------------------------------
