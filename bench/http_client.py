@@ -18,7 +18,6 @@ object with every figure and the ratios shoal / aiohttp (> 1 is better for throu
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import statistics
@@ -33,6 +32,7 @@ import aiohttp
 import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _measure import Get, closed_loop
 from _servers import _wait_port, free_port
 
 from shoal.mesh.http1 import ConnectionPool
@@ -63,34 +63,9 @@ def serve(port: int) -> None:
 
 
 # -- measurement ------------------------------------------------------------------------------
-Get = Callable[[], Awaitable[bytes]]
-
-
 async def measure(get: Get, n: int, concurrency: int) -> dict[str, float]:
-    """Run ``n`` GETs with ``concurrency`` workers; throughput, latency, client CPU."""
-    latencies: list[float] = []
-    per_worker = n // concurrency
-    clock = time.perf_counter
-
-    async def worker() -> None:
-        append = latencies.append
-        for _ in range(per_worker):
-            t = clock()
-            body = await get()
-            append(clock() - t)
-            assert body == b"Hello, World!"
-
-    cpu, t0 = time.process_time(), clock()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    elapsed, cpu = clock() - t0, time.process_time() - cpu
-    latencies.sort()
-    done = len(latencies)
-    return {
-        "rps": round(done / elapsed),
-        "p50_ms": round(latencies[done // 2] * 1000, 4),
-        "p99_ms": round(latencies[int(done * 0.99)] * 1000, 4),
-        "cpu_us": round(cpu / done * 1e6, 1),
-    }
+    """``n`` GETs by ``concurrency`` closed-loop workers (see ``_measure.closed_loop``)."""
+    return await closed_loop(get, n, concurrency, b"Hello, World!")
 
 
 async def download(stream: Callable[[], Awaitable[int]]) -> float:
@@ -193,12 +168,12 @@ def main() -> None:
     ours, peer = res["shoal"], res["aiohttp"]
     rows = [
         ("sequential req/s", "sequential", "rps"),
-        ("sequential p50 ms", "sequential", "p50_ms"),
-        ("sequential p99 ms", "sequential", "p99_ms"),
+        ("sequential p50 µs", "sequential", "p50_us"),
+        ("sequential p99 µs", "sequential", "p99_us"),
         ("sequential client CPU us/req", "sequential", "cpu_us"),
         (f"concurrent({args.concurrency}) req/s", "concurrent", "rps"),
-        (f"concurrent({args.concurrency}) p50 ms", "concurrent", "p50_ms"),
-        (f"concurrent({args.concurrency}) p99 ms", "concurrent", "p99_ms"),
+        (f"concurrent({args.concurrency}) p50 µs", "concurrent", "p50_us"),
+        (f"concurrent({args.concurrency}) p99 µs", "concurrent", "p99_us"),
         (f"concurrent({args.concurrency}) client CPU us/req", "concurrent", "cpu_us"),
     ]
     print(f"\nHTTP/1.1 GET, 13-byte body, aiohttp {aiohttp.__version__} server in a subprocess, "

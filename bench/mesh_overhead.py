@@ -26,7 +26,6 @@ concurrent phase (top functions by own time) to stderr.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import cProfile
 import io
 import json
@@ -34,8 +33,6 @@ import os
 import pstats
 import statistics
 import sys
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +40,7 @@ import aiohttp
 import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _measure import Get, closed_loop
 from balancers import BackendProcess
 
 from shoal.mesh.client import MeshClient
@@ -50,35 +48,10 @@ from shoal.mesh.http1 import ConnectionPool
 from shoal.mesh.registry import Instance, Registry
 from shoal.store import connect_store
 
-Get = Callable[[], Awaitable[bytes]]
-
 
 async def measure(get: Get, n: int, concurrency: int) -> dict[str, float]:
-    """``n`` GETs by ``concurrency`` closed-loop workers: req/s, latency, client CPU."""
-    latencies: list[float] = []
-    per_worker = n // concurrency
-    clock = time.perf_counter
-
-    async def worker() -> None:
-        append = latencies.append
-        for _ in range(per_worker):
-            t = clock()
-            body = await get()
-            append(clock() - t)
-            if body != b"ok":
-                raise AssertionError(f"unexpected body {body!r}")
-
-    cpu, t0 = time.process_time(), clock()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    elapsed, cpu = clock() - t0, time.process_time() - cpu
-    latencies.sort()
-    done = len(latencies)
-    return {
-        "rps": round(done / elapsed),
-        "p50_us": round(latencies[done // 2] * 1e6, 1),
-        "p99_us": round(latencies[int(done * 0.99)] * 1e6, 1),
-        "cpu_us": round(cpu / done * 1e6, 1),
-    }
+    """``n`` GETs by ``concurrency`` closed-loop workers (see ``_measure.closed_loop``)."""
+    return await closed_loop(get, n, concurrency, b"ok")
 
 
 class Mesh:
