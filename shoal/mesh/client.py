@@ -8,6 +8,7 @@ no extra hop: the call goes straight from this process to the chosen instance.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -124,6 +125,11 @@ def split_service_url(url: str) -> tuple[str, str]:
     """``("billing", "/charge?x=1")`` from ``"http://billing/charge?x=1"``."""
     if not isinstance(url, str) or len(url) > 8192:
         raise ConfigError(f"mesh url: expected a string like 'http://billing/charge', got {url!r}")
+    return _split(url)
+
+
+@functools.lru_cache(maxsize=4096)  # services call the same few URLs over and over
+def _split(url: str) -> tuple[str, str]:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "") or not parts.hostname:
         raise ConfigError(f"mesh url {url!r}: expected http://<service>/<path>")
