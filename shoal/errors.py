@@ -38,6 +38,9 @@ class LeaseExpired(StoreError):
 class TransportError(ShoalError):
     """A call to an endpoint failed below HTTP semantics; ``address`` names the endpoint."""
 
+    layer = "upstream"  # what a relaying proxy names in its ``shoal-error`` header
+    status = 502  # the status a relaying proxy answers with
+
     def __init__(self, address: str, message: str) -> None:
         super().__init__(message)
         self.address = address
@@ -60,11 +63,20 @@ class ProtocolError(TransportError):
 
 
 class MeshError(ShoalError):
-    """A call through the mesh gave up; the message names the layer that gave up and why."""
+    """A call through the mesh gave up; the message names the layer that gave up and why.
+
+    ``layer`` and ``status`` are what a relaying proxy puts in its ``shoal-error`` header
+    and status line, so no caller ever sees an opaque 503.
+    """
+
+    layer = "mesh"
+    status = 503
 
 
 class NoEndpoint(MeshError):
     """The balancer had no instance of ``service`` to send the call to."""
+
+    layer = "balancer"
 
     def __init__(self, service: str, reason: str) -> None:
         super().__init__(f"balancer: no endpoint for service {service!r}: {reason}")
@@ -74,6 +86,8 @@ class NoEndpoint(MeshError):
 
 class CircuitOpen(MeshError):
     """The circuit breaker of ``service`` refused the call (open, or a concurrency limit hit)."""
+
+    layer = "circuit-breaker"
 
     def __init__(self, service: str, reason: str, *, retry_after: float | None = None) -> None:
         hint = f"; retry in {retry_after:.3g}s" if retry_after else ""
@@ -86,6 +100,8 @@ class CircuitOpen(MeshError):
 class RetryBudgetExhausted(MeshError):
     """A retry was warranted but the retry budget of ``service`` is spent."""
 
+    layer = "retry-budget"
+
     def __init__(self, service: str, reason: str) -> None:
         super().__init__(f"retry budget: not retrying call to {service!r}: {reason}")
         self.service = service
@@ -94,6 +110,9 @@ class RetryBudgetExhausted(MeshError):
 
 class UpstreamTimeout(MeshError, TimeoutError):
     """A call to ``service`` ran out of time; ``scope`` is ``"request"`` or ``"per-try"``."""
+
+    layer = "timeout"
+    status = 504
 
     def __init__(self, service: str, timeout: float, *, scope: str = "request",
                  attempts: int = 1) -> None:

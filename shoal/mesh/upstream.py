@@ -86,6 +86,7 @@ class Upstream:
         }
         self._slot_waiters: list[asyncio.Future[None]] = []
         self._hosts_seen: tuple[str, ...] = ()
+        self._next_evaluation = clock() + self.policy.outlier_detection.interval  # type: ignore[operator]
 
     # -- the stack ---------------------------------------------------------------------
     async def send(
@@ -228,6 +229,10 @@ class Upstream:
         self._release_slot()
         if self.outliers.on_result(endpoint, outcome, now) is not None:
             self.stats.ejections += 1
+        if now >= self._next_evaluation:  # success-rate ejection, once per interval
+            self._next_evaluation = now + self.policy.outlier_detection.interval  # type: ignore[operator]
+            self.stats.ejections += len(self.outliers.evaluate(now))
+            self.outliers.expire(now)
         return outcome, response, error
 
     def _give_up(

@@ -111,11 +111,13 @@ async def test_errors_name_the_layer(store) -> None:
     await registry.register(Instance(id="slow", service="slow", address=address))
     policy = load_traffic_policy({"timeouts": {"request": "200ms"}})
     async with await MeshClient.connect(store, default_policy=policy) as mesh:
-        with pytest.raises(NoEndpoint, match="balancer: no endpoint for service 'nobody'"):
+        with pytest.raises(NoEndpoint, match="balancer: no endpoint for service 'nobody'") as no:
             await mesh.get("http://nobody/")
+        assert (no.value.layer, no.value.status) == ("balancer", 503)
         await mesh.cache.wait_for("slow", lambda eps: len(eps) == 1, timeout=5)
-        with pytest.raises(UpstreamTimeout, match=r"timeout: request timeout of 0\.2s"):
+        with pytest.raises(UpstreamTimeout, match=r"timeout: request timeout of 0\.2s") as late:
             await mesh.get("http://slow/")
+        assert (late.value.layer, late.value.status) == ("timeout", 504)
     await registry.close()
     await runner.cleanup()
 
@@ -149,6 +151,40 @@ async def test_ejected_instance_stops_getting_traffic(store) -> None:
     await registry.close()
     await good.cleanup()
     await bad.cleanup()
+
+
+async def test_success_rate_ejection_runs_every_interval(store) -> None:
+    hits: dict[str, int] = {}
+    runners, registry = [], Registry(store)
+    for i in range(5):
+        runner, address = await backend(f"ok{i}", hits)
+        runners.append(runner)
+        await registry.register(Instance(id=f"ok{i}", service="sr", address=address))
+    flaky, flaky_address = await backend("flaky", hits, status=500)
+    runners.append(flaky)
+    await registry.register(Instance(id="flaky", service="sr", address=flaky_address))
+    policy = load_traffic_policy({
+        "load_balancer": {"policy": "round_robin"},
+        "retries": {"attempts": 0},
+        "outlier_detection": {
+            "consecutive_5xx": 0, "success_rate": True, "interval": "300ms",
+            "success_rate_minimum_hosts": 3, "success_rate_request_volume": 5,
+            "max_ejection_percent": 50,
+        },
+    })
+    async with await MeshClient.connect(store, default_policy=policy) as mesh:
+        await mesh.cache.wait_for("sr", lambda eps: len(eps) == 6, timeout=5)
+        for _ in range(120):
+            await (await mesh.get("http://sr/")).aread()
+            await asyncio.sleep(0.005)
+        assert mesh.upstream("sr").stats.ejections >= 1
+        before = hits["flaky"]
+        for _ in range(30):
+            await (await mesh.get("http://sr/")).aread()
+        assert hits["flaky"] == before  # ejected for base_ejection_time (30 s)
+    await registry.close()
+    for r in runners:
+        await r.cleanup()
 
 
 async def test_endpoint_changes_reach_the_client(store) -> None:
