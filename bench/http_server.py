@@ -12,8 +12,10 @@ Servers measured:
 * ``shoal-sync``: the same body from a plain function (the no-task fast path);
 * ``aiohttp``: ``aiohttp.web`` with the async handler, access log off.
 
-Figures per server: requests/s, p50 and p99 latency (from wrk's histogram) and errors; with
-``--rounds N`` the servers are measured in interleaved rounds and the median round is kept.
+Figures per server: requests/s, p50 and p99 latency (from wrk's histogram), errors, and the
+server process's CPU time per request (from /proc: robust when other work shares the
+machine, which throughput on a shared box is not). The servers are measured in ``--rounds``
+interleaved rounds and each one's median round (by requests/s) is kept.
 The last line is one JSON object with every figure and the ratios shoal / aiohttp.
 """
 
@@ -117,6 +119,12 @@ def run_wrk(wrk: str, script: str, port: int, connections: int, duration: float
     }
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def measure(kind: str, wrk: str, script: str, args: argparse.Namespace) -> dict[str, float]:
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
@@ -125,7 +133,12 @@ def measure(kind: str, wrk: str, script: str, args: argparse.Namespace) -> dict[
     try:
         _wait_port(port, proc)
         run_wrk(wrk, script, port, args.connections, 1.0)  # warm-up
-        return run_wrk(wrk, script, port, args.connections, args.duration)
+        cpu0 = cpu_seconds(proc.pid)
+        result = run_wrk(wrk, script, port, args.connections, args.duration)
+        cpu = cpu_seconds(proc.pid) - cpu0
+        result["server_cpu_us_per_req"] = round(
+            cpu / max(result["rps"] * args.duration, 1) * 1e6, 1)
+        return result
     finally:
         proc.terminate()
         proc.wait()
@@ -135,7 +148,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--connections", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--serve", choices=SERVERS, help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -164,14 +177,18 @@ def main() -> None:
     final = {k: median_round(v) for k, v in results.items()}
     print(f"\nHTTP/1.1 GET, small JSON body, wrk -t1 -c{args.connections} "
           f"-d{args.duration:g}s, one server process on uvloop, {os.cpu_count()} CPUs")
-    print(f"{'server':12} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'errors':>7}")
+    print(f"{'server':12} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'errors':>7} "
+          f"{'CPU us/req':>11}")
     for kind, r in final.items():
-        print(f"{kind:12} {r['rps']:>10} {r['p50_ms']:>9} {r['p99_ms']:>9} {r['errors']:>7}")
+        print(f"{kind:12} {r['rps']:>10} {r['p50_ms']:>9} {r['p99_ms']:>9} {r['errors']:>7} "
+              f"{r['server_cpu_us_per_req']:>11}")
     base = final["aiohttp"]
     ratios = {
         "shoal_vs_aiohttp_rps": round(final["shoal"]["rps"] / base["rps"], 2),
         "shoal_sync_vs_aiohttp_rps": round(final["shoal-sync"]["rps"] / base["rps"], 2),
         "shoal_vs_aiohttp_p99": round(final["shoal"]["p99_ms"] / base["p99_ms"], 2),
+        "shoal_vs_aiohttp_cpu_per_req": round(
+            final["shoal"]["server_cpu_us_per_req"] / base["server_cpu_us_per_req"], 2),
     }
     for name, value in ratios.items():
         print(f"{name:28} {value}")

@@ -121,12 +121,14 @@ _INF = math.inf
 # read deadline kinds (index into the connection's timeout table)
 _NONE, _IDLE, _HEAD, _BODY, _LINGER = range(5)
 # reasons for not reading (bit mask)
-_PAUSE_BODY, _PAUSE_PIPELINE, _PAUSE_DEAD = 1, 2, 4
+_PAUSE_BODY, _PAUSE_PIPELINE, _PAUSE_DEAD, _PAUSE_WRITE = 1, 2, 4, 8
 # response body modes
 _EMPTY, _BYTES, _FIXED, _CHUNKED, _TO_EOF = range(5)
 
 _BYTES_LIKE = (bytes, bytearray, memoryview)
 _FRAMING_NAME_LENGTHS = frozenset((4, 10, 14, 17))
+_SERVER_HEADERS = frozenset((b"content-length", b"transfer-encoding", b"connection",
+                             b"keep-alive"))
 _METHODS = {m.encode(): m for m in (
     "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT")}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -536,14 +538,16 @@ def _status_line(status: int) -> bytes:
     return line
 
 
-_date_cache: list[Any] = [0, b""]
+_date_cache: list[Any] = [0.0, b""]  # [next second, the line]
 
 
 def _date_line() -> bytes:
-    now = int(time.time())
-    if now != _date_cache[0]:
-        _date_cache[0] = now
-        _date_cache[1] = b"date: " + formatdate(now, usegmt=True).encode() + b"\r\n"
+    """The ``date`` header line, formatted once a second."""
+    now = time.time()
+    if now >= _date_cache[0]:
+        second = int(now)
+        _date_cache[0] = second + 1.0
+        _date_cache[1] = b"date: " + formatdate(second, usegmt=True).encode() + b"\r\n"
     return _date_cache[1]  # type: ignore[no-any-return]
 
 
@@ -559,10 +563,11 @@ class _ServerConnection(asyncio.Protocol):
         "_discarded",
         "_drain_waiter",
         "_eof",
+        "_feed_len",
+        "_feed_seq",
         "_feeding",
         "_framing",
         "_handler",
-        "_head_size",
         "_headers",
         "_host_count",
         "_in_head",
@@ -615,7 +620,7 @@ class _ServerConnection(asyncio.Protocol):
         self._read_kind = _HEAD
         self._read_deadline = _INF
         self._write_deadline = _INF
-        self._active: Request | ClientRequestError | None = None
+        self._active: Request | ClientRequestError | None = None  # or _WRITE_WAIT
         self._queue: collections.deque[Request | ClientRequestError] = collections.deque()
         self._req: Request | None = None  # the request whose body is being received
         self._requests = 0
@@ -627,7 +632,8 @@ class _ServerConnection(asyncio.Protocol):
         self._in_head = False
         self._url = b""
         self._headers = Headers()
-        self._head_size = 0
+        self._feed_seq = 0
+        self._feed_len = 0
         self._host_count = 0
         self._framing: list[tuple[bytes, bytes]] | None = None
 
@@ -655,7 +661,8 @@ class _ServerConnection(asyncio.Protocol):
         if self._raw_remaining:
             self._raw_body(data)
             return
-        seq = self._seq
+        seq = self._feed_seq = self._seq
+        self._feed_len = len(data)
         self._feeding = True
         try:
             self._parser.feed_data(data)
@@ -686,9 +693,9 @@ class _ServerConnection(asyncio.Protocol):
         if self._start_pending:
             self._start_pending = False
             active = self._active
-            if active is not None:
+            if active is not None and active is not _WRITE_WAIT:
                 self._start(active)
-        if self._queue and not self._closed:
+        if self._queue:
             self._pause(_PAUSE_PIPELINE)
 
     def _raw_body(self, data: bytes) -> None:
@@ -758,6 +765,10 @@ class _ServerConnection(asyncio.Protocol):
         dw = self._drain_waiter
         if dw is not None and not dw.done():
             dw.set_result(None)
+        if self._active is _WRITE_WAIT:
+            self._write_deadline = _INF
+            self._resume(_PAUSE_WRITE)
+            self._next()
 
     # -- httptools callbacks -----------------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -770,7 +781,6 @@ class _ServerConnection(asyncio.Protocol):
         self._raw_head = 0
         self._url = b""
         self._headers = Headers()
-        self._head_size = 0
         self._host_count = 0
         self._framing = None
         if self._read_kind != _HEAD:
@@ -789,7 +799,6 @@ class _ServerConnection(asyncio.Protocol):
         # (at most 256 KiB) bounds what accumulates, and data_received bounds the rest.
         if self._in_head:
             self._headers.append((name, value))
-            self._head_size += len(name) + len(value) + 4
             n = len(name)
             if n == 4:
                 if name.lower() == b"host":
@@ -815,8 +824,11 @@ class _ServerConnection(asyncio.Protocol):
         url = self._url
         headers = self._headers
         limits = self._limits
-        if len(url) + self._head_size + 20 > self._max_head:
-            raise self._head_too_large()
+        if self._seq == self._feed_seq or self._feed_len > self._max_head:
+            # The head did not come whole in one read no larger than the limit: measure it.
+            size = len(url) + 20 + sum([len(n) + len(v) + 4 for n, v in headers])
+            if size > self._max_head:
+                raise self._head_too_large()
         if len(headers) > limits.max_headers:
             raise ClientRequestError(
                 431, "too-many-headers",
@@ -901,6 +913,8 @@ class _ServerConnection(asyncio.Protocol):
 
     # -- flow control and deadlines ----------------------------------------------------------
     def _pause(self, reason: int) -> None:
+        if self._lingering:
+            return  # a closing connection reads (and drops) until the client's EOF
         mask = self._pause_mask
         self._pause_mask = mask | reason
         if not mask:
@@ -1003,6 +1017,7 @@ class _ServerConnection(asyncio.Protocol):
         if self._lingering or self._closed:
             return
         self._lingering = self._dead = True
+        self._queue.clear()  # pipelined requests after a close are not answered
         t = self._transport
         if t.is_closing():
             return
@@ -1099,9 +1114,9 @@ class _ServerConnection(asyncio.Protocol):
         self._finish_response(req)
         return None
 
-    def _encode(self, req: Request, resp: Any
-                ) -> tuple[bytes, Any, int, int]:
-        """The response head (and, for a small bytes body, the body with it)."""
+    def _encode(self, req: Request, resp: Any) -> tuple[bytes, Any, int, int]:
+        """The response head (with a small bytes body appended), the body left to write,
+        its mode and, for a fixed-length stream, its length."""
         if type(resp) is Response:
             status, headers, body = resp.status, resp.headers, resp.body
         else:
@@ -1111,12 +1126,17 @@ class _ServerConnection(asyncio.Protocol):
             if body is _MISSING:
                 aiter = getattr(resp, "aiter_bytes", None)
                 body = aiter() if aiter is not None else b""
-        if type(status) is not int or not 200 <= status <= 999:
-            raise ValueError(f"status {status!r} is not an int from 200 to 999")
+        if type(status) is not int:
+            if not isinstance(status, int) or isinstance(status, bool):
+                raise ValueError(f"status {status!r} is not an int")
+            status = int(status)  # an HTTPStatus
+        if status < 200 or status > 999:
+            raise ValueError(f"status {status} is not from 200 to 999")
+        if type(headers) is dict:
+            headers = headers.items()
         parts = [_status_line(status)]
-        lines = 2  # status line + the blank line
         handler_length: bytes | None = None
-        has_date = False
+        date = _date_line()
         for name, value in headers:
             if type(name) is not bytes:
                 name = _b(name)
@@ -1124,52 +1144,47 @@ class _ServerConnection(asyncio.Protocol):
                 value = value.encode("latin-1") if isinstance(value, str) else str(value).encode()
             if len(name) in _FRAMING_NAME_LENGTHS:
                 low = name.lower()
-                if low == b"content-length":
-                    handler_length = value
-                    continue
-                if low == b"transfer-encoding" or low == b"connection" or low == b"keep-alive":
+                if low in _SERVER_HEADERS:  # framing and persistence are the server's
+                    if low == b"content-length":
+                        handler_length = value
                     continue
                 if low == b"date":
-                    has_date = True
+                    date = b""
             parts += (name, b": ", value, b"\r\n")
-            lines += 1
-        if not has_date:
-            parts.append(_date_line())
-            lines += 1
+        lines = len(parts) // 4 + 2  # status line + header lines + the blank line
         if body is None:
             body = b""
-        no_body = status == 204 or status == 304 or req.method == "HEAD"
-        length = 0
         keep_alive = req.keep_alive and not self._closing
+        length = 0
         if isinstance(body, _BYTES_LIKE):
             mode = _BYTES
-            if no_body:
-                if status != 204 and (handler_length is not None or req.method == "HEAD"):
-                    cl = handler_length if handler_length is not None else b"%d" % len(body)
-                    parts += (b"content-length: ", cl, b"\r\n")
-                    lines += 1
+            if status == 204 or status == 304 or req.method == "HEAD":
+                if status == 204 or (handler_length is None and status == 304):
+                    framing = b""
+                else:
+                    framing = b"content-length: %s\r\n" % (handler_length or b"%d" % len(body))
                 body = b""
             else:
-                parts += (b"content-length: ", b"%d" % len(body), b"\r\n")
-                lines += 1
-        elif no_body:
+                framing = b"content-length: %d\r\n" % len(body)
+        elif not hasattr(body, "__aiter__"):
+            raise ValueError(f"body must be bytes or an async iterable of bytes, not "
+                             f"{type(body).__name__}")
+        elif status == 204 or status == 304 or req.method == "HEAD":
             mode = _EMPTY
-            if handler_length is not None and status != 204:
-                parts += (b"content-length: ", handler_length, b"\r\n")
-                lines += 1
+            framing = (b"content-length: %s\r\n" % handler_length
+                       if handler_length is not None and status != 204 else b"")
         elif handler_length is not None:
             if not handler_length.isdigit():
                 raise ValueError(f"Content-Length {handler_length!r} is not a number")
             mode = _FIXED
             length = int(handler_length)
-            parts += (b"content-length: ", handler_length, b"\r\n")
-            lines += 1
+            framing = b"content-length: %s\r\n" % handler_length
         elif req.http_version == "1.1":
             mode = _CHUNKED
-            parts.append(b"transfer-encoding: chunked\r\n")
-            lines += 1
+            framing = b"transfer-encoding: chunked\r\n"
         else:
             mode = _TO_EOF
+            framing = b""
             keep_alive = False
         if keep_alive and not req._complete and (
                 req._expect_continue or (req.content_length is not None
@@ -1177,23 +1192,24 @@ class _ServerConnection(asyncio.Protocol):
             keep_alive = False  # the rest of the body is not worth reading to keep the socket
         req.keep_alive = keep_alive
         if not keep_alive:
-            parts.append(b"connection: close\r\n")
-            lines += 1
+            persistence = b"connection: close\r\n"
         elif req.http_version == "1.0":
-            parts.append(b"connection: keep-alive\r\n")
-            lines += 1
-        parts.append(b"\r\n")
+            persistence = b"connection: keep-alive\r\n"
+        else:
+            persistence = b""
+        lines += (date != b"") + (framing != b"") + (persistence != b"")
+        parts += (date, framing, persistence, b"\r\n")
         if mode == _BYTES and len(body) <= 16384:
+            size = len(body)
             parts.append(body)  # type: ignore[arg-type]
             head = b"".join(parts)
             body = b""
-            newlines = head.count(b"\n", 0, len(head) - len(parts[-1]))
-            crs = head.count(b"\r", 0, len(head) - len(parts[-1]))
+            end = len(head) - size
+            ok = head.count(b"\n", 0, end) == lines and head.count(b"\r", 0, end) == lines
         else:
             head = b"".join(parts)
-            newlines = head.count(b"\n")
-            crs = head.count(b"\r")
-        if newlines != lines or crs != lines:
+            ok = head.count(b"\n") == lines and head.count(b"\r") == lines
+        if not ok:
             raise ValueError("CR or LF in a response header name or value")
         return head, body, mode, length
 
@@ -1270,10 +1286,10 @@ class _ServerConnection(asyncio.Protocol):
             req._buffered = 0
         if self._pause_mask & _PAUSE_BODY:
             self._resume(_PAUSE_BODY)  # a queued request's buffer re-pauses on its next read
-        if not req.keep_alive or self._closed:
+        if not req.keep_alive or self._closing:
             self._close_gracefully()
-        elif req._complete:
-            self._next()
+        elif req._complete or self._dead:
+            self._next()  # the next request, a queued refusal, or the close after one
         else:  # answered before the whole body arrived: drop the rest, keep the connection
             req._discard = True
             self._discarded = 0
@@ -1281,6 +1297,13 @@ class _ServerConnection(asyncio.Protocol):
     def _next(self) -> None:
         self._active = None
         if self._closed:
+            return
+        if self._write_paused:
+            # The client is not reading what we wrote: take no new request until it does
+            # (a client pipelining without reading must not grow our buffers).
+            self._active = _WRITE_WAIT
+            self._pause(_PAUSE_WRITE)
+            self._write_deadline = self._loop.time() + self._limits.send_timeout
             return
         if self._queue:
             item = self._active = self._queue.popleft()
@@ -1317,6 +1340,10 @@ class _ServerConnection(asyncio.Protocol):
 
 class _DropConnection(Exception):
     """Raised in a parser callback to end the connection without an answer."""
+
+
+_WRITE_WAIT: Any = object()
+"""Stands in for the active request while the client catches up on reading."""
 
 
 _MISSING: Any = object()

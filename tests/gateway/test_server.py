@@ -262,6 +262,53 @@ def test_http10_and_connection_close(run: Any) -> None:
     run(scenario)
 
 
+async def wait_no_connections(server: HttpServer) -> None:
+    for _ in range(200):
+        if not server.connections:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{server.connections} connection(s) still open on the server")
+
+
+def test_close_with_pipelined_requests_leaves_no_connection(run: Any) -> None:
+    """``Connection: close`` followed by pipelined requests, answered without a task: the
+    rest is dropped and the server lets go of the connection (regression: it stayed)."""
+    async def scenario() -> None:
+        async with serving(lambda req: Response(req.path.encode())) as server:
+            c = await Client.connect(server)
+            await c.send(get("/1", "Connection: close\r\n") + get("/2") + get("/3"))
+            assert [r.body for r in await c.responses(3)] == [b"/1"]
+            assert await c.closed()
+            c.close()
+            await wait_no_connections(server)
+
+    run(scenario)
+
+
+def test_refusal_while_streaming_a_response_closes_after_it(run: Any) -> None:
+    async def handler(req: Request) -> Response:
+        async def body() -> AsyncIterator[bytes]:
+            for i in range(3):
+                await asyncio.sleep(0.05)
+                yield b"part%d " % i
+        return Response(body())  # answers before reading the (broken) request body
+
+    async def scenario() -> None:
+        async with serving(handler) as server:
+            c = await Client.connect(server)
+            await c.send(f"POST /s HTTP/1.1\r\n{H}Transfer-Encoding: chunked\r\n\r\n"
+                         "3\r\nabc\r\n".encode())
+            await asyncio.sleep(0.02)
+            await c.send(b"zz\r\nbroken\r\n")
+            r = await c.response()
+            assert r.status == 200 and r.body == b"part0 part1 part2 "
+            assert await c.closed()
+            c.close()
+            await wait_no_connections(server)
+
+    run(scenario)
+
+
 def test_handler_errors_and_invalid_responses(run: Any) -> None:
     async def handler(req: Request) -> Any:
         if req.path == "/boom":
@@ -475,7 +522,17 @@ def test_header_limits(run: Any) -> None:
             ok = get("/", f"X-Fine: {'a' * 3000}\r\n")  # just under the limit
             resps, _ = await exchange(server, ok)
             assert resps[0].status == 200
-            assert rec.started == ["/"]
+            # Heads that span reads are measured exactly: over by a little in two halves
+            # (each well under the limit) is refused, under the limit in two halves is not.
+            for filler, status in ((4060, 431), (3000, 200)):
+                head = get("/", f"X-Split: {'b' * filler}\r\n")
+                c = await Client.connect(server)
+                await c.send(head[:len(head) // 2])
+                await asyncio.sleep(0.05)
+                await c.send(head[len(head) // 2:])
+                assert (await c.response()).status == status, filler
+                c.close()
+            assert rec.started == ["/", "/"]
 
     run(scenario)
 
@@ -704,6 +761,27 @@ def test_unread_body_over_high_water_does_not_stall(run: Any) -> None:
             await asyncio.sleep(0.05)
             await c.send(get("/after"))
             assert (await c.response()).json()["path"] == "/after"
+            c.close()
+
+    run(scenario)
+
+
+def test_pipelining_client_that_never_reads(run: Any) -> None:
+    """Requests keep coming but responses are not read: the server stops taking requests
+    once its output backs up, so its buffers stay bounded."""
+    async def scenario() -> None:
+        big = b"r" * (256 * 1024)
+        async with serving(lambda req: Response(big), max_pipelined=1000) as server:
+            c = await Client.connect(server)
+            for _ in range(50):  # 200 requests would be 50 MiB of answers
+                c.writer.write(get("/x") * 4)
+                await asyncio.sleep(0.005)
+            await asyncio.sleep(0.2)
+            (conn,) = server._conns
+            assert conn._transport.get_write_buffer_size() <= 2 * len(big)
+            answered = 0
+            while answered < 200:  # reading resumes the server
+                answered = len(await c.responses(answered + 1, timeout=5.0))
             c.close()
 
     run(scenario)
