@@ -42,7 +42,9 @@ Decisions, written down once:
 * **Pipelining.** Requests are answered strictly in order: a request parsed while another
   is being answered waits in a queue, and the server stops reading while anything waits. A
   read that holds more than ``max_pipelined`` waiting requests gets the earlier ones
-  answered and then ``503 pipeline-limit``. A refusal takes its place in the order.
+  answered and then ``503 pipeline-limit``. A refusal takes its place in the order. No new
+  request is taken while the client leaves earlier answers unread (``pause_writing``), so
+  a client that pipelines without reading cannot grow the server's buffers.
 * **Streaming with backpressure, both ways.** Request body bytes go to the request's bounded
   buffer; above ``READ_HIGH_WATER`` the server stops reading until the handler drains it
   below ``READ_LOW_WATER``. Content-Length bodies of ``RAW_BODY_MIN`` or more bypass the
@@ -278,6 +280,24 @@ def _b(value: bytes | str) -> bytes:
     return value if type(value) is bytes else value.encode("latin-1")  # type: ignore[union-attr]
 
 
+def _split_absolute(target: bytes) -> tuple[bytes, bytes, str]:
+    """Path, query and authority of an absolute-form target; the authority replaces the Host
+    header (RFC 9112 §3.2.2). ``ClientRequestError`` if it is not an http(s) URL."""
+    try:
+        url = httptools.parse_url(target)
+    except httptools.HttpParserInvalidURLError:
+        url = None
+    if url is None or url.schema not in (b"http", b"https") or not url.host:
+        raise ClientRequestError(400, "invalid-target",
+                                 f"request target {target[:64]!r} is not a path or an http URL")
+    host = url.host.decode("latin-1").lower()
+    if ":" in host:
+        host = f"[{host}]"
+    if url.port:
+        host = f"{host}:{url.port}"
+    return url.path or b"/", url.query or b"", host
+
+
 class Headers(list[tuple[bytes, bytes]]):
     """Request header lines in order, as ``(name, value)`` bytes; lookups ignore case."""
 
@@ -347,12 +367,8 @@ class Request:
             if target[:1] == b"/" or target == b"*":
                 path, _, query = target.partition(b"?")
                 split = (path, query, None)
-            else:  # absolute-form: the authority in the target replaces Host (RFC 9112 §3.2.2)
-                url = httptools.parse_url(target)
-                host = url.host.decode("idna") if url.host else None
-                if host is not None and url.port:
-                    host = f"{host}:{url.port}"
-                split = (url.path or b"/", url.query or b"", host)
+            else:  # absolute-form (checked when the head was parsed)
+                split = _split_absolute(target)
             self._split = split
         return split
 
@@ -859,6 +875,9 @@ class _ServerConnection(asyncio.Protocol):
                              and self._requests >= limits.max_requests_per_connection):
             keep_alive = False
         req = Request(self, method, url, version, headers, keep_alive, length, chunked)
+        if url[:1] != b"/":
+            if url != b"*" or method != "OPTIONS":
+                req._split = _split_absolute(url)  # or 400: CONNECT's authority-form is gone
         self._req = req
         if chunked or length:
             req._expect_continue = expect_continue

@@ -236,9 +236,12 @@ def test_keep_alive_absolute_form_and_head(run: Any) -> None:
             assert r.json() | {"body": ""} == {
                 "method": "GET", "target": "http://example.com:8080/p/q?z=2", "path": "/p/q",
                 "query": "z=2", "host": "example.com:8080", "body": ""}
+            await c.send(get("http://[::1]:8080/v6") + b"OPTIONS * HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert (await c.response()).json()["host"] == "[::1]:8080"
+            assert (await c.response()).json()["path"] == "*"
             await c.send(b"HEAD /h HTTP/1.1\r\nHost: t\r\n\r\n" + get("/after"))
-            await c.responses(3)
-            head = bytes(c.raw).split(b"HTTP/1.1 200 OK")[3]
+            await c.responses(5)
+            head = bytes(c.raw).split(b"HTTP/1.1 200 OK")[5]
             assert b"content-length: " in head and head.endswith(b"\r\n\r\n")  # no body
             assert rec.seen[-1][1] == "/after" and rec.requests[0].headers.get("HOST") == b"t"
             c.close()
@@ -344,6 +347,35 @@ def test_handler_errors_and_invalid_responses(run: Any) -> None:
         logging.getLogger("shoal.gateway").disabled = False
 
 
+def test_limits_from_config() -> None:
+    limits = ServerLimits.from_config({"max_body_bytes": "1MiB", "header_timeout": "250ms",
+                                       "max_headers": 50})
+    assert (limits.max_body_bytes, limits.header_timeout, limits.max_headers) == (MiB, 0.25, 50)
+    with pytest.raises(ValueError, match="unknown limit"):
+        ServerLimits.from_config({"max_bodies": 1})
+    with pytest.raises(ValueError, match="max_headers"):
+        ServerLimits(max_headers=-1)
+
+
+def test_listen_on_socket_and_reuse_port(run: Any) -> None:
+    async def scenario() -> None:
+        a = HttpServer(lambda req: Response(b"a"))
+        b = HttpServer(lambda req: Response(b"b"))
+        await a.start("127.0.0.1", 0, reuse_port=True)
+        await b.start("127.0.0.1", a.port, reuse_port=True)  # SO_REUSEPORT: both listen
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        c = HttpServer(lambda req: Response(b"c"))
+        await c.start(sock=sock)
+        for server, body in ((a, {b"a", b"b"}), (c, {b"c"})):
+            resps, _ = await exchange(server, get())
+            assert resps[0].body in body
+        for server in (a, b, c):
+            await server.shutdown(1.0)
+
+    run(scenario)
+
+
 def test_unix_socket(run: Any, tmp_path: Path) -> None:
     async def scenario() -> None:
         server = HttpServer(lambda req: Response(b"unix"))
@@ -435,6 +467,9 @@ SMUGGLING = [
     ("http-0.9", "GET /s\r\n\r\n", 505, "version-not-supported"),
     ("h2-preface", "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505, "version-not-supported"),
     ("connect", f"CONNECT t:443 HTTP/1.1\r\n{H}\r\n", 501, "connect-not-supported"),
+    ("target-not-http", f"GET ftp://t/x HTTP/1.1\r\n{H}\r\n", 400, "invalid-target"),
+    ("target-no-host", f"GET http:///x HTTP/1.1\r\n{H}\r\n", 400, "invalid-target"),
+    ("target-star-get", f"GET * HTTP/1.1\r\n{H}\r\n", 400, "invalid-target"),
     ("upgrade-with-body", f"POST /s HTTP/1.1\r\n{H}Upgrade: h2c\r\nConnection: Upgrade\r\n"
      "Content-Length: 3\r\n\r\nabc", 400, "upgrade-with-body"),
     ("unknown-expectation", f"GET /s HTTP/1.1\r\n{H}Expect: 200-ok\r\n\r\n", 417,
@@ -991,6 +1026,7 @@ class FuzzServer:
 
     async def _handler(self, req: Request) -> Response:
         await req.body()  # raises if the body is refused: the call is not recorded
+        _ = (req.path, req.query_params, req.host, req.headers.get("x"))  # must not raise
         call = next(self._ids)
         self.calls.setdefault(req.client, set()).add(call)
         return Response(b"ok", headers=[(b"x-call", b"%d" % call)])
@@ -1026,12 +1062,19 @@ class FuzzServer:
         self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(5)
 
-    def send(self, data: bytes) -> tuple[list[Wire], Any, bool]:
-        """One connection: send ``data``, half-close, read until the server closes."""
+    def send(self, data: bytes, cuts: tuple[int, ...] = ()) -> tuple[list[Wire], Any, bool]:
+        """One connection: send ``data`` (in pieces at ``cuts``), half-close, read until the
+        server closes."""
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             me = s.getsockname()
             with contextlib.suppress(OSError):
-                s.sendall(data)
+                start = 0
+                for cut in (*sorted(cuts), len(data)):
+                    s.sendall(data[start:cut])
+                    start = cut
+                    if cut < len(data):
+                        time.sleep(0.0005)  # let the server read the piece on its own
                 s.shutdown(socket.SHUT_WR)
             raw = bytearray()
             closed = False
@@ -1110,12 +1153,13 @@ def hostile_requests(draw: st.DrawFn) -> bytes:
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
-@given(data=hostile_requests())
-def test_fuzz_request_path(fuzz_server: FuzzServer, data: bytes) -> None:
-    """Hostile bytes never crash the server, never hang a connection, and never get a
-    refused request through to the handler: every request the handler completed was
-    answered by the handler, and every refusal carries no handler answer."""
-    resps, me, closed = fuzz_server.send(data)
+@given(data=hostile_requests(), cuts=st.lists(st.integers(0, 400), max_size=3))
+def test_fuzz_request_path(fuzz_server: FuzzServer, data: bytes, cuts: list[int]) -> None:
+    """Hostile bytes, sent whole or in pieces, never crash the server, never hang a
+    connection, and never get a refused request through to the handler: every request the
+    handler completed was answered by the handler, and every refusal carries no handler
+    answer."""
+    resps, me, closed = fuzz_server.send(data, tuple(c for c in cuts if c < len(data)))
     assert closed, f"the server kept the connection open after EOF: {data!r}"
     answered = {int(r.header(b"x-call") or 0) for r in resps if r.header(b"x-call")}
     assert fuzz_server.calls.pop(me, set()) == answered, data
