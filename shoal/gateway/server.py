@@ -110,6 +110,7 @@ READ_LOW_WATER = 64 * 1024
 """Buffered request body bytes at or below which a paused connection reads again."""
 RAW_BODY_MIN = 64 * 1024
 """Content-Length from which request body reads bypass the parser."""
+_SMALL_PIECE = 1024  # request body pieces below this are gathered into one buffer
 DISCARD_MAX = 64 * 1024
 """Unread request body the server reads and drops to keep a connection alive."""
 LINGER_SECONDS = 2.0
@@ -323,7 +324,7 @@ class Request:
     __slots__ = (
         "_buffered", "_chunks", "_complete", "_conn", "_content", "_discard", "_error",
         "_expect_continue", "_head_sent", "_received", "_refusal", "_responded", "_split",
-        "_streamed", "_task", "_waiter", "chunked", "client", "content_length", "headers",
+        "_streamed", "_tail", "_task", "_waiter", "chunked", "client", "content_length", "headers",
         "http_version", "keep_alive", "method", "peak_buffered", "target",
     )
 
@@ -341,6 +342,7 @@ class Request:
         self.peak_buffered = 0  # high-water mark of buffered body bytes (tests, metrics)
         self._conn = conn
         self._chunks: collections.deque[bytes] = collections.deque()
+        self._tail: bytearray | None = None
         self._buffered = 0
         self._received = 0
         self._complete = False
@@ -438,7 +440,7 @@ class Request:
         if self._expect_continue:
             self._expect_continue = False
             self._conn._send_continue(self)
-        while not self._chunks:
+        while not self._chunks and self._tail is None:
             if self._error is not None:
                 raise self._error
             if self._complete:
@@ -452,7 +454,11 @@ class Request:
                 self._waiter = None
         if self._error is not None:
             raise self._error
-        chunk = self._chunks.popleft()
+        if self._chunks:
+            chunk = self._chunks.popleft()
+        else:  # small pieces, gathered (they always come after the queued chunks)
+            chunk = bytes(self._tail)  # type: ignore[arg-type]
+            self._tail = None
         buffered = self._buffered = self._buffered - len(chunk)
         conn = self._conn
         if conn._pause_mask & _PAUSE_BODY and buffered <= READ_LOW_WATER:
@@ -460,8 +466,21 @@ class Request:
         return chunk
 
     def _feed(self, data: bytes) -> None:
-        self._chunks.append(data)
-        buffered = self._buffered = self._buffered + len(data)
+        n = len(data)
+        if n < _SMALL_PIECE:
+            # Small pieces (a body sent as tiny chunks) are gathered in one buffer, so they
+            # cost their bytes, not an object each.
+            tail = self._tail
+            if tail is None:
+                self._tail = bytearray(data)
+            else:
+                tail += data
+        else:
+            if self._tail is not None:
+                self._chunks.append(bytes(self._tail))
+                self._tail = None
+            self._chunks.append(data)
+        buffered = self._buffered = self._buffered + n
         if buffered > self.peak_buffered:
             self.peak_buffered = buffered
         if buffered > READ_HIGH_WATER:
@@ -469,6 +488,11 @@ class Request:
         w = self._waiter
         if w is not None and not w.done():
             w.set_result(None)
+
+    def _drop_buffer(self) -> None:
+        self._chunks.clear()
+        self._tail = None
+        self._buffered = 0
 
     def _finish_body(self) -> None:
         self._complete = True
@@ -480,8 +504,7 @@ class Request:
         if self._complete:
             return
         self._error = exc
-        self._chunks.clear()
-        self._buffered = 0
+        self._drop_buffer()
         w = self._waiter
         if w is not None and not w.done():
             w.set_result(None)
@@ -591,6 +614,7 @@ class _ServerConnection(asyncio.Protocol):
         "_lingering",
         "_loop",
         "_max_head",
+        "_max_headers",
         "_parser",
         "_pause_mask",
         "_queue",
@@ -618,6 +642,7 @@ class _ServerConnection(asyncio.Protocol):
         self._handler = server.handler
         limits = self._limits = server.limits
         self._max_head = limits.max_header_bytes
+        self._max_headers = limits.max_headers
         self._timeouts = (_INF, limits.keep_alive_timeout, limits.header_timeout,
                           limits.body_timeout, LINGER_SECONDS)
         self._transport: asyncio.Transport = None  # type: ignore[assignment]
@@ -811,10 +836,14 @@ class _ServerConnection(asyncio.Protocol):
                 414, "target-too-long", f"request target exceeds {self._max_head} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # Sizes and counts are checked when the head is complete: until then one read
-        # (at most 256 KiB) bounds what accumulates, and data_received bounds the rest.
+        # The size is checked when the head is complete: until then one read (at most
+        # 256 KiB) bounds what accumulates, and data_received bounds the rest.
         if self._in_head:
-            self._headers.append((name, value))
+            headers = self._headers
+            headers.append((name, value))
+            if len(headers) > self._max_headers:  # here, not later: tiny headers cost memory
+                raise ClientRequestError(431, "too-many-headers",
+                                         f"request has more than {self._max_headers} header lines")
             n = len(name)
             if n == 4:
                 if name.lower() == b"host":
@@ -845,10 +874,6 @@ class _ServerConnection(asyncio.Protocol):
             size = len(url) + 20 + sum([len(n) + len(v) + 4 for n, v in headers])
             if size > self._max_head:
                 raise self._head_too_large()
-        if len(headers) > limits.max_headers:
-            raise ClientRequestError(
-                431, "too-many-headers",
-                f"request has more than {limits.max_headers} header lines")
         raw_method = parser.get_method()
         method = _METHODS.get(raw_method) or raw_method.decode("latin-1")
         if method == "CONNECT":
@@ -1300,9 +1325,8 @@ class _ServerConnection(asyncio.Protocol):
     def _finish_response(self, req: Request) -> None:
         """The response to the active request is written: go on with the next one."""
         req._responded = True
-        if req._chunks:  # body the handler did not read: drop it, and read on
-            req._chunks.clear()
-            req._buffered = 0
+        if req._buffered:  # body the handler did not read: drop it, and read on
+            req._drop_buffer()
         if self._pause_mask & _PAUSE_BODY:
             self._resume(_PAUSE_BODY)  # a queued request's buffer re-pauses on its next read
         if not req.keep_alive or self._closing:

@@ -860,6 +860,32 @@ def test_streaming_upload_50mib_bounded(run: Any, framing: str) -> None:
     run(scenario)
 
 
+def test_tiny_chunks_are_gathered_in_order(run: Any) -> None:
+    """A body sent as thousands of 1-byte chunks (mixed with larger ones) arrives intact,
+    and its pieces are gathered rather than kept as one object each."""
+    pieces = [bytes([65 + i % 26]) * (1 if i % 500 else 3000) for i in range(20_000)]
+    body = b"".join(pieces)
+    held: list[int] = []
+
+    async def handler(req: Request) -> Response:
+        await asyncio.sleep(0.2)  # let the body pile up
+        held.append(len(req._chunks))
+        data = await req.body()
+        return Response(hashlib.sha256(data).hexdigest().encode())
+
+    async def scenario() -> None:
+        async with serving(handler) as server:
+            c = await Client.connect(server)
+            await c.send(f"POST /tiny HTTP/1.1\r\n{H}Transfer-Encoding: chunked\r\n\r\n".encode()
+                         + b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces)
+                         + b"0\r\n\r\n")
+            assert (await c.response()).body == hashlib.sha256(body).hexdigest().encode()
+            assert held[0] <= 2 * (len(body) // 3000 + 1)  # big pieces only, not 20000
+            c.close()
+
+    run(scenario)
+
+
 def test_streaming_download_with_backpressure(run: Any) -> None:
     total = 64 * MiB
     block = b"d" * (64 * 1024)
