@@ -47,10 +47,12 @@ Decisions, written down once:
   a client that pipelines without reading cannot grow the server's buffers.
 * **Streaming with backpressure, both ways.** Request body bytes go to the request's bounded
   buffer; above ``READ_HIGH_WATER`` the server stops reading until the handler drains it
-  below ``READ_LOW_WATER``. Content-Length bodies of ``RAW_BODY_MIN`` or more bypass the
-  parser (reads are handed over without a copy). Response bodies that are async iterables
-  are written as they come, pausing on ``pause_writing``: fixed-length if the handler gave a
-  Content-Length (checked), chunked otherwise (close-delimited for HTTP/1.0 clients).
+  below ``READ_LOW_WATER``. Pieces under 1 KiB (a body sent as 1-byte chunks) are gathered
+  into one buffer, so they cost their bytes and not an object each. Content-Length bodies
+  of ``RAW_BODY_MIN`` or more bypass the parser (reads are handed over without a copy).
+  Response bodies that are async iterables are written as they come, pausing on
+  ``pause_writing``: fixed-length if the handler gave a Content-Length (checked), chunked
+  otherwise (close-delimited for HTTP/1.0 clients).
 * **Framing is the server's.** ``Transfer-Encoding``, ``Connection`` and ``Keep-Alive`` from
   the handler are dropped and written by the server; ``Content-Length`` is computed for
   bytes bodies. CR or LF in a response header is refused (``500``), not sent.
@@ -1348,13 +1350,16 @@ class _ServerConnection(asyncio.Protocol):
             self._pause(_PAUSE_WRITE)
             self._write_deadline = self._loop.time() + self._limits.send_timeout
             return
+        if self._closing:  # shutting down: what was pipelined after this is not answered
+            self._close_gracefully()
+            return
         if self._queue:
             item = self._active = self._queue.popleft()
             if not self._queue:
                 self._resume(_PAUSE_PIPELINE)
             self._start(item)
             return
-        if self._closing or self._dead:
+        if self._dead:
             self._close_gracefully()
             return
         self._resume(_PAUSE_PIPELINE)

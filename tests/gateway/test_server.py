@@ -988,7 +988,7 @@ def test_graceful_shutdown(run: Any) -> None:
         await idle.send(get("/quick"))
         await idle.response()
         busy = await Client.connect(server)
-        await busy.send(get("/slow"))
+        await busy.send(get("/slow") + get("/pipelined"))
         while "/slow" not in rec.started:
             await asyncio.sleep(0.01)
         t0 = time.monotonic()
@@ -1000,8 +1000,10 @@ def test_graceful_shutdown(run: Any) -> None:
         assert r.status == 200 and r.json()["path"] == "/slow"
         assert r.header(b"connection") == b"close"
         assert await busy.closed(1.0)
+        assert len(parse_responses(bytes(busy.raw))) == 1  # nothing after "connection: close"
         await stopping
         assert time.monotonic() - t0 < 2.0 and server.connections == 0
+        assert "/pipelined" not in rec.started
 
     run(scenario)
 
