@@ -1,0 +1,273 @@
+"""The gateway's proxy: routes a request, sends it through the mesh's call stack, streams
+the answer back. ``Gateway(routes, cache, bus).handle`` is an ``HttpServer`` handler.
+
+One request goes: ``POST /events/{topic}`` (built in, before any route) -> route match ->
+destination by weight -> fault injection -> header edits and forwarding headers ->
+``Upstream.send`` (timeout, retry, circuit breaker, balancer, pool: the same stack as the
+proxyless client) -> the upstream response, streamed back with the route's edits.
+
+Decisions, written down once:
+
+* **One ``Upstream`` per (service, subset, route)**, made on first use and kept: the
+  route's policy is merged over the service's own (``Route.policy_for``), and breaker,
+  balancer and outlier state belong to that one traffic class. A subset is a filter of
+  the service's endpoints by labels, recomputed only when the endpoint cache replaces the
+  service's list.
+* **Bodies are streamed, except small ones.** A request body with a Content-Length of at
+  most ``BUFFER_MAX`` is read whole, so the stack may retry it (and a mirror may copy it);
+  larger or chunked bodies are streamed, with the server's backpressure on the client and
+  the pool's on the upstream, and are never retried once sent.
+* **Hop-by-hop headers stop here** in both directions: ``connection`` and the names it
+  lists, ``keep-alive``, ``proxy-connection``, ``te``, ``trailer``, ``upgrade``,
+  ``transfer-encoding`` (the body is re-framed) and ``expect`` (the server answers
+  ``100 Continue`` itself when the body is first read). ``Host`` is the route's
+  (``rewrite.host``, else the client's).
+* **Every error the gateway makes names its layer**: ``router`` (no route: 404), ``fault``
+  (injected abort), ``events`` (the HTTP binding), or the mesh layer that gave up
+  (``balancer``, ``circuit-breaker``, ``retry-budget``, ``timeout``, ``upstream``) with its
+  own status. An upstream's own error response is relayed as it is.
+* **Mirrors are fire-and-forget** and only for buffered bodies; at most ``MAX_MIRRORS``
+  are in flight (more are skipped, never queued), and their responses are discarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+from urllib.parse import unquote
+
+import msgspec
+
+from shoal.errors import InvalidEvent, MeshError, ShoalError, TopicError, TransportError
+from shoal.events.bus import EventBus
+from shoal.events.codec import MAX_EVENT_SIZE, from_http
+from shoal.events.partitioning import check_topic_name
+from shoal.gateway.routes import Destination, InvalidPath, Route, RouteMatch, RouteTable
+from shoal.gateway.server import Request, Response
+from shoal.mesh.endpoint import Endpoint
+from shoal.mesh.http1 import Body
+from shoal.mesh.registry import EndpointCache
+from shoal.mesh.upstream import Upstream
+
+__all__ = ["BUFFER_MAX", "EVENTS_PREFIX", "HOP_BY_HOP", "MAX_MIRRORS", "Gateway"]
+
+log = logging.getLogger("shoal.gateway")
+
+BUFFER_MAX = 64 * 1024
+"""Request bodies with a Content-Length up to this are read whole (retriable, mirrorable)."""
+MAX_MIRRORS = 64
+"""Mirrored requests in flight at most; more are skipped."""
+EVENTS_PREFIX = b"/events/"
+"""``POST /events/{topic}`` publishes a CloudEvent (the HTTP binding) on the bus."""
+HOP_BY_HOP = frozenset((
+    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade",
+    b"transfer-encoding",
+))
+"""Headers that concern one connection and are never forwarded (RFC 9110 7.6.1)."""
+_REQUEST_DROP = HOP_BY_HOP | {b"host", b"expect", b"x-forwarded-proto"}
+
+HeaderPairs = list[tuple[bytes, bytes]]
+
+
+def _strip(headers: Sequence[tuple[bytes, bytes]], drop: frozenset[bytes]) -> HeaderPairs:
+    """``headers`` without ``drop`` and without the names a ``Connection`` header lists."""
+    listed: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            listed.update(t.strip().lower() for t in value.split(b","))
+    if listed:
+        drop = drop | listed
+    return [(n, v) for n, v in headers if n.lower() not in drop]
+
+
+def _client_ip(client: Any) -> bytes | None:
+    if isinstance(client, tuple) and client:
+        return str(client[0]).encode("latin-1")
+    return None
+
+
+def _event_error(status: int, reason: str, message: str, **extra: Any) -> Response:
+    """An ``events`` layer error, with extra fields (``attribute``) in the JSON body."""
+    body = msgspec.json.encode({"error": message, "layer": "events", "reason": reason, **extra})
+    return Response(body, status, [(b"content-type", b"application/json"),
+                                   (b"shoal-error", f"events; {reason}".encode("latin-1"))])
+
+
+class Gateway:
+    """The proxy handler: ``HttpServer(Gateway(routes, cache, bus).handle)``."""
+
+    def __init__(self, routes: RouteTable, cache: EndpointCache, bus: EventBus | None = None,
+                 *, services: Mapping[str, Mapping[str, Any]] | None = None,
+                 rng: random.Random | None = None) -> None:
+        self.routes = routes
+        self.cache = cache
+        self.bus = bus
+        self.services = dict(services or {})
+        self.rng = rng or random.Random()
+        self._upstreams: dict[tuple[Route, str, tuple[tuple[str, str], ...]], Upstream] = {}
+        self._mirrors: set[asyncio.Task[None]] = set()
+
+    # -- the handler -----------------------------------------------------------------------
+    async def handle(self, request: Request) -> Any:
+        """Answer one request: an event publish, a proxied call, or a JSON error."""
+        if request.method == "POST" and request.raw_path.startswith(EVENTS_PREFIX):
+            return await self._publish(request)
+        host = request.host or ""
+        try:
+            m = self.routes.match(request.method, host, request.raw_path, request.headers,
+                                  request.raw_query)
+        except InvalidPath as exc:
+            return Response.error(exc.status, "invalid-path", str(exc), layer="router")
+        if m is None:
+            return Response.error(404, "no-route", f"no route for {request.method} "
+                                  f"{host}{request.path}", layer="router")
+        rng = self.rng
+        destination = m.choose_destination(rng)
+        fault = m.fault_decision(rng)
+        if fault.delay:
+            await asyncio.sleep(fault.delay)
+        if fault.abort is not None:
+            return Response.error(fault.abort, "fault-injected",
+                                  f"fault injection aborted the request with {fault.abort}",
+                                  layer="fault")
+        headers = self._upstream_headers(request, m)
+        body = await self._body(request)
+        upstream = self.upstream(m, destination)
+        hash_key = None
+        hash_header = upstream.policy.load_balancer.hash_header
+        if hash_header:
+            hash_key = request.headers.get(hash_header)
+        target = m.target
+        if (body is None or isinstance(body, bytes)) and m.should_mirror(rng):
+            self._mirror(m, request.method, target, headers, body)
+        try:
+            resp = await upstream.send(request.method, target, headers, body, hash_key=hash_key)
+        except (MeshError, TransportError) as exc:
+            return Response.error(exc.status, _reason(exc), str(exc), layer=exc.layer)
+        out = _strip(resp.headers, HOP_BY_HOP)
+        if m.response_headers:
+            out = m.response_headers.apply_bytes(out)
+        resp.headers = out
+        return resp
+
+    # -- pieces ----------------------------------------------------------------------------
+    def upstream(self, m: RouteMatch, destination: Destination) -> Upstream:
+        """The call stack for ``destination`` under ``m``'s route (made on first use)."""
+        key = (m.route, destination.service, destination.subset)  # routes hash by identity
+        upstream = self._upstreams.get(key)
+        if upstream is not None:
+            return upstream
+        service = destination.service
+        policy = m.route.policy_for(self.services.get(service))
+        upstream = Upstream(service, self._source(service, destination.subset), policy,
+                            is_healthy=self.cache.is_healthy)
+        self._upstreams[key] = upstream
+        return upstream
+
+    def _source(self, service: str, subset: tuple[tuple[str, str], ...]
+                ) -> Callable[[], Sequence[Endpoint]]:
+        cache = self.cache
+        if not subset:
+            return lambda: cache.endpoints(service)
+        seen: list[Any] = [None, []]
+
+        def endpoints() -> Sequence[Endpoint]:
+            current = cache.endpoints(service)
+            if current is not seen[0]:
+                seen[0] = current
+                seen[1] = [e for e in current
+                           if all(e.labels.get(k) == v for k, v in subset)]
+            return seen[1]  # type: ignore[no-any-return]
+
+        return endpoints
+
+    def _upstream_headers(self, request: Request, m: RouteMatch) -> HeaderPairs:
+        headers = _strip(request.headers, _REQUEST_DROP)
+        if m.request_headers:
+            headers = m.request_headers.apply_bytes(headers)
+        ip = _client_ip(request.client)
+        if ip is not None:
+            forwarded = [v for n, v in headers if n.lower() == b"x-forwarded-for"]
+            if forwarded:
+                headers = [(n, v) for n, v in headers if n.lower() != b"x-forwarded-for"]
+                ip = b", ".join(forwarded) + b", " + ip
+            headers.append((b"x-forwarded-for", ip))
+        headers.append((b"x-forwarded-proto", b"http"))
+        if request.headers.get(b"x-request-id") is None:
+            headers.append((b"x-request-id", uuid.uuid4().hex.encode()))
+        if m.host:
+            headers.append((b"host", m.host.encode("latin-1")))
+        return headers
+
+    @staticmethod
+    async def _body(request: Request) -> Body:
+        length = request.content_length
+        if request.chunked or (length is not None and length > BUFFER_MAX):
+            return request.stream()
+        if length:
+            return await request.body()
+        return None
+
+    def _mirror(self, m: RouteMatch, method: str, target: str, headers: HeaderPairs,
+                body: bytes | None) -> None:
+        mirror = m.route.mirror
+        if mirror is None or len(self._mirrors) >= MAX_MIRRORS:
+            return
+        upstream = self.upstream(m, mirror.destination)
+
+        async def send() -> None:
+            try:
+                resp = await upstream.send(method, target, headers, body)
+                resp.close()
+            except Exception as exc:  # a mirror's failure is never the client's
+                log.debug("gateway: mirror to %s failed: %s", upstream.service, exc)
+
+        task = asyncio.get_running_loop().create_task(send())
+        self._mirrors.add(task)
+        task.add_done_callback(self._mirrors.discard)
+
+    async def _publish(self, request: Request) -> Response:
+        topic = unquote(request.raw_path[len(EVENTS_PREFIX):].decode("latin-1"))
+        try:
+            check_topic_name(topic)
+        except TopicError as exc:
+            return _event_error(400, "invalid-topic", str(exc))
+        if self.bus is None:
+            return _event_error(503, "no-bus", "this gateway has no event bus configured")
+        if request.content_length is not None and request.content_length > MAX_EVENT_SIZE:
+            return _event_error(413, "event-too-large", f"an event is at most {MAX_EVENT_SIZE} "
+                                f"bytes, this one has {request.content_length}")
+        body = await request.body()
+        try:
+            event = from_http(request.headers, body)
+        except InvalidEvent as exc:
+            return _event_error(400, "invalid-event", str(exc), attribute=exc.attribute)
+        try:
+            ack = await self.bus.publish_event(topic, event)
+        except ShoalError as exc:
+            log.warning("gateway: publishing to %r failed: %s", topic, exc)
+            return _event_error(503, "publish-failed", str(exc))
+        return Response.json(ack, status=202)
+
+    async def aclose(self) -> None:
+        """Stop mirrors and close every upstream's connections."""
+        for task in list(self._mirrors):
+            task.cancel()
+        for task in list(self._mirrors):
+            with contextlib.suppress(BaseException):
+                await task
+        held, self._upstreams = self._upstreams, {}
+        for upstream in held.values():
+            await upstream.aclose()
+
+
+def _reason(exc: BaseException) -> str:
+    """A stable token for an error class: ``UpstreamTimeout`` -> ``upstream-timeout``."""
+    name = type(exc).__name__
+    return "".join(f"-{c.lower()}" if c.isupper() and i else c.lower()
+                   for i, c in enumerate(name))
