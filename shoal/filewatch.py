@@ -34,7 +34,8 @@ class FileChangeSignal:
     """An awaitable "something wrote these files" signal for one directory.
 
     ``wait(timeout)`` returns True after the next write to any watched file name (or
-    False on timeout). One inotify descriptor serves every waiter in the loop.
+    False on timeout). One inotify descriptor serves every waiter in the loop; users
+    get it from :func:`signal_for` and hand it back with :meth:`release`.
     """
 
     def __init__(self, paths: list[Path]) -> None:
@@ -45,12 +46,18 @@ class FileChangeSignal:
         self._fd: int | None = None
         self._reading = False  # the loop reads the descriptor from the first wait() on
         self._loop = asyncio.get_running_loop()
+        self._users = 0
+        self.closed = False
+        self._finalizer: weakref.finalize | None = None
         if _libc is not None:
             fd = _libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
             if fd >= 0:
                 mask = _IN_MODIFY | _IN_CLOSE_WRITE | _IN_MOVED_TO | _IN_CREATE
                 if _libc.inotify_add_watch(fd, str(self._dir).encode(), mask) >= 0:
                     self._fd = fd
+                    # inotify instances are few (fs.inotify.max_user_instances, often 128
+                    # per user): one forgotten signal must not starve other processes.
+                    self._finalizer = weakref.finalize(self, os.close, fd)
                 else:
                     os.close(fd)
 
@@ -100,15 +107,23 @@ class FileChangeSignal:
         except TimeoutError:
             return self._fd is None  # polling: report a possible change
 
+    def release(self) -> None:
+        """Hand back one use from :func:`signal_for`; the last one stops watching."""
+        self._users -= 1
+        if self._users <= 0:
+            self.close()
+
     def close(self) -> None:
         """Stop watching."""
+        self.closed = True
         if self._fd is not None:
             try:
                 if self._reading:
                     self._loop.remove_reader(self._fd)
             except Exception:
                 pass
-            os.close(self._fd)
+            if self._finalizer is not None:
+                self._finalizer()  # closes the descriptor, once
             self._fd = None
 
 
@@ -118,11 +133,15 @@ _signals: weakref.WeakValueDictionary[tuple[int, str], FileChangeSignal] = (
 
 
 def signal_for(db_path: Path) -> FileChangeSignal:
-    """The shared signal for an SQLite database file (and its -wal) in the running loop."""
+    """The shared signal for an SQLite database file (and its -wal) in the running loop.
+
+    Each call is one use of the signal; give it back with :meth:`FileChangeSignal.release`.
+    """
     loop = asyncio.get_running_loop()
     key = (id(loop), str(db_path.resolve()))
     sig = _signals.get(key)
-    if sig is None or sig._loop is not loop:
+    if sig is None or sig._loop is not loop or sig.closed:
         sig = FileChangeSignal([db_path, db_path.with_name(db_path.name + "-wal")])
         _signals[key] = sig
+    sig._users += 1
     return sig

@@ -38,7 +38,6 @@ import asyncio
 import functools
 import sqlite3
 import time
-import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -81,9 +80,6 @@ CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta VALUES ('revision', 0), ('compacted', 0);
 COMMIT;
 """
-
-# Stores of this process using each signal; the last one to close it stops inotify.
-_signal_users: weakref.WeakKeyDictionary[FileChangeSignal, int] = weakref.WeakKeyDictionary()
 
 
 def sqlite_store_path(url: str) -> Path:
@@ -286,7 +282,6 @@ class SqliteStore(Store):
             self._executor.shutdown(wait=False)
             raise
         self._signal = signal_for(self.path)
-        _signal_users[self._signal] = _signal_users.get(self._signal, 0) + 1
         return self
 
     # -- the store thread ------------------------------------------------------------
@@ -525,12 +520,7 @@ class SqliteStore(Store):
         self._stop_tasks()
         self._bump()
         if self._signal is not None:
-            users = _signal_users.get(self._signal, 1) - 1
-            if users <= 0:
-                _signal_users.pop(self._signal, None)
-                self._signal.close()
-            else:
-                _signal_users[self._signal] = users
+            self._signal.release()
             self._signal = None
 
         def close_conn() -> None:

@@ -489,6 +489,9 @@ class SqliteBroker(Broker):
         if self._inline is not None:
             self._inline.close()
             self._inline = None
+        if self._signal is not None:
+            self._signal.release()
+            self._signal = None
         await self._on_writer(close_w)
         await self._on_reader(close_r)
         await asyncio.get_running_loop().run_in_executor(self._checkpointer, close_ckpt)
