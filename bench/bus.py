@@ -1,6 +1,6 @@
 """Benchmark the event bus against Redis Streams and NATS JetStream, in one run.
 
-    python bench/bus.py [--events 200000] [--rate 5000] [--seconds 4]
+    python bench/bus.py [--events 100000] [--rounds 3] [--rate 5000] [--seconds 4]
 
 Figures (175-byte payloads, uvloop everywhere):
 * publish: events/s appended durably, batches of 1,000 (Shoal ``publish_many``; Redis
@@ -10,7 +10,9 @@ Figures (175-byte payloads, uvloop everywhere):
   with offset commits; Redis XREADGROUP + XACK; NATS pull consumer, ack-all per batch);
 * e2e: latency percentiles at a fixed rate with the producer in another process;
 * idle: CPU share of one core used by an idle Shoal consumer process.
-The last line is one JSON object with every figure and the ratios Shoal / peer.
+Throughput runs in interleaved rounds (Shoal, Redis, NATS, again...) and reports each
+figure's median, because this 2-core machine is shared and noisy. The last line is one
+JSON object with every figure and the ratios Shoal / peer.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -102,48 +105,49 @@ async def shoal_fsync_cost(directory: str, n: int) -> dict[str, float]:
 
 
 # -- Redis Streams ---------------------------------------------------------------------
-async def redis_throughput(url: str, n: int) -> dict[str, float]:
+async def redis_throughput(url: str, n: int, tag: str = "") -> dict[str, float]:
     import redis.asyncio as redis
 
     r = redis.from_url(url)
-    await r.delete("bench")
+    stream = f"bench{tag}"
+    await r.delete(stream)
     t = time.perf_counter()
     for _ in range(n // BATCH):
         pipe = r.pipeline(transaction=False)
         for i in range(BATCH):
-            pipe.xadd("bench", {"k": f"k{i % 64}", "v": PAYLOAD})
+            pipe.xadd(stream, {"k": f"k{i % 64}", "v": PAYLOAD})
         await pipe.execute()
     publish = n / (time.perf_counter() - t)
-    await r.xgroup_create("bench", "g", id="0")
+    await r.xgroup_create(stream, "g", id="0")
     got = 0
     t = time.perf_counter()
     while got < n:
-        resp = await r.xreadgroup("g", "c", {"bench": ">"}, count=BATCH)
+        resp = await r.xreadgroup("g", "c", {stream: ">"}, count=BATCH)
         ids = [mid for _, entries in resp for mid, _ in entries]
         got += len(ids)
         if ids:
-            await r.xack("bench", "g", *ids)
+            await r.xack(stream, "g", *ids)
     consume = n / (time.perf_counter() - t)
     await r.aclose()
     return {"publish": publish, "consume": consume}
 
 
 # -- NATS JetStream --------------------------------------------------------------------
-async def nats_throughput(url: str, n: int) -> dict[str, float]:
+async def nats_throughput(url: str, n: int, tag: str = "") -> dict[str, float]:
     import nats
     from nats.js.api import AckPolicy, ConsumerConfig
 
     nc = await nats.connect(url)
     js = nc.jetstream(publish_async_max_pending=4 * BATCH)
-    await js.add_stream(name="bench", subjects=["bench.*"])
+    await js.add_stream(name=f"bench{tag}", subjects=[f"bench{tag}.*"])
     data = PAYLOAD.encode()
     t = time.perf_counter()
     for _ in range(n // BATCH):
-        futs = [await js.publish_async(f"bench.k{i % 64}", data) for i in range(BATCH)]
+        futs = [await js.publish_async(f"bench{tag}.k{i % 64}", data) for i in range(BATCH)]
         await asyncio.gather(*futs)
     publish = n / (time.perf_counter() - t)
     sub = await js.pull_subscribe(
-        "bench.*", "g", config=ConsumerConfig(ack_policy=AckPolicy.ALL, max_ack_pending=-1)
+        f"bench{tag}.*", "g", config=ConsumerConfig(ack_policy=AckPolicy.ALL, max_ack_pending=-1)
     )
     got = 0
     t = time.perf_counter()
@@ -309,6 +313,11 @@ def idle_cpu(url: str) -> float:
         proc.wait()
 
 
+def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Each figure's median over the rounds."""
+    return {k: statistics.median(run[k] for run in runs) for k in runs[0]}
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 2) if a and b else None
 
@@ -316,28 +325,31 @@ def ratio(a: float | None, b: float | None) -> float | None:
 async def main(args: argparse.Namespace) -> dict[str, object]:
     n = args.events
     result: dict[str, object] = {
-        "events": n, "payload_bytes": len(PAYLOAD), "cores": os.cpu_count()
+        "events": n, "rounds": args.rounds, "payload_bytes": len(PAYLOAD),
+        "cores": os.cpu_count(),
     }
     with tempfile.TemporaryDirectory() as d, redis_server() as rurl, nats_server() as nurl:
-        url = f"sqlite:///{d}/events.db"
-        shoal = await shoal_throughput(url, n)
+        rounds: dict[str, list[dict[str, float]]] = {"shoal": [], "redis": [], "nats": []}
+        for r in range(args.rounds):  # interleaved rounds; each figure is the median
+            rounds["shoal"].append(await shoal_throughput(f"sqlite:///{d}/events{r}.db", n))
+            if rurl:
+                rounds["redis"].append(await redis_throughput(rurl, n, tag=str(r)))
+            if nurl:
+                rounds["nats"].append(await nats_throughput(nurl, n, tag=str(r)))
+        shoal = median_of(rounds["shoal"])
+        peers = {name: median_of(runs) for name, runs in rounds.items() if runs and name != "shoal"}
         result["shoal"] = {k: round(v) for k, v in shoal.items()}
         print(f"shoal sqlite    publish {shoal['publish']:>10,.0f}/s  "
               f"single {shoal['publish_single']:>10,.0f}/s  consume {shoal['consume']:>10,.0f}/s")
+        for name, fig in peers.items():
+            result[name] = {k: round(v) for k, v in fig.items()}
+            print(f"{name:<15} publish {fig['publish']:>10,.0f}/s  "
+                  f"{'':>18}  consume {fig['consume']:>10,.0f}/s")
         fsync = await shoal_fsync_cost(d, n // 4)
         result["shoal_fsync"] = {k: round(v, 3) for k, v in fsync.items()}
         print(f"shoal fsync=1   publish {fsync['fsync_publish']:>10,.0f}/s "
               f"(default {fsync['default_publish']:,.0f}/s); one publish p50 "
               f"{fsync['fsync_single_p50_ms']} ms (default {fsync['default_single_p50_ms']} ms)")
-        peers = {}
-        if rurl:
-            peers["redis"] = await redis_throughput(rurl, n)
-        if nurl:
-            peers["nats"] = await nats_throughput(nurl, n)
-        for name, fig in peers.items():
-            result[name] = {k: round(v) for k, v in fig.items()}
-            print(f"{name:<15} publish {fig['publish']:>10,.0f}/s  "
-                  f"{'':>18}  consume {fig['consume']:>10,.0f}/s")
         e2e_url = f"sqlite:///{d}/e2e.db"
         lat = {"shoal": await e2e("shoal", e2e_url, args.rate, args.seconds)}
         if rurl:
@@ -363,7 +375,8 @@ if __name__ == "__main__":
         uvloop.run(produce_at_rate(backend, url, int(rate), float(seconds)))
         sys.exit(0)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--rate", type=int, default=5000)
     parser.add_argument("--seconds", type=float, default=4.0)
     print(json.dumps(uvloop.run(main(parser.parse_args()))))
