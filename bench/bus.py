@@ -230,6 +230,7 @@ async def e2e(backend: str, url: str, rate: int, seconds: float) -> dict[str, fl
         import redis.asyncio as redis
 
         r = redis.from_url(url)
+        await r.delete("e2e")  # a fresh stream each round
         await r.xgroup_create("e2e", "g", id="$", mkstream=True)
 
         async def reader() -> None:
@@ -253,6 +254,10 @@ async def e2e(backend: str, url: str, rate: int, seconds: float) -> dict[str, fl
 
         nc = await nats.connect(url)
         js = nc.jetstream()
+        try:
+            await js.delete_stream("e2e")  # a fresh stream each round
+        except nats.js.errors.NotFoundError:
+            pass
         await js.add_stream(name="e2e", subjects=["e2e.*"])
         sub = await js.pull_subscribe(
             "e2e.*", "g", config=ConsumerConfig(ack_policy=AckPolicy.ALL, max_ack_pending=-1)
@@ -351,12 +356,15 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         print(f"shoal fsync=1   publish {fsync['fsync_publish']:>10,.0f}/s "
               f"(default {fsync['default_publish']:,.0f}/s); one publish p50 "
               f"{fsync['fsync_single_p50_ms']} ms (default {fsync['default_single_p50_ms']} ms)")
-        e2e_url = f"sqlite:///{d}/e2e.db"
-        lat = {"shoal": await e2e("shoal", e2e_url, args.rate, args.seconds)}
-        if rurl:
-            lat["redis"] = await e2e("redis", rurl, args.rate, args.seconds)
-        if nurl:
-            lat["nats"] = await e2e("nats", nurl, args.rate, args.seconds)
+        runs: dict[str, list[dict[str, float]]] = {"shoal": [], "redis": [], "nats": []}
+        for r in range(args.rounds):  # interleaved too; each percentile is the median
+            e2e_url = f"sqlite:///{d}/round{r}/e2e.db"
+            runs["shoal"].append(await e2e("shoal", e2e_url, args.rate, args.seconds))
+            if rurl:
+                runs["redis"].append(await e2e("redis", rurl, args.rate, args.seconds))
+            if nurl:
+                runs["nats"].append(await e2e("nats", nurl, args.rate, args.seconds))
+        lat = {n: {k: round(v, 3) for k, v in median_of(r).items()} for n, r in runs.items() if r}
         for name, p in lat.items():
             print(f"e2e @{args.rate}/s {name:<7} {p}")
         result["e2e"] = {"rate": args.rate, **lat}
