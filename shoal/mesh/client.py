@@ -16,6 +16,7 @@ from urllib.parse import urlencode, urlsplit
 import msgspec
 
 from shoal.errors import ConfigError
+from shoal.mesh.ejections import EjectionReporter
 from shoal.mesh.http1 import Body, Response
 from shoal.mesh.registry import EndpointCache
 from shoal.mesh.resilience import TrafficPolicy
@@ -36,8 +37,10 @@ class MeshClient:
         policies: Mapping[str, TrafficPolicy] | None = None,
         default_policy: TrafficPolicy | None = None,
         store: Store | None = None,
+        ejections: EjectionReporter | None = None,
     ) -> None:
         self.cache = cache
+        self.ejections = ejections  # shares this client's outlier ejections with the registry
         self.policies = dict(policies or {})
         self.default_policy = default_policy or TrafficPolicy()
         self._upstreams: dict[str, Upstream] = {}
@@ -50,6 +53,7 @@ class MeshClient:
         if not isinstance(store, Store):
             store = owned = await connect_store(store)
         cache = await EndpointCache(store).start()
+        options.setdefault("ejections", EjectionReporter(store))
         return cls(cache, store=owned, **options)
 
     def upstream(self, service: str) -> Upstream:
@@ -62,6 +66,7 @@ class MeshClient:
                 lambda: cache.endpoints(service),
                 self.policies.get(service, self.default_policy),
                 is_healthy=cache.is_healthy,
+                on_ejection=None if self.ejections is None else self.ejections.report,
             )
         return upstream
 
@@ -110,6 +115,8 @@ class MeshClient:
         for upstream in self._upstreams.values():
             await upstream.aclose()
         self._upstreams.clear()
+        if self.ejections is not None:
+            await self.ejections.aclose()
         await self.cache.close()
         if self._store is not None:
             await self._store.close()

@@ -50,6 +50,12 @@ import msgspec
 
 from shoal.errors import ConfigError, LeaseExpired, ShoalError, StoreError
 from shoal.events.bus import EventBus, Message
+from shoal.mesh.ejections import (
+    EJECTIONS_PREFIX,
+    EjectionReport,
+    decode_report,
+    parse_ejection_key,
+)
 from shoal.mesh.endpoint import Endpoint
 from shoal.mesh.health import ActiveCheckSchedule, HealthCheckConfig, HealthState, InstanceHealth
 from shoal.mesh.http1 import ConnectionPool
@@ -830,6 +836,10 @@ class HealthMonitor:
     lease expired) - is published on ``shoal.instances`` as a ``shoal.instance.state_changed``
     CloudEvent keyed by instance id, with data ``{instance, service, from, to, reason, at}``
     (``from`` is None for a registration, ``to`` is ``"gone"`` when it left).
+
+    Passive outlier detection feeds it too: callers share their ejections under
+    ``shoal/ejections/`` (``shoal.mesh.ejections``); the first report on an instance makes
+    it EJECTED, the end of the last one takes that back.
     """
 
     def __init__(self, store: Store, bus: EventBus, *,
@@ -858,6 +868,8 @@ class HealthMonitor:
         self._lease: Lease | None = None
         self._lease_lock = asyncio.Lock()
         self._closed = False
+        # (service, instance id) -> reporter -> its live ejection report
+        self._ejections: dict[tuple[str, str], dict[str, EjectionReport]] = {}
 
     async def start(self) -> HealthMonitor:
         """Take a lease for verdicts, load the registry and start checking."""
@@ -866,6 +878,10 @@ class HealthMonitor:
         self._spawn(self._keep_lease(), "lease")
         self.cache.on_instance(self._on_change)
         await self.cache.start()
+        revision = await self.store.revision()
+        for entry in await self.store.list(EJECTIONS_PREFIX):
+            self._on_report(entry.key, entry.value)
+        self._spawn(self._watch_ejections(revision), "ejections")
         return self
 
     async def close(self) -> None:
@@ -934,6 +950,9 @@ class HealthMonitor:
             health.on_drain(time.time(), record.reason or "drain requested")
         elif config.active_checks:
             tracked.task = self._spawn(self._check_loop(tracked), f"check {record.id}")
+        reports = self._ejections.get((record.service, record.id))
+        if reports:  # reported before we saw it registered
+            self._apply_ejection(tracked, next(iter(reports.values())).reason)
 
     def _update(self, tracked: _Tracked, record: Instance) -> None:
         previous, tracked.record = tracked.record, record
@@ -961,6 +980,60 @@ class HealthMonitor:
         if tracked.pool is not None:
             pool, tracked.pool = tracked.pool, None
             self._spawn(pool.aclose(), "close pool")
+
+    # -- passive outlier ejections ----------------------------------------------------------
+    async def _watch_ejections(self, revision: int) -> None:
+        async for change in self.store.watch(EJECTIONS_PREFIX, after_revision=revision):
+            if change.kind == "put":
+                self._on_report(change.key, change.value)
+            else:
+                self._on_report_gone(change.key)
+
+    def _on_report(self, key: str, value: bytes | None) -> None:
+        parsed = parse_ejection_key(key)
+        report = decode_report(key, value) if parsed is not None else None
+        if parsed is None or report is None:
+            return
+        service, instance_id, reporter = parsed
+        reports = self._ejections.setdefault((service, instance_id), {})
+        first = not reports
+        reports[reporter] = report
+        tracked = self._tracked.get((service, instance_id))
+        if first and tracked is not None:
+            self._apply_ejection(tracked, report.reason)
+
+    def _on_report_gone(self, key: str) -> None:
+        parsed = parse_ejection_key(key)
+        if parsed is None:
+            return
+        service, instance_id, reporter = parsed
+        reports = self._ejections.get((service, instance_id))
+        if reports is None or reports.pop(reporter, None) is None or reports:
+            return
+        del self._ejections[(service, instance_id)]
+        tracked = self._tracked.get((service, instance_id))
+        if tracked is not None:
+            self._apply_ejection(tracked, None)
+
+    def _apply_ejection(self, tracked: _Tracked, reason: str | None) -> None:
+        """Feed an ejection (``reason``) or its end (None) to the state machine and store it."""
+        now = time.time()
+        if reason is not None:
+            transitions = tracked.health.on_ejected(now, reason)
+        else:
+            transitions = tracked.health.on_unejected(now)
+        if not transitions:
+            return
+        tracked.reason, tracked.reason_at = transitions[-1].reason, transitions[-1].at
+        tracked.checked = True  # a verdict may now be stored
+        self._spawn(self._write_verdict_logged(tracked), f"verdict {tracked.record.id}")
+
+    async def _write_verdict_logged(self, tracked: _Tracked) -> None:
+        try:
+            await self._write_verdict(tracked)
+        except StoreError as e:
+            log.warning("health monitor: writing the verdict on %s/%s failed: %s",
+                        tracked.record.service, tracked.record.id, e)
 
     # -- active checks -----------------------------------------------------------------------
     async def _check_loop(self, tracked: _Tracked) -> None:

@@ -32,6 +32,7 @@ from shoal.mesh.endpoint import Endpoint
 from shoal.mesh.http1 import Body, ConnectionPool, HeaderList, Response
 from shoal.mesh.resilience import (
     CircuitBreaker,
+    Ejection,
     Failure,
     Outcome,
     OutlierDetector,
@@ -68,8 +69,10 @@ class Upstream:
         is_healthy: HealthCheck | None = None,
         clock: Callable[[], float] = time.monotonic,
         pool_options: dict[str, float | int] | None = None,
+        on_ejection: Callable[[str, Ejection, float], None] | None = None,
     ) -> None:
         self.service = service
+        self._on_ejection = on_ejection  # (service, ejection, seconds left): share it
         self.policy = policy or TrafficPolicy()
         self._endpoints = endpoints
         self._is_healthy = is_healthy
@@ -227,13 +230,20 @@ class Upstream:
         else:
             self.breaker.on_success()
         self._release_slot()
-        if self.outliers.on_result(endpoint, outcome, now) is not None:
-            self.stats.ejections += 1
+        ejection = self.outliers.on_result(endpoint, outcome, now)
+        if ejection is not None:
+            self._ejected(ejection, now)
         if now >= self._next_evaluation:  # success-rate ejection, once per interval
             self._next_evaluation = now + self.policy.outlier_detection.interval  # type: ignore[operator]
-            self.stats.ejections += len(self.outliers.evaluate(now))
+            for ejection in self.outliers.evaluate(now):
+                self._ejected(ejection, now)
             self.outliers.expire(now)
         return outcome, response, error
+
+    def _ejected(self, ejection: Ejection, now: float) -> None:
+        self.stats.ejections += 1
+        if self._on_ejection is not None:
+            self._on_ejection(self.service, ejection, ejection.until - now)
 
     def _give_up(
         self, outcome: Outcome, error: BaseException | None, attempts: int, timeout: float | None

@@ -20,6 +20,7 @@ from aiohttp import web
 
 from shoal.errors import ConfigError
 from shoal.events import Event, EventBus
+from shoal.mesh.client import MeshClient
 from shoal.mesh.endpoint import Endpoint
 from shoal.mesh.health import HealthCheckConfig, HealthState
 from shoal.mesh.registry import (
@@ -36,6 +37,7 @@ from shoal.mesh.registry import (
     health_key,
     instance_key,
 )
+from shoal.mesh.resilience import load_traffic_policy
 from shoal.store.memory import MemoryStore
 from shoal.store.sqlite import SqliteStore
 
@@ -458,6 +460,7 @@ class HealthServer:
 
     def __init__(self) -> None:
         self.status = 200
+        self.work_status = 200  # what any other path answers
         self.answered: list[int] = []
         self.port = 0
         self._runner: web.AppRunner | None = None
@@ -466,9 +469,13 @@ class HealthServer:
         self.answered.append(self.status)
         return web.Response(status=self.status, text="ok" if self.status == 200 else "down")
 
+    async def _work(self, _request: web.Request) -> web.Response:
+        return web.Response(status=self.work_status)
+
     async def __aenter__(self) -> HealthServer:
         app = web.Application()
         app.router.add_get("/healthz", self._healthz)
+        app.router.add_route("*", "/work", self._work)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -547,3 +554,62 @@ async def test_the_monitor_publishes_drains_and_deregistrations(
                                                   "deregistered"]
     with contextlib.suppress(Exception):
         await reg.deregister()  # idempotent
+
+
+async def test_a_callers_outlier_ejection_drives_the_state_machine_and_is_published(
+        store: SqliteStore, registry: Registry, cache: EndpointCache, bus: EventBus) -> None:
+    policy = load_traffic_policy({
+        "load_balancer": {"policy": "round_robin"},
+        "retries": {"attempts": 0},
+        "outlier_detection": {"consecutive_5xx": 2, "base_ejection_time": "700ms",
+                              "max_ejection_percent": 50},
+    })
+    async with HealthServer() as good, HealthServer() as bad, \
+            HealthMonitor(store, bus, config=FAST_CHECKS) as monitor:
+        await registry.register(inst("api-1", address=f"127.0.0.1:{good.port}"))
+        await registry.register(inst("api-2", address=f"127.0.0.1:{bad.port}"))
+        async with asyncio.timeout(5):  # checked and SERVING (not STARTING) before traffic
+            while any(getattr(monitor.health("api", i), "state", None) is not S.SERVING
+                      for i in ("api-1", "api-2")):
+                await asyncio.sleep(0.01)
+        bad.work_status = 500  # its health checks still pass: only callers can tell
+        async with await MeshClient.connect(store, default_policy=policy) as mesh:
+            await mesh.cache.wait_for("api", lambda eps: len(eps) == 2, timeout=5)
+            statuses = []
+            for _ in range(6):
+                response = await mesh.get("http://api/work")
+                await response.aread()
+                statuses.append(response.status)
+            assert statuses.count(500) == 2  # then api-2 was ejected by this caller
+            await cache.wait_for("api", lambda _: cache.state("api", "api-2") is S.EJECTED,
+                                 timeout=5)
+            assert not cache.is_healthy(next(e for e in cache.endpoints("api")
+                                             if e.instance_id == "api-2"))
+            # the ejection's lease ends with it: back to serving without any caller's help
+            await cache.wait_for("api", lambda _: cache.state("api", "api-2") is S.SERVING,
+                                 timeout=5)
+        api2: list[Event] = []
+        async with asyncio.timeout(10), bus.consume(INSTANCES_TOPIC, "test") as events:
+            async for event in events:
+                if event.key == "api-2":
+                    api2.append(event)
+                    if event.data["from"] == "ejected":
+                        break
+    assert moves(api2) == [(None, "serving"), ("serving", "ejected"), ("ejected", "serving")]
+    assert "outlier ejection: 2 consecutive 5xx" in api2[1].data["reason"]
+    assert "outlier ejection ended" in api2[2].data["reason"]
+
+
+async def test_malformed_ejection_reports_are_skipped(
+        store: SqliteStore, registry: Registry, cache: EndpointCache, bus: EventBus,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, "shoal.mesh.ejections")
+    async with HealthServer() as server, HealthMonitor(store, bus, config=FAST_CHECKS):
+        await registry.register(inst(address=f"127.0.0.1:{server.port}"))
+        await cache.wait_for("api", lambda eps: eps and cache.is_healthy(eps[0]), timeout=5)
+        await store.put("shoal/ejections/api/api-1/x", b"{not json")
+        await store.put("shoal/ejections/api/too/many/parts", b"{}")
+        await store.put("shoal/ejections/api/api-1/y", b'{"reason": 1}')
+        await asyncio.sleep(0.3)
+        assert cache.state("api", "api-1") is S.SERVING
+    assert "malformed report" in caplog.text
