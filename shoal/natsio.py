@@ -87,8 +87,8 @@ def parse_nats_url(url: str, what: str) -> NatsTarget:
         raise ConfigError(f"{what} {url!r}: unknown option(s) {', '.join(sorted(unknown))}"
                           " (known: replicas, storage)")
     raw_replicas = options.get("replicas", "1")
-    if not raw_replicas.isdigit() or not 1 <= int(raw_replicas) <= 5:
-        raise ConfigError(f"{what} {url!r}: replicas must be 1..5, got {raw_replicas!r}")
+    if raw_replicas not in ("1", "2", "3", "4", "5"):
+        raise ConfigError(f"{what} {url!r}: replicas must be 1..5, got {raw_replicas[:20]!r}")
     storage = options.get("storage", "file")
     if storage not in ("file", "memory"):
         raise ConfigError(f"{what} {url!r}: storage must be file or memory, got {storage!r}")
@@ -161,12 +161,14 @@ async def _connect(key: tuple[Any, ...], target: NatsTarget, what: str) -> Share
     try:
         nc = await nats.connect(
             servers=list(target.servers), name="shoal", connect_timeout=2,
-            max_reconnect_attempts=-1, reconnect_time_wait=0.1,
+            max_reconnect_attempts=2, reconnect_time_wait=0.1,
             reconnected_cb=reconnected, error_cb=quiet, allow_reconnect=True,
         )
     except Exception as exc:
         raise ConfigError(f"{what} {target.url!r}: cannot connect: {exc or type(exc).__name__}"
                           ) from exc
+    # A first connection fails fast (above); once connected, reconnect forever.
+    nc.options["max_reconnect_attempts"] = -1
     conn = SharedConnection(key, nc)
     holder.append(conn)
     return conn
@@ -287,6 +289,8 @@ class PullReader:
                     if status == "409" and not out:
                         raise nats.js.errors.NotFoundError
                     break
+                elif status == "503":  # no responders: the consumer is gone (restart)
+                    raise nats.js.errors.NotFoundError
                 # 100 (heartbeat) and others: keep waiting
         except BaseException:
             # An abandoned request may still deliver: read the next one on a new inbox.

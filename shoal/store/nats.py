@@ -114,28 +114,37 @@ class NatsLease(Lease):
         self._seq = seq
         self._expires_at = expires_at
         self._revoked = False
+        self._attempt: bytes | None = None  # a keepalive record whose answer was lost
+        self._last_attempt: bytes | None = None
 
     def _expired(self) -> bool:
         return self._revoked or time.time() >= self._expires_at
 
     async def keepalive(self) -> None:
         store = self._store
+        self._last_attempt, self._attempt = self._attempt, None
         if self._expired():
             store._schedule_sweep(self.id)
             raise LeaseExpired(f"lease {self.id} (ttl {self.ttl}s) expired or was revoked")
         expires_at = time.time() + self.ttl
+        record = _kv((self.ttl, expires_at))
+        subject = store._lease_subject(self.id)
         try:
-            self._seq = await store._publish(
-                store._lease_subject(self.id), _kv((self.ttl, expires_at)), expect=self._seq,
-                stream=store._lease_stream,
-            )
+            self._seq = await store._publish(subject, record, expect=self._seq,
+                                             stream=store._lease_stream)
         except StoreError as exc:
             if not _wrong_sequence(exc.__cause__):  # type: ignore[arg-type]
+                self._attempt = record  # its answer was lost, but it may have landed
                 raise
-            self._revoked = True
-            raise LeaseExpired(
-                f"lease {self.id} (ttl {self.ttl}s) expired or was revoked"
-            ) from None
+            last = await store._last(subject, store._lease_stream)
+            if last is None or self._last_attempt is None or last.data != self._last_attempt:
+                self._revoked = True
+                raise LeaseExpired(
+                    f"lease {self.id} (ttl {self.ttl}s) expired or was revoked"
+                ) from None
+            self._seq = int(last.seq)  # an earlier keepalive did land: carry on from it
+            self._seq = await store._publish(subject, record, expect=self._seq,
+                                             stream=store._lease_stream)
         self._expires_at = expires_at
         store._lease_seen(self.id, expires_at)
 

@@ -190,15 +190,10 @@ class NatsBroker(Broker):
     async def create_topic(self, spec: TopicSpec) -> TopicSpec:
         existing = await self.get_topic(spec.name)
         if existing is None:
-            for p in [*range(1, spec.partitions), 0]:  # partition 0 last: it means "exists"
-                try:
-                    await self._js.add_stream(self._config(spec, p))
-                except nats.js.errors.APIError as exc:
-                    if exc.err_code != 10058:  # 10058: exists with another configuration
-                        raise TopicError(f"topic {spec.name!r}: cannot create partition {p} "
-                                         f"on {self.url}: {exc.description}") from exc
-                    if p == 0:  # a concurrent creator won; compare below
-                        break
+            # Partitions 1.. at once (a replicated stream takes a raft election each),
+            # then partition 0: it means "the topic exists".
+            await asyncio.gather(*(self._add_stream(spec, p) for p in range(1, spec.partitions)))
+            await self._add_stream(spec, 0)
             existing = await self.get_topic(spec.name)
             if existing is None:  # pragma: no cover - a concurrent delete
                 raise TopicError(f"topic {spec.name!r}: vanished while being created")
@@ -208,6 +203,18 @@ class NatsBroker(Broker):
                 f"not {spec.partitions}"
             )
         return existing
+
+    async def _add_stream(self, spec: TopicSpec, p: int) -> None:
+        try:
+            await self._js.add_stream(self._config(spec, p))
+        except nats.js.errors.APIError as exc:
+            if exc.err_code != 10058:  # 10058: exists with another configuration
+                raise TopicError(f"topic {spec.name!r}: cannot create partition {p} "
+                                 f"on {self.url}: {exc.description}") from exc
+            # else a concurrent creator won (with another spec: get_topic tells)
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise TopicError(f"topic {spec.name!r}: cannot create partition {p} "
+                             f"on {self.url}: {exc or type(exc).__name__}") from exc
 
     @staticmethod
     def _parse_spec(description: str | None) -> TopicSpec | None:
