@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import msgspec
+
 from shoal.errors import ConfigError
 
 try:
@@ -183,6 +185,103 @@ async def release(conn: SharedConnection) -> None:
         del _connections[conn.key]
     with contextlib.suppress(Exception):
         await conn.nc.close()
+
+
+class PubAck(msgspec.Struct, frozen=True):
+    """JetStream's answer to a publish: the sequence stored (or already there)."""
+
+    seq: int = 0
+    duplicate: bool = False
+    error: dict[str, Any] | None = None
+
+
+_decode_ack = msgspec.json.Decoder(PubAck).decode
+
+
+class BulkPublisher:
+    """JetStream publishes written as one buffer per batch, each ack matched to its future.
+
+    nats-py's ``publish_async`` costs about 30 us of Python per message on this machine
+    (semaphore, NUID, header encoding, one write call each); building the protocol lines
+    of a whole batch in one ``bytes`` and acks decoded by msgspec cut the client's CPU per
+    event roughly in half (see ``bench/bus.py --broker nats``).
+    """
+
+    def __init__(self, conn: SharedConnection) -> None:
+        self.nc = conn.nc
+        self._prefix = conn.nc.new_inbox() + "."
+        self._sub: Any = None
+        self._waiting: dict[str, asyncio.Future[PubAck]] = {}
+        self._next = 0
+
+    async def _on_ack(self, msg: Msg) -> None:
+        fut = self._waiting.pop(msg.subject, None)
+        if fut is None or fut.done():
+            return
+        status = status_of(msg)
+        if status is not None:
+            fut.set_exception(nats.errors.NoRespondersError() if status == "503"
+                              else nats.errors.Error(f"status {status}"))
+            return
+        try:
+            fut.set_result(_decode_ack(msg.data))
+        except msgspec.DecodeError as exc:
+            fut.set_exception(nats.errors.Error(f"bad publish ack {msg.data[:100]!r}: {exc}"))
+
+    async def publish(self, items: list[tuple[str, bytes, str | None]],
+                      timeout: float = REQUEST_TIMEOUT) -> list[PubAck]:
+        """Publish ``(subject, payload, msg_id)`` in order; their acks (errors raise)."""
+        nc = self.nc
+        if self._sub is None:
+            self._sub = await nc.subscribe(self._prefix + "*", cb=self._on_ack,
+                                           pending_msgs_limit=1 << 20)
+        if nc.is_closed:
+            raise nats.errors.ConnectionClosedError
+        limit = nc.max_payload
+        loop = asyncio.get_running_loop()
+        parts: list[bytes] = []
+        replies: list[str] = []
+        futures: list[asyncio.Future[PubAck]] = []
+        waiting, prefix = self._waiting, self._prefix
+        n = self._next
+        for subject, payload, msg_id in items:
+            if len(payload) > limit:
+                raise nats.errors.MaxPayloadError
+            n += 1
+            reply = f"{prefix}{n}"
+            fut = loop.create_future()
+            waiting[reply] = fut
+            replies.append(reply)
+            futures.append(fut)
+            if msg_id is None:
+                parts.append(f"PUB {subject} {reply} {len(payload)}\r\n".encode())
+            else:
+                hdr = f"NATS/1.0\r\nNats-Msg-Id: {msg_id}\r\n\r\n".encode()
+                parts.append(f"HPUB {subject} {reply} {len(hdr)} {len(hdr) + len(payload)}"
+                             "\r\n".encode())
+                parts.append(hdr)
+            parts.append(payload)
+            parts.append(b"\r\n")
+        self._next = n
+        try:
+            await nc._send_command(b"".join(parts))
+            await nc._flush_pending()
+            async with asyncio.timeout(timeout):
+                acks = await asyncio.gather(*futures)
+        finally:
+            for reply in replies:
+                waiting.pop(reply, None)
+            for fut in futures:
+                if not fut.done():
+                    fut.cancel()
+        return acks
+
+    async def close(self) -> None:
+        """Stop listening for acks."""
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None
 
 
 def stream_sequence(msg: Msg) -> int:

@@ -21,7 +21,8 @@ Mapping (``NS`` is the URL's namespace, ``T`` the topic name escaped for NATS: `
   sequence. The window is per stream, i.e. per partition: records of one key always meet
   there, and a keyless record with a dedup id is placed by its id (instead of round
   robin) so that its duplicates do too.
-* Appends are pipelined (``publish_async``), one ack per record; each record is atomic
+* Appends are pipelined (a ``BulkPublisher`` writes a batch's publishes as one buffer),
+  one ack per record; each record is atomic
   and the records of one partition are stored in call order, but a batch as a whole is
   not atomic: an error may leave part of it appended (republishing with the same event
   ids then adds only the missing ones).
@@ -63,6 +64,7 @@ from shoal.events.brokers.base import (
 from shoal.events.partitioning import partition_for
 from shoal.natsio import (
     REQUEST_TIMEOUT,
+    BulkPublisher,
     NatsTarget,
     PullReader,
     SharedConnection,
@@ -138,6 +140,7 @@ class NatsBroker(Broker):
         self._topics: dict[str, _Topic] = {}
         self._readers: dict[tuple[str, int], list[PullReader]] = {}
         self._notices: dict[str, _Notices] = {}
+        self._publisher = BulkPublisher(conn)
         self._closed = False
         conn.on_reconnect.add(self._wake_all)
 
@@ -263,28 +266,21 @@ class NatsBroker(Broker):
     async def append(self, topic: str, records: list[Append]) -> list[Appended]:
         t = await self._topic(topic)
         n = t.spec.partitions
-        publish = self._js.publish_async
         subjects = t.subjects
         dedup = self.dedup_window_seconds > 0
         placed: list[int] = []
-        futures = []
+        items: list[tuple[str, bytes, str | None]] = []
+        for r in records:
+            p, msg_id = r.partition, None
+            if dedup and r.dedup_id is not None:
+                if r.key is None:
+                    p = partition_for(r.dedup_id, n)
+                msg_id = _msg_id(r.dedup_id)
+            placed.append(p)
+            items.append((subjects[p], _encode((r.timestamp_ms, r.key, r.value)), msg_id))
         try:
-            for r in records:
-                p = r.partition
-                if dedup and r.dedup_id is not None:
-                    if r.key is None:
-                        p = partition_for(r.dedup_id, n)
-                    headers = {"Nats-Msg-Id": _msg_id(r.dedup_id)}
-                else:
-                    headers = None
-                placed.append(p)
-                payload = _encode((r.timestamp_ms, r.key, r.value))
-                futures.append(await publish(subjects[p], payload, headers=headers))
-            async with asyncio.timeout(REQUEST_TIMEOUT):
-                acks = await asyncio.gather(*futures)
+            acks = await self._publisher.publish(items)
         except (TimeoutError, nats.errors.Error) as exc:
-            for fut in futures:
-                fut.cancel()
             raise PublishError(
                 f"append to topic {topic!r} on {self.url} failed (some records may be "
                 f"stored; republishing with the same event ids adds only the rest): "
@@ -294,10 +290,13 @@ class NatsBroker(Broker):
             notices = self._notices.get(topic)
             if notices is not None:
                 notices.bump()
-        return [
-            Appended(p, ack.seq - 1, bool(ack.duplicate))
-            for p, ack in zip(placed, acks, strict=True)
-        ]
+        out = []
+        for p, ack in zip(placed, acks, strict=True):
+            if ack.error is not None:
+                raise PublishError(f"append to topic {topic!r} partition {p} on {self.url} "
+                                   f"refused: {ack.error.get('description', ack.error)}")
+            out.append(Appended(p, ack.seq - 1, ack.duplicate))
+        return out
 
     # -- the read path ---------------------------------------------------------------
     async def read(self, topic: str, partition: int, offset: int, limit: int) -> list[Record]:
@@ -458,4 +457,5 @@ class NatsBroker(Broker):
             for reader in readers:
                 await reader.close()
         self._readers.clear()
+        await self._publisher.close()
         await release(self._conn)
