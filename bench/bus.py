@@ -374,6 +374,35 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
     return result
 
 
+async def publish_cpu_per_event(base: str, n: int) -> dict[str, float]:
+    """This process's CPU per event published in batches of 1,000 (load-independent)."""
+    import uuid
+
+    import nats
+
+    from shoal.events import EventBus, Message
+
+    tag = uuid.uuid4().hex[:8]
+    async with EventBus.connect(f"{base}/cpu{tag}") as bus:
+        await bus.create_topic("cpu", partitions=8)
+        msgs = [Message(PAYLOAD, key=f"k{i % 64}") for i in range(BATCH)]
+        c = time.process_time()
+        for _ in range(n // BATCH):
+            await bus.publish_many("cpu", msgs)
+        shoal = (time.process_time() - c) / n * 1e6
+    nc = await nats.connect(base)
+    js = nc.jetstream(publish_async_max_pending=4 * BATCH)
+    await js.add_stream(name=f"cpu{tag}", subjects=[f"cpu{tag}.*"])
+    data = PAYLOAD.encode()
+    c = time.process_time()
+    for _ in range(n // BATCH):
+        futs = [await js.publish_async(f"cpu{tag}.k{i % 64}", data) for i in range(BATCH)]
+        await asyncio.gather(*futs)
+    raw = (time.process_time() - c) / n * 1e6
+    await nc.close()
+    return {"shoal": round(shoal, 1), "nats_py": round(raw, 1)}
+
+
 async def broker_main(args: argparse.Namespace) -> dict[str, object]:
     """Shoal on ``--broker`` against the raw client of that backend, same server, same run."""
     import contextlib
@@ -397,6 +426,10 @@ async def broker_main(args: argparse.Namespace) -> dict[str, object]:
             rounds["shoal"].append(await shoal_throughput(f"{base}/bench{r}_{run}", n))
             rounds["raw"].append(await nats_throughput(base, n, tag=f"{r}_{run}"))
         shoal, raw = median_of(rounds["shoal"]), median_of(rounds["raw"])
+        cpu = await publish_cpu_per_event(base, n // 2)
+    result["publish_client_cpu_us_per_event"] = cpu
+    print(f"client CPU per published event: shoal {cpu['shoal']} us, "
+          f"raw nats-py {cpu['nats_py']} us")
     result["shoal"] = {k: round(v) for k, v in shoal.items()}
     result["nats_py"] = {k: round(v) for k, v in raw.items()}
     print(f"shoal on nats   publish {shoal['publish']:>10,.0f}/s  "

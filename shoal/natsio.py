@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import json
 import re
+import weakref
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -119,21 +120,26 @@ class SharedConnection:
             fn()
 
 
-_connections: dict[tuple[Any, ...], SharedConnection] = {}
-_connecting: dict[tuple[Any, ...], asyncio.Future[SharedConnection]] = {}
+# per event loop (weakly: a finished loop takes its entries along), per server list
+_per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[Any, ...], Any]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 async def acquire(target: NatsTarget, what: str) -> SharedConnection:
     """The process's connection to ``target``'s servers (connecting on first use)."""
     loop = asyncio.get_running_loop()
-    key = (target.servers, id(loop))
-    conn = _connections.get(key)
+    state = _per_loop.setdefault(loop, {})
+    connections = state.setdefault("connections", {})
+    connecting = state.setdefault("connecting", {})
+    key = (target.servers,)
+    conn = connections.get(key)
     if conn is not None and not conn.nc.is_closed:
         conn.refs += 1
         return conn
-    pending = _connecting.get(key)
+    pending = connecting.get(key)
     if pending is None:
-        pending = _connecting[key] = loop.create_future()
+        pending = connecting[key] = loop.create_future()
         try:
             conn = await _connect(key, target, what)
         except BaseException as exc:
@@ -141,9 +147,9 @@ async def acquire(target: NatsTarget, what: str) -> SharedConnection:
             pending.exception()  # retrieved: no "never retrieved" warning
             raise
         finally:
-            del _connecting[key]
+            del connecting[key]
         pending.set_result(conn)
-        _connections[key] = conn
+        connections[key] = conn
     else:
         conn = await asyncio.shield(pending)
     conn.refs += 1
@@ -181,8 +187,9 @@ async def release(conn: SharedConnection) -> None:
     conn.refs -= 1
     if conn.refs > 0:
         return
-    if _connections.get(conn.key) is conn:
-        del _connections[conn.key]
+    connections = _per_loop.get(asyncio.get_running_loop(), {}).get("connections", {})
+    if connections.get(conn.key) is conn:
+        del connections[conn.key]
     with contextlib.suppress(Exception):
         await conn.nc.close()
 

@@ -49,3 +49,9 @@ async def test_unreachable_server_is_a_clear_error_quickly() -> None:
         await connect_broker("nats://127.0.0.1:1/x")
     with pytest.raises(ConfigError, match=r"store url 'nats://127.0.0.1:1/x': cannot connect"):
         await connect_store("nats://127.0.0.1:1/x")
+
+
+def test_the_store_of_a_nats_bus_is_the_same_servers_and_namespace() -> None:
+    from shoal.events.bus import default_store_for
+
+    assert default_store_for("nats://h:1,h:2/ns?replicas=3") == "nats://h:1,h:2/ns?replicas=3"
