@@ -257,6 +257,7 @@ class NatsStore(Store):
         self._leases: dict[int, float] = {}  # lease id -> expires_at (time.time())
         self._timer: asyncio.TimerHandle | None = None
         self._sweeps: dict[int, asyncio.Task[None]] = {}
+        self._ended: set[int] = set()  # leases this client ended, keys not yet all deleted
         self._lease_sub: Any = None
         self._watches: list[tuple[asyncio.Queue[Any], dict[str, Any]]] = []
 
@@ -492,11 +493,13 @@ class NatsStore(Store):
         self._arm_timer()
 
     def _arm_timer(self) -> None:
+        """One timer for the earliest expiry among the leases no sweep is working on."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._leases and not self._closed:
-            due = min(self._leases.values()) - time.time() + EXPIRY_SLACK
+        waiting = [exp for i, exp in self._leases.items() if i not in self._sweeps]
+        if waiting and not self._closed:
+            due = min(waiting) - time.time() + EXPIRY_SLACK
             self._timer = self._loop.call_later(max(0.0, due), self._on_timer)
 
     def _on_timer(self) -> None:
@@ -514,7 +517,12 @@ class NatsStore(Store):
         if task is None:
             task = self._loop.create_task(self._sweep(lease_id))
             self._sweeps[lease_id] = task
-            task.add_done_callback(lambda _: self._sweeps.pop(lease_id, None))
+
+            def done(_: object) -> None:
+                self._sweeps.pop(lease_id, None)
+                self._arm_timer()
+
+            task.add_done_callback(done)
         return task
 
     async def _sweep_due(self) -> None:
@@ -526,30 +534,47 @@ class NatsStore(Store):
             await asyncio.gather(*(t for t in tasks if t is not None), return_exceptions=True)
 
     async def _sweep(self, lease_id: int) -> None:
-        """End lease ``lease_id`` if its record says it expired; the winner deletes its keys."""
-        try:
-            subject = self._lease_subject(lease_id)
-            msg = await self._last(subject, self._lease_stream)
-            record = None if msg is None else _lease_decode(msg.data)
-            if record is None:  # already ended by someone else
-                self._leases.pop(lease_id, None)
-                return
-            if record[1] > time.time():  # renewed
-                self._lease_seen(lease_id, record[1])
-                return
+        """Until lease ``lease_id`` is renewed or ended (by us or another client)."""
+        pause, warned = 0.02, False
+        while not self._closed:
+            try:
+                if await self._try_sweep(lease_id):
+                    return
+            except StoreError as exc:  # e.g. the stream is electing a leader: retry
+                if not warned:
+                    warned = True
+                    log.warning("store %s: sweeping lease %s failed (retrying): %s",
+                                self.url, lease_id, exc)
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, 1.0)
+
+    async def _try_sweep(self, lease_id: int) -> bool:
+        """One attempt: True once the lease is renewed or ended and its keys are gone."""
+        if lease_id in self._ended:  # we ended it; deleting its keys failed: again
+            await self._delete_keys_of(lease_id)
+            self._ended.discard(lease_id)
+            return True
+        if lease_id not in self._leases:  # ended meanwhile (the lease record said so)
+            return True
+        subject = self._lease_subject(lease_id)
+        msg = await self._last(subject, self._lease_stream)
+        record = None if msg is None else _lease_decode(msg.data)
+        if record is not None and record[1] > time.time():  # renewed
+            self._leases[lease_id] = record[1]
+            return True
+        if record is not None:
             try:
                 await self._publish(subject, _kv(None), expect=int(msg.seq),
                                     stream=self._lease_stream)
             except StoreError as exc:
                 if _wrong_sequence(exc.__cause__):  # type: ignore[arg-type]
-                    return  # a keepalive or another sweeper came first; its record decides
+                    return False  # a keepalive or another sweeper came first: look again
                 raise
-            self._leases.pop(lease_id, None)
+            self._ended.add(lease_id)  # we ended it: its keys are ours to delete
             await self._delete_keys_of(lease_id)
-        except StoreError as exc:
-            if not self._closed:
-                log.warning("store %s: sweeping lease %s failed: %s", self.url, lease_id, exc)
-                self._loop.call_later(0.5, self._schedule_sweep, lease_id)
+            self._ended.discard(lease_id)
+        self._leases.pop(lease_id, None)
+        return True
 
     async def _delete_keys_of(self, lease_id: int) -> None:
         """Delete (in key order) every key whose last write carried ``lease_id``."""
