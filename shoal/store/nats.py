@@ -38,6 +38,12 @@ Layout (``NS`` is the URL's namespace):
 
 Durability is JetStream's (see ``shoal.events.brokers.nats``): acknowledged writes are
 stored by a quorum of ``replicas`` and fsynced on ``sync_interval``.
+
+Known limits: delete markers (one per deleted key) and ended-lease records stay in their
+streams (no compaction yet); ending a lease scans every key's last message; a put racing
+the sweep of its (just expired) lease can leave a key no sweep will find; ``cas`` on the
+revision of a delete marker succeeds; "now" of a watch is exact only for writers in the
+same process (another process's write racing the ``watch()`` call may or may not be in).
 """
 
 from __future__ import annotations
