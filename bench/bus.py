@@ -1,6 +1,11 @@
 """Benchmark the event bus against Redis Streams and NATS JetStream, in one run.
 
     python bench/bus.py [--events 100000] [--rounds 3] [--rate 5000] [--seconds 4]
+    python bench/bus.py --broker nats://HOST:PORT   # or --broker nats: start a nats-server
+
+With ``--broker nats...``: Shoal's bus on that NATS JetStream (broker and store) against
+the raw nats-py client doing the same work on the same server, in interleaved rounds;
+the ratios are Shoal / raw client (the overhead target: >= 0.85).
 
 Figures (175-byte payloads, uvloop everywhere):
 * publish: events/s appended durably, batches of 1,000 (Shoal ``publish_many``; Redis
@@ -380,6 +385,73 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
     return result
 
 
+async def publish_cpu_per_event(base: str, n: int) -> dict[str, float]:
+    """This process's CPU per event published in batches of 1,000 (load-independent)."""
+    import uuid
+
+    import nats
+
+    from shoal.events import EventBus, Message
+
+    tag = uuid.uuid4().hex[:8]
+    async with EventBus.connect(f"{base}/cpu{tag}") as bus:
+        await bus.create_topic("cpu", partitions=8)
+        msgs = [Message(PAYLOAD, key=f"k{i % 64}") for i in range(BATCH)]
+        c = time.process_time()
+        for _ in range(n // BATCH):
+            await bus.publish_many("cpu", msgs)
+        shoal = (time.process_time() - c) / n * 1e6
+    nc = await nats.connect(base)
+    js = nc.jetstream(publish_async_max_pending=4 * BATCH)
+    await js.add_stream(name=f"cpu{tag}", subjects=[f"cpu{tag}.*"])
+    data = PAYLOAD.encode()
+    c = time.process_time()
+    for _ in range(n // BATCH):
+        futs = [await js.publish_async(f"cpu{tag}.k{i % 64}", data) for i in range(BATCH)]
+        await asyncio.gather(*futs)
+    raw = (time.process_time() - c) / n * 1e6
+    await nc.close()
+    return {"shoal": round(shoal, 1), "nats_py": round(raw, 1)}
+
+
+async def broker_main(args: argparse.Namespace) -> dict[str, object]:
+    """Shoal on ``--broker`` against the raw client of that backend, same server, same run."""
+    import contextlib
+    import uuid
+
+    n = args.events
+    result: dict[str, object] = {"events": n, "rounds": args.rounds, "broker": args.broker,
+                                 "payload_bytes": len(PAYLOAD), "cores": os.cpu_count()}
+    with contextlib.ExitStack() as stack:
+        url = args.broker
+        if url == "nats":
+            url = stack.enter_context(nats_server())
+            if url is None:
+                raise SystemExit("nats-server not installed")
+        if not url.startswith("nats://"):
+            raise SystemExit(f"--broker: expected nats://HOST:PORT or nats, got {url!r}")
+        base = url.rstrip("/")
+        rounds: dict[str, list[dict[str, float]]] = {"shoal": [], "raw": []}
+        for r in range(args.rounds):
+            run = uuid.uuid4().hex[:8]
+            rounds["shoal"].append(await shoal_throughput(f"{base}/bench{r}_{run}", n))
+            rounds["raw"].append(await nats_throughput(base, n, tag=f"{r}_{run}"))
+        shoal, raw = median_of(rounds["shoal"]), median_of(rounds["raw"])
+        cpu = await publish_cpu_per_event(base, n // 2)
+    result["publish_client_cpu_us_per_event"] = cpu
+    print(f"client CPU per published event: shoal {cpu['shoal']} us, "
+          f"raw nats-py {cpu['nats_py']} us")
+    result["shoal"] = {k: round(v) for k, v in shoal.items()}
+    result["nats_py"] = {k: round(v) for k, v in raw.items()}
+    print(f"shoal on nats   publish {shoal['publish']:>10,.0f}/s  "
+          f"single {shoal['publish_single']:>10,.0f}/s  consume {shoal['consume']:>10,.0f}/s")
+    print(f"raw nats-py     publish {raw['publish']:>10,.0f}/s  {'':>18}  "
+          f"consume {raw['consume']:>10,.0f}/s")
+    result["ratios"] = {f"{m}_vs_nats_py": ratio(shoal[m], raw[m]) for m in ("publish", "consume")}
+    print("shoal / raw nats-py:", result["ratios"])
+    return result
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--produce":
         _, _, backend, url, rate, seconds = sys.argv
@@ -390,4 +462,7 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--rate", type=int, default=5000)
     parser.add_argument("--seconds", type=float, default=4.0)
-    print(json.dumps(uvloop.run(main(parser.parse_args()))))
+    parser.add_argument("--broker", help="nats://HOST:PORT (or nats: start one): Shoal on it "
+                        "against the raw client")
+    args = parser.parse_args()
+    print(json.dumps(uvloop.run(broker_main(args) if args.broker else main(args))))

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
+from shoal.errors import ShoalError
 from shoal.events.event import Event, decode_record
 from shoal.events.group import GroupMember, offset_key
 from shoal.events.retry import Drop, RetryPolicy
@@ -32,6 +33,7 @@ READ_BATCH = 1024
 TAIL_BATCH = 64  # a worker that keeps up asks for little (brokers may read it inline)
 COMMIT_INTERVAL = 0.1  # at most one commit per partition per interval; always on stop
 IDLE_WAIT = 5.0
+BACKEND_RETRY = 0.2  # pause before retrying a failed broker read or offset load
 
 
 @dataclass
@@ -289,13 +291,24 @@ class _PartitionWorker:
                     with contextlib.suppress(Exception):
                         await self._committing
                 self.moved = False
-                offset = await self._initial_offset()
+                try:
+                    offset = await self._initial_offset()
+                except ShoalError as exc:  # a store or broker briefly away: try again
+                    log.warning("partition %s/%s: cannot load the offset: %s",
+                                topic, self.p, exc)
+                    await asyncio.sleep(BACKEND_RETRY)
+                    continue
                 self.tracker = tracker = OffsetTracker(offset)
                 last_commit = self._last_commit = time.monotonic()
                 limit = READ_BATCH
                 while not self.stopping and not self.moved:
                     gen = broker.append_generation(topic)
-                    records = await broker.read(topic, self.p, offset, limit)
+                    try:
+                        records = await broker.read(topic, self.p, offset, limit)
+                    except ShoalError as exc:  # e.g. a server restarting: read again soon
+                        log.warning("partition %s/%s: read failed: %s", topic, self.p, exc)
+                        await asyncio.sleep(BACKEND_RETRY)
+                        continue
                     limit = TAIL_BATCH if len(records) < TAIL_BATCH else READ_BATCH
                     if not records:
                         await self._drain()

@@ -120,6 +120,8 @@ class GroupMember:
                     lease=self.lease,
                 )
                 self._changed.set()
+            except StoreError as exc:  # the store briefly away: keep trying within the TTL
+                log.warning("member %s: keepalive failed: %s", self.member, exc)
 
     async def _rebalance_loop(self) -> None:
         while not self._closing:
@@ -128,7 +130,12 @@ class GroupMember:
                     await self._changed.wait()
             self._changed.clear()
             if not self._closing:
-                await self.rebalance()
+                try:
+                    await self.rebalance()
+                except StoreError as exc:
+                    log.warning("member %s: rebalance failed, retrying: %s", self.member, exc)
+                    await asyncio.sleep(0.2)
+                    self._changed.set()
 
     async def rebalance(self) -> None:
         """Release what is no longer ours, claim what is ours and free."""

@@ -1,4 +1,4 @@
-"""Open a Store from a URL: ``memory://``, ``sqlite:///PATH``."""
+"""Open a Store from a URL: ``memory://``, ``sqlite:///PATH``, ``nats://HOST:PORT``."""
 
 from __future__ import annotations
 
@@ -20,4 +20,11 @@ async def connect_store(url: str | None = None) -> Store:
         from shoal.store.sqlite import SqliteStore
 
         return await SqliteStore.open(url)
-    raise ConfigError(f"store url: unsupported scheme in {url!r} (expected memory:// or sqlite:///PATH)")
+    if scheme == "nats":
+        from shoal.store.nats import NatsStore
+
+        return await NatsStore.open(url)
+    raise ConfigError(
+        f"store url: unsupported scheme in {url!r}"
+        " (expected memory://, sqlite:///PATH or nats://HOST:PORT)"
+    )

@@ -1,4 +1,4 @@
-"""The Store contract, run unchanged against every adapter (memory, sqlite)."""
+"""The Store contract, run unchanged against every adapter (memory, sqlite, nats)."""
 
 from __future__ import annotations
 
@@ -22,14 +22,15 @@ SLACK = 0.5  # how late after its expiry a lease's deletes may be seen
 class Backend:
     """Opens clients of one fresh store; every client opened is closed after the test."""
 
-    def __init__(self, kind: str, tmp_path: Path) -> None:
+    def __init__(self, kind: str, tmp_path: Path, nats_base: str = "") -> None:
         self.kind = kind
         self.tmp_path = tmp_path
-        self.url = (
-            f"memory://conformance-{uuid.uuid4().hex}"
-            if kind == "memory"
-            else f"sqlite:///{tmp_path}/store.db"
-        )
+        self.url = {
+            "memory": f"memory://conformance-{uuid.uuid4().hex}",
+            "sqlite": f"sqlite:///{tmp_path}/store.db",
+            "nats": f"{nats_base}/t{uuid.uuid4().hex[:12]}",
+        }[kind]
+        self.nats_base = nats_base
         self.opened: list[Store] = []
 
     async def client(self) -> Store:
@@ -42,15 +43,21 @@ class Backend:
         """A separate store keeping only ``history`` changes for watch replay."""
         if self.kind == "memory":
             store: Store = MemoryStore(history=history)
+        elif self.kind == "nats":
+            from shoal.store.nats import NatsStore
+
+            store = await NatsStore.open(f"{self.nats_base}/t{uuid.uuid4().hex[:12]}",
+                                         history=history)
         else:
             store = await SqliteStore.open(f"sqlite:///{self.tmp_path}/small.db", history=history)
         self.opened.append(store)
         return store
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "nats"])
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
-    b = Backend(request.param, tmp_path)
+    nats_base = request.getfixturevalue("nats_server").url if request.param == "nats" else ""
+    b = Backend(request.param, tmp_path, nats_base)
     yield b
     for store in b.opened:
         await store.close()

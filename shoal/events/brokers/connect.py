@@ -1,4 +1,4 @@
-"""Open a Broker from a URL: ``memory://``, ``sqlite:///PATH``."""
+"""Open a Broker from a URL: ``memory://``, ``sqlite:///PATH``, ``nats://HOST:PORT``."""
 
 from __future__ import annotations
 
@@ -20,6 +20,11 @@ async def connect_broker(url: str | None = None) -> Broker:
         from shoal.events.brokers.sqlite import SqliteBroker
 
         return await SqliteBroker.open(url)
+    if scheme == "nats":
+        from shoal.events.brokers.nats import NatsBroker
+
+        return await NatsBroker.open(url)
     raise ConfigError(
-        f"broker url: unsupported scheme in {url!r} (expected memory:// or sqlite:///PATH)"
+        f"broker url: unsupported scheme in {url!r}"
+        " (expected memory://, sqlite:///PATH or nats://HOST:PORT)"
     )
