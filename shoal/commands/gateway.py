@@ -20,12 +20,6 @@ import typer
 
 from shoal.commands.serving import configure_logs, fail, report_ready, run_until_signal
 from shoal.errors import ConfigError
-from shoal.gateway.config import (
-    GatewayConfig,
-    load_gateway_config,
-    parse_listen,
-)
-from shoal.gateway.running import Ready, serve_gateway
 from shoal.settings import MANIFEST_NAME, load_manifest, resolve
 
 
@@ -58,6 +52,10 @@ def gateway(
         "--workers", min=1, max=256, help="Worker processes sharing the port")] = 1,
 ) -> None:
     """Run the gateway: routes from the config and the Store, endpoints from the registry."""
+    # imported here: every other `shoal` command starts faster without the gateway
+    from shoal.gateway.config import GatewayConfig, load_gateway_config, parse_listen
+    from shoal.gateway.running import Ready, serve_gateway
+
     configure_logs("gateway")
     try:
         path = config if config is not None else (
