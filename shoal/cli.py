@@ -27,6 +27,7 @@ import msgspec
 import typer
 
 from shoal.commands.gateway import gateway as gateway_command
+from shoal.commands.sidecar import sidecar as sidecar_command
 from shoal.errors import ConfigError, InvalidEvent, ShoalError, TopicError
 from shoal.events.bus import EventBus, Message
 from shoal.events.event import Event, decode_record
@@ -742,6 +743,7 @@ def _print_dead_letters(
 
 
 app.command("gateway")(gateway_command)
+app.command("sidecar")(sidecar_command)
 
 
 def main() -> None:
