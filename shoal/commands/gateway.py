@@ -24,9 +24,11 @@ from shoal.settings import MANIFEST_NAME, load_manifest, resolve
 
 
 def _run_workers(workers: int) -> None:
-    """TODO(lead): hand ``--workers N > 1`` to the SO_REUSEPORT runner of branch
-    gateway-perf (``shoal.gateway.workers``) once it is merged; each worker then runs
-    ``serve_gateway(..., reuse_port=True)``."""
+    """TODO(lead): join with branch gateway-perf once merged: for one TCP listen address,
+    ``sys.exit(run_workers(lambda: gateway_app(loaded, store=..., broker=...), host, port,
+    workers=workers, limits=loaded.limits, grace=loaded.drain, on_ready=...))`` from
+    ``shoal.gateway.workers`` (``RunningGateway`` has the ``.handle`` it wants; adapt its
+    factory to yield ``.handle``)."""
     raise ConfigError(f"--workers {workers}: several worker processes need "
                       "shoal.gateway.workers, which this build does not have yet; use "
                       "--workers 1")

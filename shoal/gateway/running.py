@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from shoal.errors import ConfigError
@@ -20,12 +20,25 @@ from shoal.events.bus import EventBus
 from shoal.gateway.config import GatewayConfig, ListenAddress
 from shoal.gateway.proxy import Gateway
 from shoal.gateway.reload import RouteWatcher
-from shoal.gateway.server import HttpServer
+from shoal.gateway.server import Handler, HttpServer
 from shoal.mesh.registry import EndpointCache
 from shoal.store.base import Store
 from shoal.store.connect import connect_store
 
 log = logging.getLogger("shoal.gateway")
+
+
+@dataclass(frozen=True, slots=True)
+class RunningGateway:
+    """A gateway with its parts open: ``gateway.handle`` is the server's handler."""
+
+    gateway: Gateway
+    watcher: RouteWatcher | None
+
+    @property
+    def handle(self) -> Handler:
+        """The ``HttpServer`` handler."""
+        return self.gateway.handle
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,10 +80,12 @@ async def open_store(url: str) -> Store:
         raise ConfigError(f"cannot open store {url!r}: {exc}") from None
 
 
-async def serve_gateway(config: GatewayConfig, *, store: str, broker: str | None,
-                        stop: asyncio.Event, on_ready: Callable[[Ready], None],
-                        reuse_port: bool = False) -> None:
-    """Run the gateway until ``stop`` is set (see the module docstring)."""
+@contextlib.asynccontextmanager
+async def gateway_app(config: GatewayConfig, *, store: str, broker: str | None
+                      ) -> AsyncIterator[RunningGateway]:
+    """The gateway's parts, opened and closed together: Store, bus, endpoint cache, the
+    ``Gateway`` and its route watcher. Each worker process enters its own (the shape
+    ``shoal.gateway.workers.run_workers`` takes, via ``.handle``)."""
     async with contextlib.AsyncExitStack() as stack:
         the_store = await open_store(store)
         stack.push_async_callback(the_store.close)
@@ -90,12 +105,21 @@ async def serve_gateway(config: GatewayConfig, *, store: str, broker: str | None
             watcher = await RouteWatcher(gateway, the_store, config.routes_key,
                                          config.routes).start()
             stack.push_async_callback(watcher.close)
-        server = HttpServer(gateway.handle, limits=config.limits)
+        yield RunningGateway(gateway, watcher)
+
+
+async def serve_gateway(config: GatewayConfig, *, store: str, broker: str | None,
+                        stop: asyncio.Event, on_ready: Callable[[Ready], None],
+                        reuse_port: bool = False) -> None:
+    """Run the gateway in this process until ``stop`` is set (see the module docstring)."""
+    async with gateway_app(config, store=store, broker=broker) as running:
+        server = HttpServer(running.gateway.handle, limits=config.limits)
         try:
             bound = await listen(server, config.listen, reuse_port=reuse_port)
             for overlap in config.routes.table.overlaps():
                 log.warning("gateway: %s", overlap)
-            on_ready(Ready(bound, len(gateway.routes), config.routes_key,
+            watcher = running.watcher
+            on_ready(Ready(bound, len(running.gateway.routes), config.routes_key,
                            watcher.revision if watcher else 0))
             await stop.wait()
             log.info("gateway: stopping: finishing in-flight requests (up to %gs)",
