@@ -42,6 +42,8 @@ from shoal.units import parse_duration, parse_size
 DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_ROUTES_KEY = "shoal/gateway/routes"
 DEFAULT_DRAIN = 10.0
+MAX_ROUTES = 1000
+"""Most routes in one table (load-time overlap checks compare every pair)."""
 SECTION_KEYS = ("listen", "routes_key", "drain", "limits", "services", "routes")
 
 
@@ -179,6 +181,9 @@ def routes_from(doc: YamlDocument, data: Any, base: Path) -> LoadedRoutes:
     where = dotted(base) or "routes"
     if data is not None and not isinstance(data, list):
         raise doc.error(base, f"{where}: expected a list of routes, got {_kind(data)}")
+    if data is not None and len(data) > MAX_ROUTES:
+        raise doc.error(base, f"{where}: {len(data)} routes, more than the limit of "
+                              f"{MAX_ROUTES}")
     try:
         table = RouteTable.from_config(data, where=where)
     except ConfigError as exc:

@@ -68,14 +68,16 @@ class RouteWatcher:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
 
-    def apply(self, value: bytes | None, revision: int) -> bool:
+    async def apply(self, value: bytes | None, revision: int) -> bool:
         """Serve the routes in ``value`` (None: the key is gone, back to ``base``); False if
-        the value was refused (logged; the table in service stays)."""
+        the value was refused (logged; the table in service stays). The value is parsed
+        and validated in a thread: a large table takes a while, and traffic goes on."""
         if value is None:
             new, what = self.base, "deleted: back to the config file's routes"
         else:
             try:
-                new = parse_routes(value, f"store key {self.key!r} (revision {revision})")
+                new = await asyncio.to_thread(
+                    parse_routes, value, f"store key {self.key!r} (revision {revision})")
             except ConfigError as exc:
                 self.refused += 1
                 self.last_error = str(exc)
@@ -101,9 +103,9 @@ class RouteWatcher:
         revision = await self.store.revision()
         entry = await self.store.get(self.key)
         if entry is not None:
-            self.apply(entry.value, entry.revision)
+            await self.apply(entry.value, entry.revision)
         elif self.current is not self.base:
-            self.apply(None, revision)
+            await self.apply(None, revision)
         return self.store.watch(self.key, after_revision=revision)
 
     async def _follow(self, stream: object) -> None:
@@ -113,8 +115,8 @@ class RouteWatcher:
                 async for change in stream:  # type: ignore[attr-defined]
                     delay = 0.05
                     if change.key == self.key and change.revision > self.revision:
-                        self.apply(change.value if change.kind == "put" else None,
-                                   change.revision)
+                        await self.apply(change.value if change.kind == "put" else None,
+                                         change.revision)
                 return  # the store was closed
             except StoreError as exc:
                 log.warning("gateway: watching store key %r failed (%s); reading it again",

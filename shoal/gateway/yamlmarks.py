@@ -11,6 +11,7 @@ nesting deeper than ``MAX_YAML_DEPTH``, several documents, tags outside YAML's s
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,8 @@ MAX_YAML_DEPTH = 64
 
 Path = tuple[str | int, ...]
 
+_Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: ~7x
+_BRACKETS = re.compile(r"[^\[\]{}]+")
 _MAP = "tag:yaml.org,2002:map"
 _SEQ = "tag:yaml.org,2002:seq"
 
@@ -71,8 +74,9 @@ def load_yaml(text: str | bytes, source: str) -> YamlDocument:
         except UnicodeDecodeError as exc:
             line = text[:exc.start].count(b"\n") + 1
             raise ConfigError(f"{source}, line {line}: not valid UTF-8") from None
+    _check_flow_depth(text, source)
     doc = YamlDocument(None, source, {(): 1})
-    loader = yaml.SafeLoader(text)
+    loader = _Loader(text)
     try:
         node = loader.get_single_node()
         if node is not None:
@@ -94,8 +98,32 @@ def load_yaml(text: str | bytes, source: str) -> YamlDocument:
     return doc
 
 
+def _check_flow_depth(text: str, source: str) -> None:
+    """Refuse ``[[[[...`` deeper than ``MAX_YAML_DEPTH`` before parsing: libyaml recurses
+    on the C stack and crashes the process on a few tens of thousands of levels. (Counted
+    over every bracket, quoted or not: a config never nests that deep.) Block nesting is
+    bounded by the size limit (each level costs one more space of indentation)."""
+    depth = 0
+    for i, char in enumerate(_BRACKETS.sub("", text)):
+        depth += 1 if char in "[{" else -1
+        if depth > MAX_YAML_DEPTH:
+            line = text[:_nth_bracket(text, i)].count("\n") + 1
+            raise ConfigError(f"{source}, line {line}: nested more than {MAX_YAML_DEPTH} "
+                              "levels deep")
+        depth = max(depth, 0)
+
+
+def _nth_bracket(text: str, n: int) -> int:
+    """The index in ``text`` of its ``n``-th bracket character (0-based)."""
+    for m in re.finditer(r"[\[\]{}]", text):
+        if n == 0:
+            return m.start()
+        n -= 1
+    return len(text)
+
+
 class _Builder:
-    def __init__(self, loader: yaml.SafeLoader, doc: YamlDocument) -> None:
+    def __init__(self, loader: Any, doc: YamlDocument) -> None:
         self.loader = loader
         self.doc = doc
         self.budget = MAX_YAML_NODES

@@ -207,3 +207,13 @@ def test_unchanged_routes_are_found_by_their_config() -> None:
 def test_listen_refused(value: object) -> None:
     with pytest.raises(ConfigError, match="--listen"):
         parse_listen(value, what="--listen")
+
+
+def test_too_many_routes_refused() -> None:
+    from shoal.gateway.config import MAX_ROUTES
+
+    text = "".join(f"- {{match: {{path: {{exact: /r{i}}}}}, service: s}}\n"
+                   for i in range(MAX_ROUTES + 1))
+    with pytest.raises(ConfigError, match=rf"store key 'k', line 1: routes: {MAX_ROUTES + 1} "
+                                          rf"routes, more than the limit of {MAX_ROUTES}"):
+        parse_routes(text, "store key 'k'")
