@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ import pytest
 from shoal.gateway import HttpServer, Request, Response
 from shoal.mesh.registry import Instance, Registry
 from shoal.store import connect_store
+from shoal.store.base import Store
 
 KEY = "shoal/gateway/routes"
 
@@ -104,17 +106,26 @@ async def backend(name: str) -> HttpServer:
     return server
 
 
+@dataclass
+class World:
+    gw: Gateway
+    store: Store
+    registry: Registry
+    spare_port: int  # a backend answering "svc-a2", not registered
+
+
 @pytest.fixture
-async def running(tmp_path: Path) -> AsyncIterator[tuple[Gateway, object]]:
+async def running(tmp_path: Path) -> AsyncIterator[World]:
     store_url = f"sqlite:///{tmp_path}/store.db"
     store = await connect_store(store_url)
     registry = Registry(store)
     servers = []
-    for name in ("svc-a", "svc-b"):
+    for name in ("svc-a", "svc-b", "svc-a2"):
         server = await backend(name)
         servers.append(server)
-        await registry.register(Instance(id=f"{name}-1", service=name,
-                                         address=f"127.0.0.1:{server.port}"))
+        if name != "svc-a2":
+            await registry.register(Instance(id=f"{name}-1", service=name,
+                                             address=f"127.0.0.1:{server.port}"))
     config = tmp_path / "shoal.yaml"
     config.write_text(
         "gateway:\n"
@@ -130,7 +141,7 @@ async def running(tmp_path: Path) -> AsyncIterator[tuple[Gateway, object]]:
     gw = Gateway(proc)
     try:
         await gw.start()
-        yield gw, store
+        yield World(gw, store, registry, servers[2].port)
     finally:
         await gw.stop()
         await registry.close()
@@ -140,8 +151,8 @@ async def running(tmp_path: Path) -> AsyncIterator[tuple[Gateway, object]]:
 
 
 async def test_routes_reload_from_the_store_on_an_open_connection(
-        running: tuple[Gateway, object]) -> None:
-    gw, store = running
+        running: World) -> None:
+    gw, store, registry = running.gw, running.store, running.registry
     assert gw.ready["event"] == "ready" and gw.ready["routes"] == 1
     conn = await gw.connect()
     status, _, body = await conn.request("GET", "/x/1")
@@ -149,7 +160,7 @@ async def test_routes_reload_from_the_store_on_an_open_connection(
     status, fields, _ = await conn.request("GET", "/nowhere")
     assert status == 404 and fields["shoal-error"] == "router; no-route"
 
-    await store.put(KEY, b"- {name: x, match: {path: {prefix: /x}}, service: svc-b}\n"  # type: ignore[attr-defined]
+    await store.put(KEY, b"- {name: x, match: {path: {prefix: /x}}, service: svc-b}\n"
                          b"- {name: y, match: {path: {prefix: /y}}, service: svc-a}\n")
     for _ in range(500):  # the same socket, until the new table answers
         status, _, body = await conn.request("GET", "/x/2")
@@ -160,7 +171,7 @@ async def test_routes_reload_from_the_store_on_an_open_connection(
     assert body == b"svc-b"
     assert (await conn.request("GET", "/y/1"))[2] == b"svc-a"
 
-    await store.put(KEY, b"- {name: x, service: svc-a}\n- {name: z, service: svc-b}\n")  # type: ignore[attr-defined]
+    await store.put(KEY, b"- {name: x, service: svc-a}\n- {name: z, service: svc-b}\n")
     for _ in range(500):
         if any("refused new routes" in line for line in gw.stderr):
             break
@@ -168,6 +179,18 @@ async def test_routes_reload_from_the_store_on_an_open_connection(
     refusal = next(line for line in gw.stderr if "refused new routes" in line)
     assert f"store key '{KEY}'" in refusal and "line 2" in refusal and "can never match" in refusal
     assert (await conn.request("GET", "/x/3"))[2] == b"svc-b"  # the old table stays
+
+    # endpoints follow the registry: svc-a moves to another instance, same socket
+    await registry.register(Instance(id="svc-a-2", service="svc-a",
+                                     address=f"127.0.0.1:{running.spare_port}"))
+    old = next(r for r in registry.instances() if r.instance.id == "svc-a-1")
+    await old.deregister()
+    for _ in range(500):
+        body = (await conn.request("GET", "/y/2"))[2]
+        if body == b"svc-a2":
+            break
+        await asyncio.sleep(0.01)
+    assert body == b"svc-a2"
 
     event = b'{"order": 1}'
     status, _, body = await conn.request(
