@@ -75,8 +75,7 @@ def gateway(
 
     def ready(info: Ready) -> None:
         report_ready(listen=info.listen, routes=info.routes, routes_key=info.routes_key,
-                     routes_revision=info.routes_revision, store=settings.store,
-                     broker=settings.broker, pid=os.getpid())
+                     routes_revision=info.routes_revision, pid=os.getpid())
 
     async def main(stop: asyncio.Event) -> None:
         await serve_gateway(loaded, store=settings.store, broker=settings.broker, stop=stop,

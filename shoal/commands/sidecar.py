@@ -101,7 +101,7 @@ def sidecar(
 
     def ready(info: SidecarReady) -> None:
         report_ready(service=service, instance=info.instance_id, listen=info.listen,
-                     address=info.address, app=app, store=settings.store, pid=os.getpid())
+                     address=info.address, app=app, pid=os.getpid())
 
     async def main(stop: asyncio.Event) -> None:
         await serve_sidecar(config, store=settings.store, stop=stop, on_ready=ready)

@@ -174,3 +174,21 @@ async def test_apps_behind_sidecars_join_the_mesh_and_leave_it(tmp_path: Path,
         await mesh.aclose()
         await cache.close()
         await store.close()
+
+
+def test_bad_flags_exit_2_with_one_line(tmp_path: Path) -> None:
+    import subprocess
+
+    for args, fragment in (
+            (["--listen", "0.0.0.0:8001", "--app", "127.0.0.1:9000"], "--advertise"),
+            (["--listen", "127.0.0.1:0", "--app", "127.0.0.1:9000", "--health-interval",
+              "0s"], "--health-interval: must be a duration greater than zero"),
+            (["--listen", "127.0.0.1:0", "--app", "127.0.0.1:9000", "--label", "v"],
+             "--label 'v': expected KEY=VALUE")):
+        result = subprocess.run(
+            [sys.executable, "-m", "shoal.cli", "sidecar", "--service", "web", *args,
+             "--store", f"sqlite:///{tmp_path}/s.db"], cwd=tmp_path, env=clean_env(),
+            text=True, capture_output=True, timeout=60)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1, result.stderr
+        assert lines[0].startswith("shoal: error: ") and fragment in lines[0], lines
