@@ -96,9 +96,12 @@ class Gateway:
         return self.proc.returncode  # type: ignore[return-value]
 
 
-async def backend(name: str) -> HttpServer:
+async def backend(name: str, slow_started: asyncio.Event) -> HttpServer:
     async def handle(req: Request) -> Response:
         await req.body()
+        if req.path.endswith("/slow"):
+            slow_started.set()
+            await asyncio.sleep(0.5)
         return Response(name.encode(), headers=[(b"x-path", req.raw_path)])
 
     server = HttpServer(handle)
@@ -112,6 +115,7 @@ class World:
     store: Store
     registry: Registry
     spare_port: int  # a backend answering "svc-a2", not registered
+    slow_started: asyncio.Event  # a backend began answering a /slow request
 
 
 @pytest.fixture
@@ -120,8 +124,9 @@ async def running(tmp_path: Path) -> AsyncIterator[World]:
     store = await connect_store(store_url)
     registry = Registry(store)
     servers = []
+    slow_started = asyncio.Event()
     for name in ("svc-a", "svc-b", "svc-a2"):
-        server = await backend(name)
+        server = await backend(name, slow_started)
         servers.append(server)
         if name != "svc-a2":
             await registry.register(Instance(id=f"{name}-1", service=name,
@@ -141,7 +146,7 @@ async def running(tmp_path: Path) -> AsyncIterator[World]:
     gw = Gateway(proc)
     try:
         await gw.start()
-        yield World(gw, store, registry, servers[2].port)
+        yield World(gw, store, registry, servers[2].port, slow_started)
     finally:
         await gw.stop()
         await registry.close()
@@ -199,9 +204,17 @@ async def test_routes_reload_from_the_store_on_an_open_connection(
         "content-type: application/json\r\n")
     assert status == 202 and json.loads(body)["offset"] == 0
 
+    # SIGTERM with a request in flight: it is answered (connection: close), then exit 0
+    other = await gw.connect()
+    other.writer.write(b"GET /y/slow HTTP/1.1\r\nHost: gw.test\r\n\r\n")
+    await asyncio.wait_for(running.slow_started.wait(), 10)
+    gw.proc.send_signal(signal.SIGTERM)
+    answer = await asyncio.wait_for(other.reader.read(), 10)
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"svc-a2"), answer
+    assert b"connection: close" in answer.lower()
     assert await gw.stop() == 0
     assert not any("Traceback" in line for line in gw.stderr), gw.stderr
-    assert await conn.reader.read() == b""  # closed by the shutdown, after the answers
+    assert await conn.reader.read() == b""  # the idle keep-alive connection was closed
 
 
 def test_bad_config_and_flags_exit_2_naming_where(tmp_path: Path) -> None:
