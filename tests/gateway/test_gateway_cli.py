@@ -215,6 +215,9 @@ async def test_routes_reload_from_the_store_on_an_open_connection(
     assert await gw.stop() == 0
     assert not any("Traceback" in line for line in gw.stderr), gw.stderr
     assert await conn.reader.read() == b""  # the idle keep-alive connection was closed
+    for c in (conn, other):
+        c.writer.close()
+        await c.writer.wait_closed()
 
 
 def test_bad_config_and_flags_exit_2_naming_where(tmp_path: Path) -> None:
