@@ -27,6 +27,7 @@ import msgspec
 import typer
 
 from shoal.commands.gateway import gateway as gateway_command
+from shoal.commands.routes import routes_app
 from shoal.commands.sidecar import sidecar as sidecar_command
 from shoal.errors import ConfigError, InvalidEvent, ShoalError, TopicError
 from shoal.events.bus import EventBus, Message
@@ -744,6 +745,7 @@ def _print_dead_letters(
 
 app.command("gateway")(gateway_command)
 app.command("sidecar")(sidecar_command)
+app.add_typer(routes_app)
 
 
 def main() -> None:
