@@ -24,7 +24,7 @@ def path_conditions(draw: st.DrawFn) -> dict[str, str] | None:
     return {kind: path}
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.lists(path_conditions(), min_size=1, max_size=12))
 def test_index_keeps_every_related_pair(paths: list[dict[str, str] | None]) -> None:
     # routes built one by one: a table would refuse the shadowed ones this test wants
