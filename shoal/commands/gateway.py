@@ -37,19 +37,19 @@ def _run_workers(workers: int) -> None:
 def gateway(
     config: Annotated[Path | None, typer.Option(
         "--config", metavar="FILE", show_default=False,
-        help="Manifest with a gateway: section [else ./shoal.yaml if present]")] = None,
+        help="Manifest with a gateway: section (else ./shoal.yaml if present)")] = None,
     listen: Annotated[list[str] | None, typer.Option(
         "--listen", metavar="ADDR", show_default=False,
-        help="host:port, :port or unix:/path (repeatable) [else gateway.listen, "
-             "127.0.0.1:8080]")] = None,
+        help="host:port, :port or unix:/path (repeatable; else gateway.listen, "
+             "127.0.0.1:8080)")] = None,
     store: Annotated[str | None, typer.Option(
         "--store", metavar="URL", show_default=False,
-        help="Store URL (registry, routes) [else $SHOAL_STORE, store: in the config, "
-             "beside the broker]")] = None,
+        help="Store URL: registry, routes (else $SHOAL_STORE, store: in the config, "
+             "beside the broker)")] = None,
     broker: Annotated[str | None, typer.Option(
         "--broker", metavar="URL", show_default=False,
-        help="Broker URL for POST /events/{topic} [else $SHOAL_BROKER, broker: in the "
-             "config, sqlite:///.shoal/events.db]")] = None,
+        help="Broker URL for POST /events/{topic} (else $SHOAL_BROKER, broker: in the "
+             "config, sqlite:///.shoal/events.db)")] = None,
     workers: Annotated[int, typer.Option(
         "--workers", min=1, max=256, help="Worker processes sharing the port")] = 1,
 ) -> None:

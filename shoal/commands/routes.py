@@ -27,7 +27,7 @@ routes_app = typer.Typer(name="routes", no_args_is_help=True, add_completion=Fal
 
 StoreOption = Annotated[str | None, typer.Option(
     "--store", metavar="URL", show_default=False,
-    help="Store URL [else $SHOAL_STORE, store: in ./shoal.yaml, the default]")]
+    help="Store URL (else $SHOAL_STORE, store: in ./shoal.yaml, the default)")]
 KeyOption = Annotated[str, typer.Option(
     "--key", metavar="KEY", help="Store key gateways watch (gateway.routes_key)")]
 DEFAULT_KEY = "shoal/gateway/routes"  # shoal.gateway.config.DEFAULT_ROUTES_KEY

@@ -54,7 +54,7 @@ def sidecar(
         "--app", metavar="ADDR", help="Where the app listens: host:port or /path.sock")],
     store: Annotated[str | None, typer.Option(
         "--store", metavar="URL", show_default=False,
-        help="Store URL (the registry) [else $SHOAL_STORE, store: in ./shoal.yaml]")] = None,
+        help="Store URL of the registry (else $SHOAL_STORE, store: in ./shoal.yaml)")] = None,
     health_path: Annotated[str, typer.Option(
         "--health-path", help="The app's health endpoint (2xx: healthy)")] = "/healthz",
     health_interval: Annotated[str, typer.Option(
@@ -66,10 +66,10 @@ def sidecar(
     )] = 3,
     advertise: Annotated[str | None, typer.Option(
         "--advertise", metavar="ADDR", show_default=False,
-        help="Address registered for callers [default: the listen address]")] = None,
+        help="Address registered for callers (default: the listen address)")] = None,
     instance_id: Annotated[str | None, typer.Option(
         "--instance-id", metavar="ID", show_default=False,
-        help="Instance id [default: SERVICE-<random>]")] = None,
+        help="Instance id (default: SERVICE-<random>)")] = None,
     label: Annotated[list[str] | None, typer.Option(
         "--label", metavar="KEY=VALUE", show_default=False,
         help="Instance label, e.g. version=2 (repeatable)")] = None,
