@@ -84,6 +84,13 @@ class RouteWatcher:
                 log.error("gateway: refused new routes: %s; the %d route(s) in service stay",
                           exc, len(self.current.table))
                 return False
+            except Exception as exc:  # a loader bug must not end the watch
+                self.refused += 1
+                self.last_error = f"store key {self.key!r} (revision {revision}): {exc!r}"
+                log.exception("gateway: refused new routes from store key %r (revision %d): "
+                              "unexpected %r; the %d route(s) in service stay", self.key,
+                              revision, exc, len(self.current.table))
+                return False
             what = f"revision {revision}"
         unchanged = new.unchanged(self.current)
         self.gateway.swap_routes(new.table, unchanged)

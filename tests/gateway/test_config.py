@@ -3,11 +3,15 @@ oversized or hostile document is refused with the file, the line and the key."""
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from shoal.errors import ConfigError
 from shoal.gateway.config import (
@@ -18,6 +22,7 @@ from shoal.gateway.config import (
     parse_listen,
     parse_routes,
 )
+from shoal.gateway.routes import ROUTE_KEYS
 from shoal.gateway.yamlmarks import MAX_YAML_BYTES, load_yaml
 
 GOOD = """\
@@ -217,3 +222,32 @@ def test_too_many_routes_refused() -> None:
     with pytest.raises(ConfigError, match=rf"store key 'k', line 1: routes: {MAX_ROUTES + 1} "
                                           rf"routes, more than the limit of {MAX_ROUTES}"):
         parse_routes(text, "store key 'k'")
+
+
+KEYS = st.sampled_from(["name", "match", "path", "prefix", "exact", "regex", "host", "methods",
+                        "headers", "query", "present", "service", "destinations", "subset",
+                        "weight", "rewrite", "mirror", "percent", "fault", "delay", "abort",
+                        "status", "fixed", "timeout", "retries", "attempts", "request", "set",
+                        "add", "remove", "load_balancer", "policy", "circuit_breaker",
+                        "outlier_detection", "x-a", "version"])
+SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-2, 10**12), st.floats(),
+                    st.sampled_from(["/a", "/", "a", "GET", "2s", "-1s", "(a+)+", "[", "v1",
+                                     "*.x.com", "\x00", "%zz", "orders", "peak_ewma", "50%",
+                                     "x" * 300]))
+VALUES = st.recursive(SCALARS, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(KEYS, inner, max_size=5)), max_leaves=15)
+
+
+ROUTE = st.dictionaries(st.sampled_from(ROUTE_KEYS), VALUES, max_size=6)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+@given(routes=st.lists(ROUTE, max_size=4))
+def test_random_store_values_only_raise_config_errors(routes: list[dict[str, Any]]) -> None:
+    """Whatever a Store value holds, loading it either works or raises a ConfigError that
+    names the store key and a line (never another exception, which would stop reloads)."""
+    text = json.dumps(routes, allow_nan=True)
+    try:
+        parse_routes(text, "store key 'k'")
+    except ConfigError as exc:
+        assert str(exc).startswith("store key 'k', line 1: "), exc
