@@ -1,4 +1,4 @@
-"""``shoal sidecar`` with real processes: two plain ``python -m http.server`` apps, each
+"""``shoal sidecar`` with real processes: two plain Python ``http.server`` apps, each
 behind its own ``shoal sidecar``, called through ``MeshClient`` by service name. An app
 that dies takes its instance out of rotation; SIGTERM drains and deregisters. And the pure
 piece: ``AppHealth``."""
@@ -22,6 +22,7 @@ from shoal.gateway.config import parse_listen
 from shoal.gateway.sidecar import AppHealth, SidecarConfig
 from shoal.mesh import MeshClient
 from shoal.mesh.health import HealthCheckConfig, HealthState, InstanceHealth
+from shoal.mesh.http1 import ConnectionPool
 from shoal.mesh.registry import EndpointCache
 from shoal.store import connect_store
 from tests.helpers import eventually
@@ -70,18 +71,38 @@ class Proc:
     info: dict[str, object]
 
 
-def site(directory: Path, name: str) -> Path:
-    """A directory for http.server: /healthz and /hello.txt (which says ``name``)."""
-    directory.mkdir()
-    (directory / "healthz").write_text("ok")
-    (directory / "hello.txt").write_text(name)
-    return directory
+APP = r"""
+import http.server, sys, time
+NAME = sys.argv[1].encode()
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        if self.path == "/slow":
+            print("slow", flush=True)
+            time.sleep(0.5)
+        body = b"ok" if self.path == "/healthz" else NAME
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+print("port", server.server_address[1], flush=True)
+server.serve_forever()
+"""
 
 
-async def start_app(directory: Path) -> Proc:
+async def start_app(name: str) -> Proc:
+    """A plain Python HTTP/1.1 app (no Shoal): /healthz, /slow (half a second, says "slow"
+    on stdout when it starts), anything else answers ``name``."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1", "--directory",
-        str(directory), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+        sys.executable, "-c", APP, name, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL)
     assert proc.stdout is not None
     line = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode()
     port = int(re.search(r"port (\d+)", line).group(1))  # type: ignore[union-attr]
@@ -114,6 +135,15 @@ async def stop(proc: asyncio.subprocess.Process) -> int:
     return proc.returncode  # type: ignore[return-value]
 
 
+async def direct_get(address: str, path: str) -> tuple[int, bytes]:
+    pool = ConnectionPool(address)
+    try:
+        resp = await pool.request("GET", path, [("host", "web")])
+        return resp.status, await resp.aread()
+    finally:
+        await pool.aclose()
+
+
 @pytest.fixture
 async def procs() -> AsyncIterator[list[Proc]]:
     held: list[Proc] = []
@@ -129,7 +159,7 @@ async def procs() -> AsyncIterator[list[Proc]]:
 async def test_apps_behind_sidecars_join_the_mesh_and_leave_it(tmp_path: Path,
                                                                procs: list[Proc]) -> None:
     store_url = f"sqlite:///{tmp_path}/store.db"
-    apps = await asyncio.gather(*(start_app(site(tmp_path / n, n)) for n in ("app-a", "app-b")))
+    apps = await asyncio.gather(*(start_app(n) for n in ("app-a", "app-b")))
     procs.extend(apps)
     sidecars = await asyncio.gather(*(
         start_sidecar(tmp_path, store_url, int(app.info["port"]), f"web-{n}")  # type: ignore[call-overload]
@@ -162,7 +192,15 @@ async def test_apps_behind_sidecars_join_the_mesh_and_leave_it(tmp_path: Path,
         assert cache.get("web", "web-a").reason.startswith("2 failed health checks")  # type: ignore[union-attr]
         assert set(await bodies(10)) == {b"app-b"}
 
-        assert await stop(sidecars[1].proc) == 0  # drains and deregisters
+        # SIGTERM with a request in flight: it is answered; the instance drains and leaves
+        slow = asyncio.create_task(direct_get(str(sidecars[1].info["address"]), "/slow"))
+        assert apps[1].proc.stdout is not None
+        assert await asyncio.wait_for(apps[1].proc.stdout.readline(), 10) == b"slow\n"
+        sidecars[1].proc.send_signal(signal.SIGTERM)
+        await eventually(lambda: cache.state("web", "web-b") in (HealthState.DRAINING, None),
+                         5, "web-b draining")
+        assert await slow == (200, b"app-b")
+        assert await asyncio.wait_for(sidecars[1].proc.wait(), 15) == 0
         await eventually(lambda: cache.get("web", "web-b") is None, 5, "web-b deregistered")
         assert await stop(sidecars[0].proc) == 0
         await eventually(lambda: cache.instances("web") == [], 5, "every instance gone")
