@@ -26,6 +26,9 @@ from typing import Annotated, Any, NoReturn, TypeVar
 import msgspec
 import typer
 
+from shoal.commands.gateway import gateway as gateway_command
+from shoal.commands.routes import routes_app
+from shoal.commands.sidecar import sidecar as sidecar_command
 from shoal.errors import ConfigError, InvalidEvent, ShoalError, TopicError
 from shoal.events.bus import EventBus, Message
 from shoal.events.event import Event, decode_record
@@ -738,6 +741,11 @@ def _print_dead_letters(
         body.append(_printable(ext.get("dlqreason", "")), style="red")
         console.print(head)
         console.print(body)
+
+
+app.command("gateway")(gateway_command)
+app.command("sidecar")(sidecar_command)
+app.add_typer(routes_app)
 
 
 def main() -> None:

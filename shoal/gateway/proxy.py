@@ -259,6 +259,34 @@ class Gateway:
             return _event_error(503, "publish-failed", str(exc))
         return Response.json(ack, status=202)
 
+    def swap_routes(self, routes: RouteTable,
+                    unchanged: Mapping[Route, Route] | None = None) -> None:
+        """Route new requests with ``routes``; requests already routed finish on the old
+        table. The upstreams (breaker, balancer, outlier and pool state) of a route in
+        ``unchanged`` (old route -> its identical successor) carry over to the successor;
+        the others stay until ``retire_upstreams``."""
+        moved = dict(self._upstreams)
+        for (route, service, subset), upstream in self._upstreams.items():
+            successor = (unchanged or {}).get(route)
+            if successor is not None:
+                moved.setdefault((successor, service, subset), upstream)
+        self._upstreams = moved
+        self.routes = routes
+
+    async def retire_upstreams(self) -> int:
+        """Forget the upstreams of routes no longer in the table and close those no current
+        route shares; returns how many were closed. Call it once requests routed by an
+        older table have had time to finish."""
+        current = set(self.routes)
+        kept = {k: u for k, u in self._upstreams.items() if k[0] in current}
+        live = {id(u) for u in kept.values()}
+        retired = {id(u): u for k, u in self._upstreams.items()
+                   if k[0] not in current and id(u) not in live}
+        self._upstreams = kept
+        for upstream in retired.values():
+            await upstream.aclose()
+        return len(retired)
+
     async def aclose(self) -> None:
         """Stop mirrors and close every upstream's connections."""
         for task in list(self._mirrors):

@@ -93,7 +93,7 @@ import random
 import re
 import re._constants as _sre  # the parse tree of a pattern, to refuse catastrophic ones
 import re._parser as _sre_parse
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from itertools import chain
@@ -1597,8 +1597,10 @@ def _check_overlaps(routes: Sequence[Route]) -> list[Overlap]:
     """Raise naming every shadowed route; return the partial overlaps."""
     shadowed: list[str] = []
     overlaps: list[Overlap] = []
+    related = _path_candidates(routes)
     for j, later in enumerate(routes):
-        for earlier in routes[:j]:
+        for i in related(j):
+            earlier = routes[i]
             rels = earlier.matcher.relations(later.matcher)
             if Relation.DISJOINT in rels:
                 continue
@@ -1617,3 +1619,36 @@ def _check_overlaps(routes: Sequence[Route]) -> list[Overlap]:
         raise ConfigError("; ".join(shadowed))
     return overlaps
 
+
+
+def _path_candidates(routes: Sequence[Route]) -> Callable[[int], list[int]]:
+    """For route ``j``, the earlier routes whose path condition is not provably disjoint
+    from its own, in declared order: any-path and regex routes, and exact or prefix paths
+    that are a segment-ancestor of, equal to, or (for a prefix) under its path. Every other
+    pair is DISJOINT on the path, so the overlap check skips it (near-linear, not
+    quadratic, for the usual table of distinct prefixes)."""
+    by_value: dict[str, list[int]] = {}
+    wild: list[int] = []
+    for i, route in enumerate(routes):
+        path = route.matcher.path
+        if path.kind in ("exact", "prefix"):
+            by_value.setdefault(path.value, []).append(i)
+        else:
+            wild.append(i)
+    values = sorted(by_value)
+
+    def related(j: int) -> list[int]:
+        path = routes[j].matcher.path
+        if path.kind not in ("exact", "prefix"):
+            return list(range(j))
+        v = path.value
+        found = {i for i in wild if i < j}
+        for k in [k for k, c in enumerate(v) if c == "/" and k] + [len(v)]:
+            found.update(i for i in by_value.get(v[:k], ()) if i < j)
+        if path.kind == "prefix":
+            lo, hi = bisect.bisect_left(values, v + "/"), bisect.bisect_left(values, v + "0")
+            for value in values[lo:hi]:
+                found.update(i for i in by_value[value] if i < j)
+        return sorted(found)
+
+    return related

@@ -809,6 +809,25 @@ def _discard(callbacks: list[Any], callback: Any) -> None:
         callbacks.remove(callback)
 
 
+async def http_check(pool: ConnectionPool, path: str, timeout: float) -> tuple[bool, str]:
+    """One active health check through ``pool``: ``GET path``, passed if it answers 2xx
+    within ``timeout``; returns (passed, what happened)."""
+    where = f"GET {path} on {pool.address}"
+    try:
+        async with asyncio.timeout(timeout):
+            response = await pool.request(
+                "GET", path, [("User-Agent", USER_AGENT), ("Accept", "*/*")])
+            await response.aread()
+    except TimeoutError:
+        return False, f"{where} timed out after {timeout:g}s"
+    except (ShoalError, OSError, ValueError) as e:
+        return False, f"{where} failed: {e}"
+    except Exception as e:  # whatever went wrong, the check did not pass
+        log.debug("health check: unexpected error checking %s", where, exc_info=True)
+        return False, f"{where} failed: {e!r}"
+    return 200 <= response.status < 300, f"{where} answered HTTP {response.status}"
+
+
 # -- the control plane's side ----------------------------------------------------------
 @dataclass(slots=True)
 class _Tracked:
@@ -1059,26 +1078,12 @@ class HealthMonitor:
             due = schedule.next_check_at(clock(), healthy=tracked.health.state.healthy)
 
     async def _probe(self, tracked: _Tracked) -> tuple[bool, str]:
-        """One ``GET <path>``: passed if it answers 2xx within the timeout."""
         config = tracked.config
         timeout: float = config.timeout  # type: ignore[assignment]
         if tracked.pool is None:
             tracked.pool = ConnectionPool(tracked.record.address, max_connections=1,
                                           max_idle=1, connect_timeout=timeout)
-        where = f"GET {config.path} on {tracked.record.address}"
-        try:
-            async with asyncio.timeout(timeout):
-                response = await tracked.pool.request(
-                    "GET", config.path, [("User-Agent", USER_AGENT), ("Accept", "*/*")])
-                await response.aread()
-        except TimeoutError:
-            return False, f"{where} timed out after {timeout:g}s"
-        except (ShoalError, OSError, ValueError) as e:
-            return False, f"{where} failed: {e}"
-        except Exception as e:  # whatever went wrong, the check did not pass
-            log.debug("health monitor: unexpected error checking %s", where, exc_info=True)
-            return False, f"{where} failed: {e!r}"
-        return 200 <= response.status < 300, f"{where} answered HTTP {response.status}"
+        return await http_check(tracked.pool, config.path, timeout)
 
     async def _write_verdict(self, tracked: _Tracked) -> None:
         record, state = tracked.record, tracked.health.state

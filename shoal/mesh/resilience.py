@@ -17,6 +17,7 @@ values with a ``ConfigError`` naming the key.
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import random
 import re
@@ -272,6 +273,9 @@ class TrafficPolicy:
 T = TypeVar("T")
 
 
+_type_hints = functools.cache(get_type_hints)  # evaluating string annotations compiles code
+
+
 def load_config(cls: type[T], data: Any, *, where: str = "") -> T:
     """A config dataclass from a plain dict; errors name the key (``where.key: ...``)."""
     prefix = f"{where}." if where else ""
@@ -287,7 +291,7 @@ def load_config(cls: type[T], data: Any, *, where: str = "") -> T:
         except ConfigError as exc:
             raise ConfigError(f"{prefix}{exc}") from None
     known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-    hints = get_type_hints(cls)
+    hints = _type_hints(cls)
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         if key not in known:

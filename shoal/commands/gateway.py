@@ -1,0 +1,84 @@
+"""``shoal gateway``: the ingress proxy in the foreground.
+
+Config: ``--config FILE`` (else ``./shoal.yaml`` when present) gives the ``gateway:``
+section (``shoal.gateway.config``); ``--listen`` replaces its addresses. Routes then follow
+the Store key ``gateway.routes_key``. Broker and Store: ``--broker``/``--store``, else the
+environment, else the config file's ``broker:``/``store:``, else the defaults
+(``shoal.settings``). Prints one JSON line ``{"event": "ready", "listen": [...], ...}``
+when it serves; SIGTERM or Ctrl-C stop it gracefully (exit 0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from shoal.commands.serving import configure_logs, fail, report_ready, run_until_signal
+from shoal.errors import ConfigError
+from shoal.settings import MANIFEST_NAME, load_manifest, resolve
+
+
+def _run_workers(workers: int) -> None:
+    """TODO(lead): join with branch gateway-perf once merged: for one TCP listen address,
+    ``sys.exit(run_workers(lambda: gateway_app(loaded, store=..., broker=...), host, port,
+    workers=workers, limits=loaded.limits, grace=loaded.drain, on_ready=...))`` from
+    ``shoal.gateway.workers`` (``RunningGateway`` has the ``.handle`` it wants; adapt its
+    factory to yield ``.handle``)."""
+    raise ConfigError(f"--workers {workers}: several worker processes need "
+                      "shoal.gateway.workers, which this build does not have yet; use "
+                      "--workers 1")
+
+
+def gateway(
+    config: Annotated[Path | None, typer.Option(
+        "--config", metavar="FILE", show_default=False,
+        help="Manifest with a gateway: section (else ./shoal.yaml if present)")] = None,
+    listen: Annotated[list[str] | None, typer.Option(
+        "--listen", metavar="ADDR", show_default=False,
+        help="host:port, :port or unix:/path (repeatable; else gateway.listen, "
+             "127.0.0.1:8080)")] = None,
+    store: Annotated[str | None, typer.Option(
+        "--store", metavar="URL", show_default=False,
+        help="Store URL: registry, routes (else $SHOAL_STORE, store: in the config, "
+             "beside the broker)")] = None,
+    broker: Annotated[str | None, typer.Option(
+        "--broker", metavar="URL", show_default=False,
+        help="Broker URL for POST /events/{topic} (else $SHOAL_BROKER, broker: in the "
+             "config, sqlite:///.shoal/events.db)")] = None,
+    workers: Annotated[int, typer.Option(
+        "--workers", min=1, max=256, help="Worker processes sharing the port")] = 1,
+) -> None:
+    """Run the gateway: routes from the config and the Store, endpoints from the registry."""
+    # imported here: every other `shoal` command starts faster without the gateway
+    from shoal.gateway.config import GatewayConfig, load_gateway_config, parse_listen
+    from shoal.gateway.running import Ready, serve_gateway
+
+    configure_logs("gateway")
+    try:
+        path = config if config is not None else (
+            Path(MANIFEST_NAME) if Path(MANIFEST_NAME).is_file() else None)
+        settings = resolve(broker=broker, store=store, env=os.environ,
+                           manifest=load_manifest(path) if path is not None else None)
+        loaded = load_gateway_config(path) if path is not None else GatewayConfig()
+        if listen:
+            loaded = dataclasses.replace(loaded, listen=tuple(
+                parse_listen(a, what="--listen") for a in listen))
+        if workers > 1:
+            _run_workers(workers)
+    except ConfigError as exc:
+        fail(str(exc))
+
+    def ready(info: Ready) -> None:
+        report_ready(listen=info.listen, routes=info.routes, routes_key=info.routes_key,
+                     routes_revision=info.routes_revision, pid=os.getpid())
+
+    async def main(stop: asyncio.Event) -> None:
+        await serve_gateway(loaded, store=settings.store, broker=settings.broker, stop=stop,
+                            on_ready=ready)
+
+    run_until_signal(main)

@@ -1,0 +1,128 @@
+"""The gateway as a running program: ``serve_gateway(config, store=..., broker=...)`` opens
+the Store and the bus, follows the registry (``EndpointCache``) and the routes key
+(``RouteWatcher``), listens, reports ready, and on ``stop`` shuts down gracefully: stop
+accepting, let in-flight requests finish within ``config.drain``, then close.
+
+``shoal gateway`` (``shoal.commands.gateway``) runs it on uvloop in one process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from shoal.errors import ConfigError
+from shoal.events.bus import EventBus
+from shoal.gateway.config import GatewayConfig, ListenAddress
+from shoal.gateway.proxy import Gateway
+from shoal.gateway.reload import RouteWatcher
+from shoal.gateway.server import Handler, HttpServer
+from shoal.mesh.registry import EndpointCache
+from shoal.store.base import Store
+from shoal.store.connect import connect_store
+
+log = logging.getLogger("shoal.gateway")
+
+
+@dataclass(frozen=True, slots=True)
+class RunningGateway:
+    """A gateway with its parts open: ``gateway.handle`` is the server's handler."""
+
+    gateway: Gateway
+    watcher: RouteWatcher | None
+
+    @property
+    def handle(self) -> Handler:
+        """The ``HttpServer`` handler."""
+        return self.gateway.handle
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """What a started gateway reports: where it listens and what it serves."""
+
+    listen: list[str]
+    routes: int
+    routes_key: str | None
+    routes_revision: int
+
+
+async def listen(server: HttpServer, addresses: tuple[ListenAddress, ...], *,
+                 reuse_port: bool = False) -> list[str]:
+    """Start ``server`` on every address; the addresses bound (real ports for port 0)."""
+    for address in addresses:
+        try:
+            if address.path is not None:
+                await server.start(path=address.path)
+            else:
+                await server.start(address.host, address.port, reuse_port=reuse_port)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {address}: {exc.strerror or exc}") from None
+    out = []
+    for bound in server.addresses:
+        if isinstance(bound, str):
+            out.append(f"unix:{bound}")
+        else:
+            host, port = bound
+            out.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    return out
+
+
+async def open_store(url: str) -> Store:
+    """The Store at ``url``; an unopenable one is a ConfigError naming the URL."""
+    try:
+        return await connect_store(url)
+    except (OSError, sqlite3.Error) as exc:
+        raise ConfigError(f"cannot open store {url!r}: {exc}") from None
+
+
+@contextlib.asynccontextmanager
+async def gateway_app(config: GatewayConfig, *, store: str, broker: str | None
+                      ) -> AsyncIterator[RunningGateway]:
+    """The gateway's parts, opened and closed together: Store, bus, endpoint cache, the
+    ``Gateway`` and its route watcher. Each worker process enters its own (the shape
+    ``shoal.gateway.workers.run_workers`` takes, via ``.handle``)."""
+    async with contextlib.AsyncExitStack() as stack:
+        the_store = await open_store(store)
+        stack.push_async_callback(the_store.close)
+        bus = None
+        if broker is not None:
+            try:
+                bus = await EventBus.connect(broker, store=the_store)
+            except (OSError, sqlite3.Error) as exc:
+                raise ConfigError(f"cannot open broker {broker!r}: {exc}") from None
+            stack.push_async_callback(bus.close)
+        cache = await EndpointCache(the_store).start()
+        stack.push_async_callback(cache.close)
+        gateway = Gateway(config.routes.table, cache, bus, services=config.services)
+        stack.push_async_callback(gateway.aclose)
+        watcher = None
+        if config.routes_key is not None:
+            watcher = await RouteWatcher(gateway, the_store, config.routes_key,
+                                         config.routes).start()
+            stack.push_async_callback(watcher.close)
+        yield RunningGateway(gateway, watcher)
+
+
+async def serve_gateway(config: GatewayConfig, *, store: str, broker: str | None,
+                        stop: asyncio.Event, on_ready: Callable[[Ready], None],
+                        reuse_port: bool = False) -> None:
+    """Run the gateway in this process until ``stop`` is set (see the module docstring)."""
+    async with gateway_app(config, store=store, broker=broker) as running:
+        server = HttpServer(running.gateway.handle, limits=config.limits)
+        try:
+            bound = await listen(server, config.listen, reuse_port=reuse_port)
+            for overlap in config.routes.table.overlaps():
+                log.warning("gateway: %s", overlap)
+            watcher = running.watcher
+            on_ready(Ready(bound, len(running.gateway.routes), config.routes_key,
+                           watcher.revision if watcher else 0))
+            await stop.wait()
+            log.info("gateway: stopping: finishing in-flight requests (up to %gs)",
+                     config.drain)
+        finally:
+            await server.shutdown(grace=config.drain)
