@@ -740,6 +740,11 @@ def _print_dead_letters(
         console.print(body)
 
 
+from shoal.commands.validate import validate as validate_command  # noqa: E402
+
+app.command("validate")(validate_command)
+
+
 def main() -> None:
     """Entry point of the ``shoal`` console script."""
     app(prog_name="shoal")

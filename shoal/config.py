@@ -120,9 +120,11 @@ def _listen(value: Any) -> str:
 
 
 def _url(value: Any) -> str:
-    if not isinstance(value, str) or not value.strip() or "://" not in value or \
-            len(value) > 4096:
-        raise ValueError(f"expected a URL like sqlite:///.shoal/events.db, got {value!r}")
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("must be a URL string like sqlite:///.shoal/events.db, not "
+                         f"{_kind(value) if value != '' else 'an empty string'}")
+    if "://" not in value or len(value) > 4096:
+        raise ValueError(f"must be a URL like sqlite:///.shoal/events.db, got {value!r}")
     return value.strip()
 
 
@@ -277,6 +279,11 @@ class Manifest(_Section):
     services: dict[ServiceName, ServiceConfig] = Field(default_factory=dict, max_length=1000)
     _path: Path | None = PrivateAttr(default=None)
     _lines: dict[str, int] = PrivateAttr(default_factory=dict)
+
+    @field_validator("store", mode="before")
+    @classmethod
+    def _store_given(cls, value: Any) -> Any:
+        return _url(value)  # written but empty is a mistake, not "the default"
 
     @property
     def store_url(self) -> str:
@@ -460,6 +467,9 @@ def _kind(value: Any) -> str:
 _KEY_PREFIX = re.compile(r"([A-Za-z_][A-Za-z0-9_]*(?:(?:\.|\[)[A-Za-z0-9_\]]+)*): ")
 
 
+_ROUTE_PREFIX = re.compile(r"(?:route '[^']*' \(routes\[(\d+)\]\)|routes\[(\d+)\]): ")
+
+
 def _issues(error: ValidationError, path: Path, lines: dict[tuple[Any, ...], int],
             data: Any) -> list[ManifestIssue]:
     issues = []
@@ -477,6 +487,13 @@ def _issues(error: ValidationError, path: Path, lines: dict[tuple[Any, ...], int
                 if sub[0] == "policy" and key_loc not in lines:
                     key_loc = (*base, *sub[1:])  # load_balancer folded into the policy
                 message = message[m.end():]
+            route = _ROUTE_PREFIX.match(message)  # "route 'x' (routes[2]): match: ..."
+            if route and key_loc and key_loc[-1] == "routes":
+                index = int(route.group(1) or route.group(2))
+                key_loc = (*key_loc, index)
+                inner = _KEY_PREFIX.match(message[route.end():])
+                if inner and (*key_loc, inner.group(1).split(".")[0]) in lines:
+                    key_loc = (*key_loc, inner.group(1).split(".")[0])
         issues.append(ManifestIssue(path, _line_for(key_loc, lines), _dotted(key_loc),
                                     message))
     return issues
