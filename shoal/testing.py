@@ -25,7 +25,7 @@ from typing import Any
 
 from shoal.errors import ShoalError
 from shoal.events.bus import EventBus, PublishAck
-from shoal.events.event import Event
+from shoal.events.event import Event, decode_record
 from shoal.service import Service
 
 DEFAULT_WAIT = 5.0
@@ -109,8 +109,8 @@ class ServiceHarness:
     async def published(self, topic: str) -> list[Event]:
         """Every event in ``topic`` so far, in log order per partition."""
         events: list[Event] = []
-        from shoal.events.event import decode_record
-
+        if await self.bus.broker.get_topic(topic) is None:
+            return events
         for p, r in enumerate(await self.bus.broker.ranges(topic)):
             offset = r.start
             while offset < r.end:
