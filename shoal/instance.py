@@ -12,9 +12,10 @@ it prints exactly one JSON line on stdout::
     {"event": "ready", "instance": "orders-1", "service": "orders",
      "listen": "127.0.0.1:41233", "pid": 123}          (on one line)
 
-SIGTERM or SIGINT drains it (``Service.stop``) and exits 0; a second signal exits at
-once with status 1. Logs go to stderr. A bad argument or an app that cannot be loaded
-exits 2 with one line naming what and where; a failure while starting exits 1.
+SIGTERM or SIGINT drains it (``Service.stop``) and exits 0; a second SIGINT (Ctrl-C
+twice) exits at once with status 1, a repeated SIGTERM is ignored. Logs go to stderr.
+A bad argument or an app that cannot be loaded exits 2 with one line naming what and
+where; a failure while starting exits 1.
 """
 
 from __future__ import annotations
@@ -93,17 +94,14 @@ async def run(svc: Service, args: argparse.Namespace) -> int:
     """Start ``svc``, print the ready line, wait for a signal, drain."""
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
-    signals = 0
 
-    def on_signal() -> None:
-        nonlocal signals
-        signals += 1
-        if signals > 1:
-            os._exit(EXIT_FAILED)  # a second signal: the operator wants it gone now
-        stopping.set()
+    def on_signal(sig: signal.Signals) -> None:
+        if sig is signal.SIGINT and stopping.is_set():
+            os._exit(EXIT_FAILED)  # Ctrl-C twice: the operator wants it gone now
+        stopping.set()  # a repeated SIGTERM changes nothing: the drain goes on
 
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal)
+        loop.add_signal_handler(sig, on_signal, sig)
     try:
         starting = asyncio.ensure_future(svc.start(
             broker=args.broker, store=args.store, listen=args.listen,
