@@ -24,6 +24,9 @@
 as a ``ManifestError`` whose lines read ``shoal.yaml, line 12: services.orders.replicas:
 expected an integer >= 0, got 'two'``. Unknown keys are refused, with "did you mean".
 
+Top-level keys starting with ``x-`` are ignored (a place for YAML anchors to reuse, as in
+Compose files: ``x-defaults: &defaults {...}`` then ``<<: *defaults``).
+
 Hostile input is refused before it costs anything: files over ``MAX_MANIFEST_BYTES``,
 YAML whose aliases expand past ``MAX_NODES`` nodes (the "billion laughs"), nesting
 deeper than the parser's stack, duplicate keys, and any tag outside plain YAML
@@ -352,6 +355,7 @@ def parse_manifest(text: str, path: str | Path = MANIFEST_NAME) -> Manifest:
         raise ManifestError([ManifestIssue(
             path, 1, "", f"the manifest must be a mapping (keys like broker:, services:), "
                          f"not {_kind(data)}")])
+    data = {k: v for k, v in data.items() if not (isinstance(k, str) and k.startswith("x-"))}
     try:
         manifest = Manifest.model_validate(data)
     except ValidationError as e:
@@ -496,7 +500,7 @@ def _issues(error: ValidationError, path: Path, lines: dict[tuple[Any, ...], int
                     key_loc = (*key_loc, inner.group(1).split(".")[0])
         issues.append(ManifestIssue(path, _line_for(key_loc, lines), _dotted(key_loc),
                                     message))
-    return issues
+    return sorted(issues, key=lambda i: i.line or 0)  # in the order a reader meets them
 
 
 def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
