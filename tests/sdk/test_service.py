@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 
+import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -16,6 +18,7 @@ from shoal.context import current_traceparent, parse_traceparent
 from shoal.errors import ConfigError, ShoalError, TopicError
 from shoal.events import Drop, Event, RetryPolicy
 from shoal.events.group import offset_key
+from shoal.mesh import Registry
 from shoal.service import ServiceNotRunning
 from shoal.store.connect import connect_store
 from shoal.testing import ServiceHarness
@@ -285,3 +288,47 @@ async def test_stop_finishes_inflight_event_and_commits() -> None:
     assert entry is not None and int(entry.value) == ack.offset + 1  # and was committed
     await watcher.close()
     assert bus._closed
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_readyz_is_503_naming_what_is_missing_until_subscriptions_joined() -> None:
+    gate = asyncio.Event()
+
+    class Gated(Service):
+        async def _subscribe_all(self) -> None:  # hold the group join until the test says
+            await gate.wait()
+            await super()._subscribe_all()
+
+    svc = Gated("gated")
+    svc.subscribe("t")(lambda event: None)
+    url = "memory://gated-readyz"
+    port = free_port()
+    starting = asyncio.create_task(svc.start(broker=url, store=url,
+                                             listen=f"127.0.0.1:{port}"))
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        while True:
+            try:
+                resp = await client.get("/readyz")
+                break
+            except httpx.ConnectError:
+                await asyncio.sleep(0.01)
+        assert resp.status_code == 503
+        assert resp.json() == {"ready": False, "service": "gated",
+                               "missing": ["subscriptions"]}
+        assert (await client.get("/healthz")).status_code == 200  # alive meanwhile
+        (instance,) = await Registry(svc.store).list("gated")  # type: ignore[arg-type]
+        assert instance.state == "starting"
+        gate.set()
+        await starting
+        assert (await client.get("/readyz")).status_code == 200
+        (instance,) = await Registry(svc.store).list("gated")  # type: ignore[arg-type]
+        assert instance.state == "serving" and svc.address == f"127.0.0.1:{port}"
+        store = await connect_store(url)
+        await svc.stop(grace=0)
+        assert await Registry(store).list("gated") == []
+        await store.close()
