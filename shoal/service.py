@@ -54,6 +54,13 @@ from shoal.events.consumer import Subscription
 from shoal.events.event import Event
 from shoal.events.partitioning import check_group_name, check_topic_name
 from shoal.events.retry import RetryPolicy
+from shoal.load import (
+    DEFAULT_LOAD_INTERVAL,
+    LOAD_EVENT_TYPE,
+    LOAD_RETENTION,
+    LOAD_TOPIC,
+    Load,
+)
 from shoal.mesh.client import MeshClient
 from shoal.mesh.health import HealthState
 from shoal.mesh.http1 import Response as MeshResponse
@@ -99,16 +106,6 @@ class SubscriptionSpec:
     concurrency: int
 
 
-@dataclass(slots=True)
-class Load:
-    """What an instance is doing right now (for the autoscaler and ``/readyz``)."""
-
-    inflight_requests: int = 0
-    inflight_events: int = 0
-    requests: int = 0
-    events: int = 0
-
-
 class Service:
     """A named service: an ASGI 3 application plus event handlers, that runs in the mesh."""
 
@@ -132,6 +129,7 @@ class Service:
         self._server: _UvicornServer | None = None
         self._serving: asyncio.Task[None] | None = None
         self._owned_store = False
+        self._reporting: asyncio.Task[None] | None = None
         self._state = "stopped"  # stopped -> starting -> ready -> draining -> stopped
         self._missing: list[str] = ["not started"]
 
@@ -284,8 +282,7 @@ class Service:
                 break
         token = current_traceparent.set(child_of(parent))
         load = self.load
-        load.inflight_requests += 1
-        load.requests += 1
+        load.request_started()
         started = False
 
         async def tracking_send(message: dict[str, Any]) -> None:
@@ -302,7 +299,7 @@ class Service:
                 await _send_json(send, 500, {"error": "internal server error",
                                              "service": self.name})
         finally:
-            load.inflight_requests -= 1
+            load.request_finished()
             current_traceparent.reset(token)
 
     # -- readiness ------------------------------------------------------------------------
@@ -319,17 +316,24 @@ class Service:
     async def start(self, *, broker: str | None = None, store: str | Store | None = None,
                     listen: str | None = "127.0.0.1:0", instance_id: str | None = None,
                     labels: Mapping[str, str] | None = None, ttl: float | str = "10s",
-                    register: bool = True) -> None:
+                    register: bool = True, load_interval: float | str | None = None
+                    ) -> None:
         """Connect, serve, register and subscribe; returns when the instance is ready.
 
         ``listen`` is ``HOST:PORT`` (port 0: any free port; ``self.address`` says which),
         or None to serve no HTTP (and not register): the ASGI app is then used directly,
-        as ``shoal.testing.ServiceHarness`` does.
+        as ``shoal.testing.ServiceHarness`` does. A registered instance publishes a
+        ``shoal.load.LoadReport`` every ``load_interval`` (default ``SHOAL_LOAD_INTERVAL``
+        or 1 s; 0 turns it off).
         """
         if self._state != "stopped":
             raise ShoalError(f"service {self.name!r} is already {self._state}")
         if instance_id is not None:
             check_instance_id(instance_id)
+        interval = parse_duration(
+            load_interval if load_interval is not None
+            else os.environ.get("SHOAL_LOAD_INTERVAL", DEFAULT_LOAD_INTERVAL),
+            name="load_interval")
         labels = dict(labels or {})
         if self.version is not None:
             labels.setdefault("version", self.version)
@@ -368,6 +372,9 @@ class Service:
             self._missing.remove("subscriptions")
             if self.registration is not None:
                 await self.registration.set_state(HealthState.SERVING, "ready")
+                if interval:
+                    self._reporting = asyncio.get_running_loop().create_task(
+                        self._report_load(interval), name=f"shoal-load {self.instance_id}")
             self._state = "ready"
         except BaseException:
             with contextlib.suppress(Exception):
@@ -389,27 +396,45 @@ class Service:
 
             async def run_async(event: Event) -> Any:
                 token = current_traceparent.set(child_of(event.traceparent))
-                load.inflight_events += 1
+                load.event_started()
                 try:
                     return await handler(event)
                 finally:
-                    load.inflight_events -= 1
-                    load.events += 1
+                    load.event_finished()
                     current_traceparent.reset(token)
 
             return run_async
 
+        loop = asyncio.get_running_loop()
+
         def run_sync(event: Event) -> Any:  # runs in the subscription's thread pool
             token = current_traceparent.set(child_of(event.traceparent))
-            load.inflight_events += 1
+            loop.call_soon_threadsafe(load.event_started)
             try:
                 return handler(event)
             finally:
-                load.inflight_events -= 1
-                load.events += 1
+                loop.call_soon_threadsafe(load.event_finished)
                 current_traceparent.reset(token)
 
         return run_sync
+
+    async def _report_load(self, interval: float) -> None:
+        """Publish a ``LoadReport`` every ``interval`` until stopped (failures logged)."""
+        assert self.bus is not None and self.instance_id is not None
+        bus, instance = self.bus, self.instance_id
+        try:
+            await bus.create_topic(LOAD_TOPIC, retention=LOAD_RETENTION)
+        except ShoalError as e:  # made elsewhere with other settings: use it as it is
+            log.debug("service %s: %s", self.name, e)
+        self.load.report(self.name, instance)  # starts the first interval
+        while True:
+            await asyncio.sleep(interval)
+            report = self.load.report(self.name, instance)
+            try:
+                await bus.publish(LOAD_TOPIC, msgspec.to_builtins(report), key=instance,
+                                  type=LOAD_EVENT_TYPE)
+            except ShoalError as e:
+                log.warning("service %s: load report not published: %s", self.name, e)
 
     async def _serve(self, listen: str) -> str:
         host, port = _split_listen(listen)
@@ -452,6 +477,11 @@ class Service:
     async def _close(self, *, grace: float, timeout: float | None = None) -> None:
         self._state = "draining"
         self._missing = ["draining"]
+        if self._reporting is not None:
+            self._reporting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reporting
+            self._reporting = None
         if self.registration is not None:
             with contextlib.suppress(ShoalError):
                 await self.registration.set_state(HealthState.DRAINING, "shutting down")
