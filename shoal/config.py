@@ -29,8 +29,9 @@ Compose files: ``x-defaults: &defaults {...}`` then ``<<: *defaults``).
 
 Hostile input is refused before it costs anything: files over ``MAX_MANIFEST_BYTES``,
 YAML whose aliases expand past ``MAX_NODES`` nodes (the "billion laughs"), nesting
-deeper than the parser's stack, duplicate keys, and any tag outside plain YAML
-(``!!python/object`` and friends: the safe loader constructs nothing else).
+deeper than ``MAX_FLOW_DEPTH`` brackets or the parser's stack, duplicate keys, and any
+tag outside plain YAML (``!!python/object`` and friends: the safe loader constructs
+nothing else).
 
 Relative ``sqlite:///`` paths are relative to the working directory, as everywhere in
 Shoal; ``Manifest.directory`` is the manifest's directory, from which the control plane
@@ -70,6 +71,7 @@ MANIFEST_NAME = "shoal.yaml"
 MAX_MANIFEST_BYTES = 1 << 20  # 1 MiB: a manifest is a page of settings, not a data file
 MAX_NODES = 100_000  # YAML nodes after alias expansion
 MAX_ERRORS = 50
+MAX_FLOW_DEPTH = 64  # [ and { nesting
 DEFAULT_GATEWAY_LISTEN = "127.0.0.1:8080"
 DEFAULT_ADMIN_LISTEN = "127.0.0.1:8081"
 _APP = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*"
@@ -340,6 +342,7 @@ def parse_manifest(text: str, path: str | Path = MANIFEST_NAME) -> Manifest:
     if len(text) > MAX_MANIFEST_BYTES:
         raise ManifestError([ManifestIssue(
             path, None, "", f"larger than {MAX_MANIFEST_BYTES // 1024} KiB: not a manifest")])
+    _check_flow_depth(text, path)
     node = _compose(text, path)
     lines: dict[tuple[Any, ...], int] = {}
     if node is not None:
@@ -363,6 +366,28 @@ def parse_manifest(text: str, path: str | Path = MANIFEST_NAME) -> Manifest:
     manifest._path = path
     manifest._lines = {_dotted(key): line for key, line in lines.items()}
     return manifest
+
+
+_FLOW = re.compile(r"[\[\]{}]")
+
+
+def _check_flow_depth(text: str, path: Path) -> None:
+    """Refuse ``[[[[...`` before PyYAML sees it: its scanner is quadratic in flow depth.
+
+    Brackets inside quoted strings count too: a manifest with more than
+    ``MAX_FLOW_DEPTH`` unclosed ones there is not a manifest either.
+    """
+    depth = 0
+    for m in _FLOW.finditer(text):
+        if m.group() in "[{":
+            depth += 1
+            if depth > MAX_FLOW_DEPTH:
+                line = text.count("\n", 0, m.start()) + 1
+                raise ManifestError([ManifestIssue(
+                    path, line, "", f"nested more than {MAX_FLOW_DEPTH} levels deep: "
+                                    "not a manifest")])
+        elif depth:
+            depth -= 1
 
 
 class _SafeLoader(yaml.SafeLoader):

@@ -8,7 +8,9 @@ import time
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from shoal.cli import app
 from shoal.config import (
     MAX_MANIFEST_BYTES,
     Manifest,
@@ -160,7 +162,8 @@ def test_every_problem_is_reported_at_once() -> None:
     ("broker: memory://a\nbroker: memory://b\n",
      "line 2: duplicate key 'broker' (first on line 1)"),
     ("services:\n  a: {app: m:s}\n  a: {app: m:t}\n", "line 3: duplicate key 'a'"),
-    ("[" * 5000 + "]" * 5000, "nested too deeply"),
+    ("[" * 5000 + "]" * 5000, "line 1: nested more than 64 levels deep"),
+    ("a:\n" + "".join(" " * i + f"k{i}:\n" for i in range(1, 1200)), "nested too deeply"),
     ("\t- x\n", "not valid YAML"),
 ])
 def test_malformed_and_hostile_yaml(text: str, expected: str) -> None:
@@ -185,6 +188,15 @@ def test_modest_anchors_and_merge_keys_are_fine() -> None:
     assert m.services["a"].replicas == 2 and m.services["b"].replicas == 3
 
 
+def test_deep_flow_nesting_in_a_big_file_is_refused_fast() -> None:
+    text = "services:\n  a: " + "[" * (MAX_MANIFEST_BYTES // 2)
+    started = time.monotonic()
+    assert any("nested more than 64" in i for i in issues(text))
+    assert time.monotonic() - started < 2
+    ok = "x-deep: " + "[" * 64 + "]" * 64 + "\n"
+    assert parse_manifest(ok).services == {}
+
+
 def test_oversized_unreadable_and_binary_files(tmp_path: Path) -> None:
     big = tmp_path / "big.yaml"
     big.write_bytes(b"# padding\n" * (10 * 1024 * 1024 // 10))  # 10 MB
@@ -207,7 +219,8 @@ def test_oversized_unreadable_and_binary_files(tmp_path: Path) -> None:
     assert issubclass(ManifestError, ConfigError)
 
 
-def test_shoal_validate_prints_ok_and_summary_or_every_problem(tmp_path: Path) -> None:
+def test_shoal_validate_prints_ok_and_summary_or_every_problem(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "shoal.yaml").write_text(FULL)
     (tmp_path / "bad.yaml").write_text("brokr: x\nservices:\n  a: {app: m:s, replicas: x}\n")
     ok = subprocess.run([sys.executable, "-m", "shoal.cli", "validate"], cwd=tmp_path,
@@ -217,9 +230,9 @@ def test_shoal_validate_prints_ok_and_summary_or_every_problem(tmp_path: Path) -
     assert "gateway   0.0.0.0:9000 (1 route)" in ok.stdout
     assert "orders" in ok.stdout and "autoscale 1..5 on 10 in flight" in ok.stdout
     assert "billing" in ok.stdout and "lag 100" in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "shoal.cli", "validate", "bad.yaml"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 1 and bad.stdout == ""
+    monkeypatch.chdir(tmp_path)
+    bad = CliRunner().invoke(app, ["validate", "bad.yaml"])
+    assert bad.exit_code == 1 and bad.stdout == ""
     assert bad.stderr.splitlines() == [
         "bad.yaml, line 1: brokr: unknown key (did you mean 'broker'?); expected one of "
         "admin, broker, gateway, security, services, store",
