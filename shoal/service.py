@@ -15,7 +15,8 @@
         resp = await svc.call("payments", "POST", "/pay", json=event.data)
 
 Routes use Starlette's ``Request``/``Response`` and router; any ASGI app (Starlette,
-FastAPI) can be mounted with ``svc.mount``. ``svc.start(...)`` (done for you by
+FastAPI) can be mounted with ``svc.mount``; their lifespan startup runs in ``start`` and
+their shutdown in ``stop``. ``svc.start(...)`` (done for you by
 ``python -m shoal.instance``) connects the bus and the mesh client, serves HTTP, registers
 the instance with heartbeats, joins every subscription's group, and declares the instance
 SERVING; ``/readyz`` turns 200 only then. ``svc.stop()`` drains: DRAINING in the registry
@@ -54,6 +55,7 @@ from shoal.events.consumer import Subscription
 from shoal.events.event import Event
 from shoal.events.partitioning import check_group_name, check_topic_name
 from shoal.events.retry import RetryPolicy
+from shoal.lifespan import Lifespan
 from shoal.load import (
     DEFAULT_LOAD_INTERVAL,
     LOAD_EVENT_TYPE,
@@ -130,6 +132,8 @@ class Service:
         self._serving: asyncio.Task[None] | None = None
         self._owned_store = False
         self._reporting: asyncio.Task[None] | None = None
+        self._lifespans: list[Lifespan] = []
+        self._lifespan_state: dict[str, Any] = {}
         self._state = "stopped"  # stopped -> starting -> ready -> draining -> stopped
         self._missing: list[str] = ["not started"]
 
@@ -280,6 +284,8 @@ class Service:
             if name == b"traceparent":
                 parent = value.decode("latin-1")
                 break
+        if self._lifespan_state:  # what mounted apps' lifespans left for their requests
+            scope["state"] = {**self._lifespan_state, **scope.get("state", {})}
         token = current_traceparent.set(child_of(parent))
         load = self.load
         load.request_started()
@@ -357,6 +363,7 @@ class Service:
                                               source=f"/shoal/services/{self.name}")
             self._missing.remove("bus")
             self.mesh = await MeshClient.connect(self.store)
+            await self._start_mounted()
             if listen is not None:
                 self.address = await self._serve(listen)
                 self._missing.remove("http")
@@ -380,6 +387,25 @@ class Service:
             with contextlib.suppress(Exception):
                 await self._close(grace=0.0)
             raise
+
+    async def _start_mounted(self) -> None:
+        """Run the lifespan startup of every mounted app (FastAPI/Starlette resources)."""
+        for route in self._router.routes:
+            if isinstance(route, Mount) and route.app is not None:
+                lifespan = Lifespan(route.app, f"mount {route.path or '/'}")
+                await lifespan.startup()
+                if lifespan.supported:
+                    self._lifespans.append(lifespan)
+                    self._lifespan_state.update(lifespan.state)
+
+    async def _stop_mounted(self) -> None:
+        for lifespan in reversed(self._lifespans):
+            try:
+                await lifespan.shutdown()
+            except ShoalError as e:
+                log.error("service %s: %s", self.name, e)
+        self._lifespans.clear()
+        self._lifespan_state = {}
 
     async def _subscribe_all(self) -> None:
         assert self.bus is not None
@@ -495,6 +521,7 @@ class Service:
             if isinstance(result, BaseException):
                 log.error("service %s: while draining: %r", self.name, result)
         self._running.clear()
+        await self._stop_mounted()
         if self.bus is not None:
             await self.bus.close()  # flushes what handlers published
             self.bus = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 
@@ -334,3 +335,45 @@ async def test_readyz_is_503_naming_what_is_missing_until_subscriptions_joined()
         await svc.stop(grace=0)
         assert await Registry(store).list("gated") == []
         await store.close()
+
+
+async def test_mounted_apps_lifespans_run_at_start_and_stop() -> None:
+    events: list[str] = []
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):  # type: ignore[no-untyped-def]
+        events.append("startup")
+        yield {"pool": "db-pool"}
+        events.append("shutdown")
+
+    async def uses_state(request: Request) -> PlainTextResponse:
+        return PlainTextResponse(request.state.pool)
+
+    svc = Service("lifes")
+    svc.mount("/api", Starlette(routes=[Route("/pool", uses_state)], lifespan=lifespan))
+
+    async def no_lifespan(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
+        if scope["type"] != "http":
+            raise RuntimeError("only http")  # a raw app without lifespan: skipped
+        await PlainTextResponse("raw")(scope, receive, send)
+
+    svc.mount("/raw", no_lifespan)
+    async with ServiceHarness(svc) as h:
+        assert events == ["startup"]
+        assert (await h.client.get("/api/pool")).text == "db-pool"
+        assert (await h.client.get("/raw/")).text == "raw"
+    assert events == ["startup", "shutdown"]
+
+
+async def test_mounted_app_whose_startup_fails_fails_the_start() -> None:
+    @contextlib.asynccontextmanager
+    async def broken(app: Starlette):  # type: ignore[no-untyped-def]
+        raise RuntimeError("database unreachable")
+        yield
+
+    svc = Service("broken")
+    svc.mount("/api", Starlette(lifespan=broken))
+    failed = r"^mount /api: lifespan startup failed: RuntimeError: database unreachable$"
+    with pytest.raises(ShoalError, match=failed):
+        await svc.start(broker="memory://broken", store="memory://broken", listen=None)
+    assert svc.missing() == ["not started"] and svc.bus is None
