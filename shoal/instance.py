@@ -4,7 +4,7 @@
 
     python -m shoal.instance --app shop.orders:svc --listen 127.0.0.1:0 \\
         --broker sqlite:///.shoal/events.db --store sqlite:///.shoal/store.db \\
-        [--instance-id orders-1] [--label zone=a ...]
+        [--instance-id orders-1] [--label zone=a ...] [--manifest shoal.yaml]
 
 When the instance is ready (HTTP served, registered, every subscription in its group)
 it prints exactly one JSON line on stdout::
@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--instance-id", default=None, help="instance id (default: random)")
     parser.add_argument("--label", action="append", type=parse_label, default=[],
                         metavar="KEY=VALUE", help="instance label (repeatable)")
+    parser.add_argument("--manifest", default=None, metavar="PATH",
+                        help="shoal.yaml whose services' policies apply to our calls")
     parser.add_argument("--drain-grace", default="250ms",
                         help="time between DRAINING and closing the listener")
     return parser
@@ -105,7 +107,7 @@ async def run(svc: Service, args: argparse.Namespace) -> int:
     try:
         starting = asyncio.ensure_future(svc.start(
             broker=args.broker, store=args.store, listen=args.listen,
-            instance_id=args.instance_id, labels=dict(args.label)))
+            instance_id=args.instance_id, labels=dict(args.label), policies=args.policies))
         waiting = asyncio.ensure_future(stopping.wait())
         await asyncio.wait({starting, waiting}, return_when=asyncio.FIRST_COMPLETED)
         if not starting.done():  # signalled while starting: abandon the start
@@ -134,9 +136,16 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        args.policies = None
+        if args.manifest is not None:
+            from shoal.config import load_manifest
+
+            manifest = load_manifest(args.manifest)
+            args.policies = {name: spec.traffic_policy
+                             for name, spec in manifest.services.items()}
         svc = load_app(args.app)
     except ConfigError as e:
-        print(f"shoal.instance: {e}", file=sys.stderr)
+        print(f"shoal.instance: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_USAGE
     try:
         import uvloop

@@ -74,6 +74,7 @@ from shoal.mesh.registry import (
     check_instance_id,
     check_service_name,
 )
+from shoal.mesh.resilience import TrafficPolicy
 from shoal.store.base import Store
 from shoal.store.connect import connect_store
 from shoal.units import parse_duration
@@ -275,10 +276,6 @@ class Service:
             body = {"ready": not missing, "service": self.name, "missing": missing}
             await _send_json(send, 503 if missing else 200, body)
             return
-        if self._state == "draining":
-            await _send_json(send, 503, {"error": f"service {self.name!r} is draining"},
-                             close=True)
-            return
         parent = None
         for name, value in scope.get("headers", ()):
             if name == b"traceparent":
@@ -322,15 +319,16 @@ class Service:
     async def start(self, *, broker: str | None = None, store: str | Store | None = None,
                     listen: str | None = "127.0.0.1:0", instance_id: str | None = None,
                     labels: Mapping[str, str] | None = None, ttl: float | str = "10s",
-                    register: bool = True, load_interval: float | str | None = None
-                    ) -> None:
+                    register: bool = True, load_interval: float | str | None = None,
+                    policies: Mapping[str, TrafficPolicy] | None = None) -> None:
         """Connect, serve, register and subscribe; returns when the instance is ready.
 
         ``listen`` is ``HOST:PORT`` (port 0: any free port; ``self.address`` says which),
         or None to serve no HTTP (and not register): the ASGI app is then used directly,
         as ``shoal.testing.ServiceHarness`` does. A registered instance publishes a
         ``shoal.load.LoadReport`` every ``load_interval`` (default ``SHOAL_LOAD_INTERVAL``
-        or 1 s; 0 turns it off).
+        or 1 s; 0 turns it off). ``policies`` are the traffic policies of the services
+        it calls (the manifest's ``services.<name>.policy``; default: the mesh's).
         """
         if self._state != "stopped":
             raise ShoalError(f"service {self.name!r} is already {self._state}")
@@ -362,7 +360,7 @@ class Service:
             self.bus = await EventBus.connect(broker, store=self.store,
                                               source=f"/shoal/services/{self.name}")
             self._missing.remove("bus")
-            self.mesh = await MeshClient.connect(self.store)
+            self.mesh = await MeshClient.connect(self.store, policies=policies)
             await self._start_mounted()
             if listen is not None:
                 self.address = await self._serve(listen)

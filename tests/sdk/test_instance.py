@@ -73,7 +73,11 @@ async def http_get(address: str, path: str) -> tuple[int, dict[str, object]]:
 
 
 async def test_instance_serves_registers_handles_events_and_drains(tmp_path: Path) -> None:
-    proc = spawn(tmp_path, "--instance-id", "echo-1", "--label", "zone=a")
+    (tmp_path / "shoal.yaml").write_text(
+        "services:\n  sdk-echo:\n    app: tests.sdk.instance_app:svc\n"
+        "    policy: {retries: {attempts: 0}}\n")
+    proc = spawn(tmp_path, "--instance-id", "echo-1", "--label", "zone=a",
+                 "--manifest", "shoal.yaml")
     try:
         ready = await ready_line(proc)
         assert ready["event"] == "ready" and ready["instance"] == "echo-1"
@@ -158,10 +162,14 @@ async def test_two_instances_share_the_group_and_one_draining_hands_over(
     (["--app", APP, "--listen", "nonsense"], "listen: expected HOST:PORT", 2),
     (["--app", APP, "--instance-id", "bad id!"], "instance id", 2),
     (["--app", APP, "--label", "novalue"], "expected KEY=VALUE", 2),
+    (["--app", APP, "--manifest", "bad.yaml"],
+     "bad.yaml, line 1: brokr: unknown key (did you mean 'broker'?)", 2),
+    (["--app", APP, "--manifest", "missing.yaml"], "missing.yaml: no such file", 2),
 ])
 def test_bad_arguments_exit_with_one_clear_line(tmp_path: Path, args: list[str],
                                                 fragment: str, code: int) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    (tmp_path / "bad.yaml").write_text("brokr: memory://x\n")
     result = subprocess.run(
         [sys.executable, "-m", "shoal.instance", "--broker", f"sqlite:///{tmp_path}/e.db",
          "--store", f"sqlite:///{tmp_path}/s.db", *args],

@@ -19,7 +19,7 @@ from shoal.context import current_traceparent, parse_traceparent
 from shoal.errors import ConfigError, ShoalError, TopicError
 from shoal.events import Drop, Event, RetryPolicy
 from shoal.events.group import offset_key
-from shoal.mesh import Registry
+from shoal.mesh import Registry, load_traffic_policy
 from shoal.service import ServiceNotRunning
 from shoal.store.connect import connect_store
 from shoal.testing import ServiceHarness
@@ -218,7 +218,9 @@ async def test_call_reaches_a_served_service_by_name_with_trace_header() -> None
         resp = await front.call("back", "post", "/echo", json={"x": 1})
         return JSONResponse({"status": resp.status, "body": await resp.json()})
 
-    async with ServiceHarness(front) as h:
+    policy = load_traffic_policy({"retries": {"attempts": 0}, "timeouts": {"request": "3s"}})
+    async with ServiceHarness(front, policies={"back": policy}) as h:
+        assert front.mesh.upstream("back").policy is policy  # type: ignore[union-attr]
         await h.serve(back)
         (instance,) = front.mesh.cache.instances("back")  # type: ignore[union-attr]
         assert instance.labels == {"version": "2"} and instance.state == "serving"
