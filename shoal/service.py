@@ -56,13 +56,7 @@ from shoal.events.event import Event
 from shoal.events.partitioning import check_group_name, check_topic_name
 from shoal.events.retry import RetryPolicy
 from shoal.lifespan import Lifespan
-from shoal.load import (
-    DEFAULT_LOAD_INTERVAL,
-    LOAD_EVENT_TYPE,
-    LOAD_RETENTION,
-    LOAD_TOPIC,
-    Load,
-)
+from shoal.load import Load
 from shoal.mesh.client import MeshClient
 from shoal.mesh.health import HealthState
 from shoal.mesh.http1 import Response as MeshResponse
@@ -132,7 +126,6 @@ class Service:
         self._server: _UvicornServer | None = None
         self._serving: asyncio.Task[None] | None = None
         self._owned_store = False
-        self._reporting: asyncio.Task[None] | None = None
         self._lifespans: list[Lifespan] = []
         self._lifespan_state: dict[str, Any] = {}
         self._state = "stopped"  # stopped -> starting -> ready -> draining -> stopped
@@ -319,25 +312,20 @@ class Service:
     async def start(self, *, broker: str | None = None, store: str | Store | None = None,
                     listen: str | None = "127.0.0.1:0", instance_id: str | None = None,
                     labels: Mapping[str, str] | None = None, ttl: float | str = "10s",
-                    register: bool = True, load_interval: float | str | None = None,
+                    register: bool = True,
                     policies: Mapping[str, TrafficPolicy] | None = None) -> None:
         """Connect, serve, register and subscribe; returns when the instance is ready.
 
         ``listen`` is ``HOST:PORT`` (port 0: any free port; ``self.address`` says which),
         or None to serve no HTTP (and not register): the ASGI app is then used directly,
-        as ``shoal.testing.ServiceHarness`` does. A registered instance publishes a
-        ``shoal.load.LoadReport`` every ``load_interval`` (default ``SHOAL_LOAD_INTERVAL``
-        or 1 s; 0 turns it off). ``policies`` are the traffic policies of the services
-        it calls (the manifest's ``services.<name>.policy``; default: the mesh's).
+        as ``shoal.testing.ServiceHarness`` does. ``policies`` are the traffic policies of
+        the services it calls (the manifest's ``services.<name>.policy``; default: the
+        mesh's).
         """
         if self._state != "stopped":
             raise ShoalError(f"service {self.name!r} is already {self._state}")
         if instance_id is not None:
             check_instance_id(instance_id)
-        interval = parse_duration(
-            load_interval if load_interval is not None
-            else os.environ.get("SHOAL_LOAD_INTERVAL", DEFAULT_LOAD_INTERVAL),
-            name="load_interval")
         labels = dict(labels or {})
         if self.version is not None:
             labels.setdefault("version", self.version)
@@ -377,9 +365,6 @@ class Service:
             self._missing.remove("subscriptions")
             if self.registration is not None:
                 await self.registration.set_state(HealthState.SERVING, "ready")
-                if interval:
-                    self._reporting = asyncio.get_running_loop().create_task(
-                        self._report_load(interval), name=f"shoal-load {self.instance_id}")
             self._state = "ready"
         except BaseException:
             with contextlib.suppress(Exception):
@@ -442,29 +427,15 @@ class Service:
 
         return run_sync
 
-    async def _report_load(self, interval: float) -> None:
-        """Publish a ``LoadReport`` every ``interval`` until stopped (failures logged)."""
-        assert self.bus is not None and self.instance_id is not None
-        bus, instance = self.bus, self.instance_id
-        try:
-            await bus.create_topic(LOAD_TOPIC, retention=LOAD_RETENTION)
-        except ShoalError as e:  # made elsewhere with other settings: use it as it is
-            log.debug("service %s: %s", self.name, e)
-        self.load.report(self.name, instance)  # starts the first interval
-        while True:
-            await asyncio.sleep(interval)
-            report = self.load.report(self.name, instance)
-            try:
-                await bus.publish(LOAD_TOPIC, msgspec.to_builtins(report), key=instance,
-                                  type=LOAD_EVENT_TYPE)
-            except ShoalError as e:
-                log.warning("service %s: load report not published: %s", self.name, e)
-
     async def _serve(self, listen: str) -> str:
         host, port = _split_listen(listen)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # TCP_NODELAY on the listener (Linux copies it to accepted sockets): uvicorn writes
+        # head and body separately, and under uvloop, or asyncio with a proto-0 listener,
+        # accepted sockets kept Nagle on: every response waited for a delayed ACK (~40 ms).
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, port))
             sock.listen(1024)
@@ -501,11 +472,6 @@ class Service:
     async def _close(self, *, grace: float, timeout: float | None = None) -> None:
         self._state = "draining"
         self._missing = ["draining"]
-        if self._reporting is not None:
-            self._reporting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reporting
-            self._reporting = None
         if self.registration is not None:
             with contextlib.suppress(ShoalError):
                 await self.registration.set_state(HealthState.DRAINING, "shutting down")
