@@ -126,6 +126,7 @@ class Service:
         self._server: _UvicornServer | None = None
         self._serving: asyncio.Task[None] | None = None
         self._owned_store = False
+        self._closing: asyncio.Future[None] | None = None
         self._lifespans: list[Lifespan] = []
         self._lifespan_state: dict[str, Any] = {}
         self._state = "stopped"  # stopped -> starting -> ready -> draining -> stopped
@@ -367,8 +368,7 @@ class Service:
                 await self.registration.set_state(HealthState.SERVING, "ready")
             self._state = "ready"
         except BaseException:
-            with contextlib.suppress(Exception):
-                await self._close(grace=0.0)
+            await asyncio.shield(self._close(grace=0.0))
             raise
 
     async def _start_mounted(self) -> None:
@@ -464,17 +464,26 @@ class Service:
         callers' endpoint caches drop it before its listener closes; ``timeout`` bounds
         how long in-flight requests may take to finish.
         """
-        if self._state in ("stopped", "draining"):
-            return
-        await self._close(grace=parse_duration(grace, name="grace") or 0.0,
-                          timeout=parse_duration(timeout, name="timeout"))
+        if self._closing is None:
+            if self._state == "stopped":
+                return
+            self._closing = asyncio.ensure_future(self._close(
+                grace=parse_duration(grace, name="grace") or 0.0,
+                timeout=parse_duration(timeout, name="timeout")))
+        closing = self._closing
+        try:
+            await asyncio.shield(closing)  # a second caller waits for the same drain
+        finally:
+            if closing.done() and self._closing is closing:
+                self._closing = None
 
     async def _close(self, *, grace: float, timeout: float | None = None) -> None:
+        """Drain in order; a step that fails is logged and the next ones still run."""
         self._state = "draining"
         self._missing = ["draining"]
         if self.registration is not None:
-            with contextlib.suppress(ShoalError):
-                await self.registration.set_state(HealthState.DRAINING, "shutting down")
+            await self._quietly(self.registration.set_state(HealthState.DRAINING,
+                                                            "shutting down"), "DRAINING")
         if grace:
             await asyncio.sleep(grace)
         stops: list[Awaitable[Any]] = [sub.close() for sub in self._running]
@@ -487,20 +496,25 @@ class Service:
         self._running.clear()
         await self._stop_mounted()
         if self.bus is not None:
-            await self.bus.close()  # flushes what handlers published
+            await self._quietly(self.bus.close(), "closing the bus")  # flushes publishes
             self.bus = None
         if self.registration is not None:
-            with contextlib.suppress(ShoalError):
-                await self.registration.deregister(reason="stopped")
+            await self._quietly(self.registration.deregister(reason="stopped"), "deregister")
             self.registration = None
         if self.mesh is not None:
-            await self.mesh.aclose()
+            await self._quietly(self.mesh.aclose(), "closing the mesh client")
             self.mesh = None
         if self.store is not None and self._owned_store:
-            await self.store.close()
+            await self._quietly(self.store.close(), "closing the store")
         self.store = None
         self._state = "stopped"
         self._missing = ["not started"]
+
+    async def _quietly(self, step: Awaitable[Any], what: str) -> None:
+        try:
+            await step
+        except Exception as e:
+            log.error("service %s: %s failed while stopping: %s", self.name, what, e)
 
     async def _stop_http(self, timeout: float | None) -> None:
         server, serving = self._server, self._serving
