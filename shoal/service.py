@@ -39,7 +39,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -529,6 +529,15 @@ class Service:
                         self.name, timeout)
             server.force_exit = True
             await serving
+
+    @contextlib.asynccontextmanager
+    async def running(self, **start: Any) -> AsyncIterator[Service]:
+        """``async with svc.running(broker=..., store=..., listen=...)``: start, then stop."""
+        await self.start(**start)
+        try:
+            yield self
+        finally:
+            await self.stop()
 
     async def __aenter__(self) -> Service:
         return self

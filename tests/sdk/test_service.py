@@ -398,3 +398,8 @@ async def test_concurrent_stops_share_one_drain() -> None:
         await asyncio.gather(svc.stop(grace=0), svc.stop(grace=0))
         assert finished == [1] and svc.bus is None and not svc.ready
     await svc.stop()  # stopping a stopped service is a no-op
+    async with svc.running(broker="memory://stopper-2", store="memory://stopper-2",
+                           listen="127.0.0.1:0", instance_id="stopper-1") as running:
+        assert running is svc and svc.ready and svc.registration is not None
+        assert svc.registration.instance.address == svc.address
+    assert svc.registration is None and not svc.ready
