@@ -609,11 +609,3 @@ def _message(item: Mapping[str, Any], loc: tuple[Any, ...], data: Any) -> str:
     if kind == "value_error":
         return str(item["ctx"]["error"]) if "ctx" in item else item["msg"]
     return f"{item['msg']}, got {given!r}" if given is not None else item["msg"]
-
-
-def load_manifest_if_exists(path: str | Path) -> Manifest | None:
-    """``load_manifest(path)``, or None when there is no file there."""
-    path = Path(path)
-    if not path.exists():
-        return None
-    return load_manifest(path)
