@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -152,6 +153,22 @@ async def test_two_instances_share_the_group_and_one_draining_hands_over(
     finally:
         for proc in procs:
             await finish(proc, signal.SIGKILL)
+
+
+async def test_sigterm_while_starting_exits_0_without_a_ready_line(tmp_path: Path) -> None:
+    proc = spawn(tmp_path, app="tests.sdk.instance_app:slow_start")
+    try:
+        await eventually(lambda: (tmp_path / "lifespan-started").exists(), 30, "starting")
+        started = time.monotonic()
+        code, output = await finish(proc)
+        assert code == 0, output
+        assert time.monotonic() - started < 10  # did not wait for the 30 s startup
+        assert '"ready"' not in output and "Traceback" not in output
+        store = await connect_store(f"sqlite:///{tmp_path}/store.db")
+        assert await Registry(store).list("sdk-slow-start") == []
+        await store.close()
+    finally:
+        await finish(proc, signal.SIGKILL)
 
 
 @pytest.mark.parametrize(("args", "fragment", "code"), [
