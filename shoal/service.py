@@ -71,7 +71,7 @@ from shoal.mesh.registry import (
 from shoal.mesh.resilience import TrafficPolicy
 from shoal.store.base import Store
 from shoal.store.connect import connect_store
-from shoal.units import parse_duration
+from shoal.units import parse_duration, parse_size
 
 log = logging.getLogger("shoal.service")
 
@@ -82,6 +82,7 @@ EventHandler = Callable[[Event], Awaitable[Any] | Any]
 
 HEALTH_PATH = "/healthz"
 READY_PATH = "/readyz"
+DEFAULT_MAX_BODY_SIZE = "16MiB"  # a request body, routes and mounted apps alike
 DEFAULT_DRAIN_GRACE = 0.25  # seconds between DRAINING and closing the listener
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0  # seconds in-flight requests get to finish
 
@@ -106,7 +107,9 @@ class SubscriptionSpec:
 class Service:
     """A named service: an ASGI 3 application plus event handlers, that runs in the mesh."""
 
-    def __init__(self, name: str, *, version: str | None = None) -> None:
+    def __init__(self, name: str, *, version: str | None = None,
+                 max_body_size: int | str | None = DEFAULT_MAX_BODY_SIZE) -> None:
+        """``max_body_size`` bounds request bodies (answered 413 beyond; None: no limit)."""
         self.name = check_service_name(name)
         if version is not None and (not isinstance(version, str) or not version
                                     or len(version) > 256):
@@ -120,7 +123,8 @@ class Service:
         self.registration: Registration | None = None
         self.instance_id: str | None = None
         self.address: str | None = None  # "host:port" the HTTP server listens on
-        self._router = Router(routes=[])
+        self.max_body_size = parse_size(max_body_size, name="max_body_size")
+        self._router = Router(routes=[], max_body_size=self.max_body_size)
         self._app = ExceptionMiddleware(self._router)
         self._running: list[Subscription] = []
         self._server: _UvicornServer | None = None

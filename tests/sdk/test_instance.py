@@ -73,6 +73,16 @@ async def http_get(address: str, path: str) -> tuple[int, dict[str, object]]:
     return int(head.split()[1]), json.loads(body)
 
 
+async def raw_exchange(address: str, data: bytes) -> bytes:
+    host, port = address.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(data)
+    raw = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    await writer.wait_closed()
+    return raw
+
+
 async def test_instance_serves_registers_handles_events_and_drains(tmp_path: Path) -> None:
     (tmp_path / "shoal.yaml").write_text(
         "services:\n  sdk-echo:\n    app: tests.sdk.instance_app:svc\n"
@@ -85,6 +95,10 @@ async def test_instance_serves_registers_handles_events_and_drains(tmp_path: Pat
         assert ready["service"] == "sdk-echo" and ready["pid"] == proc.pid
         address = str(ready["listen"])
         assert (await http_get(address, "/healthz"))[0] == 200
+        for garbage in (b"GARBAGE\r\n\r\n", b"GET / HTTP/1.1\r\nbad header\r\n\r\n",
+                        b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 99999999999"
+                        b"999999999\r\n\r\n"):
+            assert (await raw_exchange(address, garbage)).startswith(b"HTTP/1.1 4")
         assert await http_get(address, "/readyz") == (
             200, {"ready": True, "service": "sdk-echo", "missing": []})
 

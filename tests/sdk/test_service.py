@@ -163,6 +163,37 @@ async def test_failing_handler_is_retried_then_dead_lettered_and_drop_drops() ->
         assert calls[-1] == "drop" and len(await h.published("jobs.dlq")) == 1
 
 
+async def test_oversized_and_malformed_bodies_get_clear_answers() -> None:
+    svc = Service("limits", max_body_size="1KiB")
+
+    @svc.post("/echo")
+    async def echo(request: Request) -> JSONResponse:
+        return JSONResponse(await request.json())
+
+    async def mounted(request: Request) -> PlainTextResponse:
+        return PlainTextResponse(str(len(await request.body())))
+
+    svc.mount("/m", Starlette(routes=[Route("/len", mounted, methods=["POST"])]))
+    async with ServiceHarness(svc) as h:
+        assert (await h.client.post("/echo", json={"a": 1})).json() == {"a": 1}
+        assert (await h.client.post("/echo", content=b"x" * 2048)).status_code == 413
+        assert (await h.client.post("/m/len", content=b"x" * 1024)).text == "1024"
+        assert (await h.client.post("/m/len", content=b"x" * 1025)).status_code == 413
+
+        async def chunks():  # type: ignore[no-untyped-def]
+            for _ in range(8):
+                yield b"x" * 200  # no content-length: counted as it streams
+
+        assert (await h.client.post("/m/len", content=chunks())).status_code == 413
+        bad = await h.client.post("/echo", content=b"{not json",
+                                  headers={"content-type": "application/json"})
+        assert bad.status_code == 500  # the handler's own bug (it trusted the body)
+    assert Service("default").max_body_size == 16 * 1024 * 1024
+    assert Service("unbounded", max_body_size=None).max_body_size is None
+    with pytest.raises(ConfigError, match="max_body_size"):
+        Service("x", max_body_size="lots")
+
+
 async def test_mount_starlette_app_and_raw_asgi_app() -> None:
     svc = Service("web")
 
