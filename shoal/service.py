@@ -306,12 +306,16 @@ class Service:
     # -- readiness ------------------------------------------------------------------------
     def missing(self) -> list[str]:
         """What keeps the instance from being ready (empty when it is)."""
-        return list(self._missing)
+        missing = list(self._missing)
+        if self.registration is not None and self.registration.lost and \
+                "registry" not in missing:
+            missing.append("registry")  # another registration took our id, or it was deleted
+        return missing
 
     @property
     def ready(self) -> bool:
         """True when ``/readyz`` answers 200."""
-        return not self._missing
+        return not self.missing()
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self, *, broker: str | None = None, store: str | Store | None = None,

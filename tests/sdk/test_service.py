@@ -365,6 +365,12 @@ async def test_readyz_is_503_naming_what_is_missing_until_subscriptions_joined()
         (instance,) = await Registry(svc.store).list("gated")  # type: ignore[arg-type]
         assert instance.state == "serving" and svc.address == f"127.0.0.1:{port}"
         store = await connect_store(url)
+        # someone else deletes our registration: not ready any more, and /readyz says why
+        await store.delete(svc.registration.key)  # type: ignore[union-attr]
+        with contextlib.suppress(ShoalError):
+            await svc.registration.heartbeat()  # type: ignore[union-attr]
+        resp = await client.get("/readyz")
+        assert resp.status_code == 503 and resp.json()["missing"] == ["registry"]
         await svc.stop(grace=0)
         assert await Registry(store).list("gated") == []
         await store.close()
