@@ -131,6 +131,7 @@ class Service:
         self._serving: asyncio.Task[None] | None = None
         self._owned_store = False
         self._closing: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._lifespans: list[Lifespan] = []
         self._lifespan_state: dict[str, Any] = {}
         self._state = "stopped"  # stopped -> starting -> ready -> draining -> stopped
@@ -237,6 +238,28 @@ class Service:
             extensions = {**(extensions or {}), "traceparent": traceparent}
         return await bus.publish(topic, data, key=key, type=type, id=id, extensions=extensions)
 
+    def publish_sync(self, topic: str, data: Any = None, **kw: Any) -> PublishAck:
+        """``publish`` from a sync handler (it runs in a thread): waits until durable.
+        Keyword arguments are ``publish``'s; the handler's trace context is carried."""
+        loop = self._loop
+        if loop is None or self.bus is None:
+            raise ServiceNotRunning(f"service {self.name!r}: publish_sync({topic!r}) needs a "
+                                    "started service")
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            raise ShoalError(f"service {self.name!r}: publish_sync called on the event loop; "
+                             "use `await svc.publish(...)` in async code")
+        traceparent = current_traceparent.get()
+        extensions = dict(kw.pop("extensions", None) or {})
+        if traceparent is not None:
+            extensions.setdefault("traceparent", traceparent)
+        future = asyncio.run_coroutine_threadsafe(
+            self.publish(topic, data, extensions=extensions or None, **kw), loop)
+        return future.result()
+
     async def call(self, service: str, method: str, path: str, *,
                    headers: Mapping[str, str] | None = None, **kw: Any) -> MeshResponse:
         """Call ``service`` by name through the mesh (``MeshClient.request``), with the
@@ -339,6 +362,7 @@ class Service:
         if self.version is not None:
             labels.setdefault("version", self.version)
         self._state = "starting"
+        self._loop = asyncio.get_running_loop()
         self._missing = ["store", "bus", "http", "registry", "subscriptions"]
         if listen is None or not register:
             self._missing.remove("registry")

@@ -133,6 +133,7 @@ async def test_group_defaults_to_service_name_and_groups_are_independent() -> No
         assert threading.current_thread() is not threading.main_thread()
         assert parse_traceparent(current_traceparent.get()) is not None
         seen["audit"].append(event.data)
+        svc.publish_sync("audited", {"n": event.data}, key="audit")
 
     assert [(s.topic, s.group) for s in svc.subscriptions] == [
         ("orders", "billing"), ("orders", "audit")]
@@ -141,6 +142,11 @@ async def test_group_defaults_to_service_name_and_groups_are_independent() -> No
         await h.publish("orders", 2, key="k")
         assert sorted(seen["billing"]) == [1, 2] and sorted(seen["audit"]) == [1, 2]
         assert set(await h.bus.groups("orders")) == {"billing", "audit"}
+        audited = await h.published("audited")
+        assert sorted(e.data["n"] for e in audited) == [1, 2]
+        assert all(parse_traceparent(e.traceparent) for e in audited)  # carried from thread
+        with pytest.raises(ShoalError, match=r"use `await svc\.publish"):
+            svc.publish_sync("audited", 3)
 
 
 async def test_failing_handler_is_retried_then_dead_lettered_and_drop_drops() -> None:
