@@ -101,6 +101,8 @@ class Supervisor:
     def __init__(self, launch: Launch, *, policy: RestartPolicy | None = None,
                  output: Output | None = _print_line, grace: float = 10.0,
                  host: str = "127.0.0.1", env: Mapping[str, str] | None = None,
+                 cwd: str | None = None,
+                 env_for: Callable[[str], Mapping[str, str]] | None = None,
                  rng: random.Random | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.launch = launch
@@ -109,6 +111,8 @@ class Supervisor:
         self.grace = grace
         self.host = host
         self.env = dict(os.environ if env is None else env)
+        self.cwd = cwd
+        self.env_for = env_for  # a service's own environment, over ``env``
         self.instances: dict[str, SupervisedInstance] = {}
         self.listeners: list[Listener] = []  # called on every life change (id, what)
         self._rng = rng if rng is not None else random.Random()
@@ -215,10 +219,12 @@ class Supervisor:
             inst.ready.clear()
             inst.ready_info = {}
             inst.life.on_spawn(self._clock())
+            env = self.env if self.env_for is None else {**self.env, **self.env_for(inst.service)}
             try:
                 inst.process = await asyncio.create_subprocess_exec(
                     *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.STDOUT, env=self.env, start_new_session=True)
+                    stderr=asyncio.subprocess.STDOUT, env=env, cwd=self.cwd,
+                    start_new_session=True)
             except OSError as e:
                 inst.output.append(f"cannot start {argv[0]}: {e}")
                 verdict = inst.life.on_exit(self._clock(), None, inst.output)
