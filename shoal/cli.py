@@ -26,6 +26,7 @@ from typing import Annotated, Any, NoReturn, TypeVar
 import msgspec
 import typer
 
+from shoal.commands.up import register as register_runtime_commands
 from shoal.errors import ConfigError, InvalidEvent, ShoalError, TopicError
 from shoal.events.bus import EventBus, Message
 from shoal.events.event import Event, decode_record
@@ -738,6 +739,9 @@ def _print_dead_letters(
         body.append(_printable(ext.get("dlqreason", "")), style="red")
         console.print(head)
         console.print(body)
+
+
+register_runtime_commands(app)  # shoal up / ps / scale
 
 
 def main() -> None:

@@ -29,6 +29,7 @@ import signal
 import sys
 from typing import Any
 
+from shoal.control.load import LoadReporter
 from shoal.errors import ConfigError, ShoalError
 from shoal.service import Service
 
@@ -117,11 +118,17 @@ async def run(svc: Service, args: argparse.Namespace) -> int:
             return 0
         waiting.cancel()
         starting.result()
+        reporter = None
+        if svc.store is not None and svc.registration is not None:  # for the autoscaler
+            reporter = await LoadReporter(svc.store, svc.name, svc.instance_id or "",
+                                          lambda: svc.load.inflight_requests).start()
         line = {"event": "ready", "instance": svc.instance_id, "service": svc.name,
                 "listen": svc.address, "pid": os.getpid()}
         sys.stdout.write(json.dumps(line) + "\n")
         sys.stdout.flush()
         await stopping.wait()
+        if reporter is not None:
+            await reporter.close()
         await svc.stop(grace=args.drain_grace)
         return 0
     finally:
