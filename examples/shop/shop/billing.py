@@ -9,10 +9,14 @@ restarting) raises: the event is retried in place, in order, with backoff.
 
 from __future__ import annotations
 
+import asyncio
+import os
+
 import shoal
 from shoal.events import Event, RetryPolicy
 
 svc = shoal.Service("billing")
+DELAY = float(os.environ.get("SHOP_BILLING_DELAY", "0"))  # seconds of bookkeeping per order
 
 
 @svc.subscribe("stock", retry=RetryPolicy(attempts=100, initial=0.05, maximum=1.0))
@@ -21,6 +25,8 @@ async def bill(event: Event) -> None:
     if event.type != "stock.reserved":
         return
     order = event.data
+    if DELAY:
+        await asyncio.sleep(DELAY)
     response = await svc.call("payments", "POST", "/payments", json={
         "order_id": order["order_id"], "customer": order["customer"],
         "amount": order["amount"]})
