@@ -39,6 +39,12 @@ def _fail(message: str) -> NoReturn:
 
 
 def up(manifest: ManifestArg = Path(MANIFEST_NAME),
+       gateway_listen: Annotated[str | None, typer.Option(
+           "--gateway-listen", metavar="HOST:PORT", show_default=False,
+           help="Override gateway.listen (port 0: any free port).")] = None,
+       admin_listen: Annotated[str | None, typer.Option(
+           "--admin-listen", metavar="HOST:PORT", show_default=False,
+           help="Override admin.listen (port 0: any free port).")] = None,
        ready_timeout: Annotated[float, typer.Option(
            "--ready-timeout", help="Seconds to wait for every instance to be ready.")] = 60.0,
        ) -> None:
@@ -48,7 +54,9 @@ def up(manifest: ManifestArg = Path(MANIFEST_NAME),
     from shoal.control.plane import ControlPlane
 
     try:
-        plan = plan_from_manifest(load_manifest(manifest))
+        overrides = {k: v for k, v in (("gateway_listen", gateway_listen),
+                                       ("admin_listen", admin_listen)) if v is not None}
+        plan = plan_from_manifest(load_manifest(manifest), **overrides)
     except ShoalError as e:
         _fail(str(e))
 
