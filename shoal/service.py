@@ -414,7 +414,10 @@ class Service:
     async def _serve(self, listen: str) -> str:
         host, port = _split_listen(listen)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted sockets only when the
+        # listener's proto says TCP; without it every response waited ~40 ms (Nagle + delayed
+        # ACK: uvicorn writes head and body separately).
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, port))

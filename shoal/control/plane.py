@@ -27,6 +27,7 @@ import uvicorn
 
 from shoal.control.admin import UnknownService, admin_app
 from shoal.control.autoscaler import ScalePolicy
+from shoal.control.cleanup import release_group_memberships
 from shoal.control.restart import RestartPolicy
 from shoal.control.scaling import AutoscalerLoop
 from shoal.control.supervisor import Launch, Output, Supervisor, _print_line
@@ -94,7 +95,7 @@ def _listen_socket(address: str, what: str) -> socket.socket:
         check_address(address, what=what)
     host = host.strip("[]")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # TCP_NODELAY
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, int(port)))
@@ -166,6 +167,7 @@ class ControlPlane:
                                               source=CONTROL_SOURCE)
             self.monitor = await HealthMonitor(
                 self.bus.store, self.bus, config=plan.health).start()
+            self.supervisor.exit_hooks.append(self._release_dead)
             for name, service in plan.services.items():
                 await self.supervisor.scale(name, service.replicas)
             if gateway_sock is not None:
@@ -208,6 +210,14 @@ class ControlPlane:
             await cache.wait_for(
                 name, lambda endpoints, w=wanted: w <= {e.instance_id for e in endpoints},
                 timeout=timeout)
+
+    async def _release_dead(self, inst: Any, pid: int) -> None:
+        """A supervised process died: hand its partitions over now (``shoal.control.cleanup``)."""
+        assert self.bus is not None
+        released = await release_group_memberships(self.bus.store, pid)
+        if released and self.output is not None:
+            self.output(f"[{inst.id}] supervisor: released {released} consumer-group key(s) "
+                        f"of dead pid {pid}")
 
     def _wake_autoscaler(self) -> None:
         if self.autoscaler is not None:

@@ -29,7 +29,7 @@ import socket
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +44,7 @@ MAX_LINE = 8192  # longer output lines are cut (a runaway print must not eat mem
 Launch = Callable[[str, str, int], Sequence[str]]
 Output = Callable[[str], None]
 Listener = Callable[["SupervisedInstance", str], None]
+ExitHook = Callable[["SupervisedInstance", int], Awaitable[None]]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -115,6 +116,7 @@ class Supervisor:
         self.env_for = env_for  # a service's own environment, over ``env``
         self.instances: dict[str, SupervisedInstance] = {}
         self.listeners: list[Listener] = []  # called on every life change (id, what)
+        self.exit_hooks: list[ExitHook] = []  # awaited with the pid after an unasked exit
         self._rng = rng if rng is not None else random.Random()
         self._clock = clock
         self._closing = False
@@ -234,6 +236,8 @@ class Supervisor:
                 returncode = await inst.process.wait()
                 inst.exits += 1
                 verdict = inst.life.on_exit(self._clock(), returncode, inst.output)
+                if verdict.state is not LifeState.STOPPED:
+                    await self._run_exit_hooks(inst, inst.process.pid)
             if not await self._after_exit(inst, verdict):
                 return
 
@@ -281,6 +285,13 @@ class Supervisor:
             inst.life.on_ready(self._clock())
             inst.ready.set()
             self._notify(inst, "ready")
+
+    async def _run_exit_hooks(self, inst: SupervisedInstance, pid: int) -> None:
+        for hook in list(self.exit_hooks):
+            try:
+                await hook(inst, pid)
+            except Exception:
+                log.exception("supervisor: exit hook %r failed for %s", hook, inst.id)
 
     async def _terminate(self, inst: SupervisedInstance) -> None:
         process = inst.process

@@ -106,3 +106,26 @@ async def test_a_missing_executable_counts_as_a_crash():
             await sup.wait_ready(5)
     finally:
         await sup.close()
+
+
+async def test_exit_hooks_get_the_dead_pid_before_the_restart():
+    seen: list[tuple[str, int, bool]] = []
+    sup = supervisor({}, [])
+
+    async def hook(inst, pid):
+        seen.append((inst.id, pid, inst.process.returncode is not None))
+
+    sup.exit_hooks.append(hook)
+    try:
+        await sup.scale("billing", 1)
+        await sup.wait_ready(10)
+        pid = sup.instances["billing-1"].pid
+        os.kill(pid, signal.SIGKILL)
+        for _ in range(200):
+            await asyncio.sleep(0.025)
+            if seen:
+                break
+        assert seen == [("billing-1", pid, True)]
+    finally:
+        await sup.close()
+    assert len(seen) == 1  # a stop we asked for runs no hook
