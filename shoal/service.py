@@ -414,11 +414,12 @@ class Service:
     async def _serve(self, listen: str) -> str:
         host, port = _split_listen(listen)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted sockets only when the
-        # listener's proto says TCP; without it every response waited ~40 ms (Nagle + delayed
-        # ACK: uvicorn writes head and body separately).
+        # TCP_NODELAY on the listener (Linux copies it to accepted sockets): uvicorn writes
+        # head and body separately, and under uvloop, or asyncio with a proto-0 listener,
+        # accepted sockets kept Nagle on: every response waited for a delayed ACK (~40 ms).
         sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, port))
             sock.listen(1024)
