@@ -1,10 +1,11 @@
 """Load figures instances publish for the autoscaler: one leased Store key per instance.
 
 ``shoal/load/<service>/<instance id>`` holds ``LoadReport`` (msgspec JSON): the instance's
-requests in flight and when it measured them. The key carries the reporter's lease, so
-the figure of an instance killed with -9 vanishes with it instead of inflating its
-service's load. A key rather than an event: a gauge needs only its latest value, and the
-log would keep every sample forever.
+requests in flight and when it measured them, rewritten when the figure changes (checked
+every ``interval``). The key carries the reporter's lease (``ttl``), so the figure of an
+instance killed with -9 vanishes with it (at once when the supervisor saw it die:
+``shoal.control.cleanup``) instead of inflating its service's load. A key rather than
+an event: a gauge needs only its latest value, and the log would keep every sample.
 """
 
 from __future__ import annotations
@@ -64,14 +65,20 @@ class LoadReporter:
     """Writes an instance's in-flight count every ``interval`` seconds under its own lease."""
 
     def __init__(self, store: Store, service: str, instance_id: str,
-                 inflight: Callable[[], int], *, interval: float = 1.0) -> None:
-        if not interval > 0:
-            raise ConfigError(f"load reporter: interval must be > 0, got {interval!r}")
+                 inflight: Callable[[], int], *, interval: float = 1.0,
+                 ttl: float = 10.0) -> None:
+        if not interval > 0 or not ttl > interval:
+            raise ConfigError(f"load reporter: interval must be > 0 and ttl above it, got "
+                              f"interval={interval!r}, ttl={ttl!r}")
         self.store = store
         self.key = load_key(service, instance_id)
         self.service, self.instance_id = service, instance_id
         self.inflight = inflight
         self.interval = interval
+        self.ttl = ttl
+        self.writes = 0  # reports written (a figure that did not change is not rewritten)
+        self._last: int | None = None
+        self._renewed = 0.0
         self._lease: Lease | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -82,14 +89,24 @@ class LoadReporter:
                                                             name=f"shoal-load {self.key}")
         return self
 
-    async def report(self) -> None:
-        """Write the current figure now."""
+    async def report(self, *, force: bool = False) -> None:
+        """Write the current figure if it changed (every write wakes the Store's watchers:
+        an idle instance costs one lease renewal per ttl/3, not a write per interval)."""
+        now = time.monotonic()
         if self._lease is None:
-            self._lease = await self.store.lease(self.interval * 3)
-        report = LoadReport(service=self.service, instance=self.instance_id,
-                            inflight=int(self.inflight()), at=time.time())
-        await self._lease.keepalive()
+            self._lease, self._last, force = await self.store.lease(self.ttl), None, True
+            self._renewed = now
+        elif now - self._renewed >= self.ttl / 3:
+            await self._lease.keepalive()
+            self._renewed = now
+        figure = int(self.inflight())
+        if figure == self._last and not force:
+            return
+        report = LoadReport(service=self.service, instance=self.instance_id, inflight=figure,
+                            at=time.time())
         await self.store.put(self.key, _encoder.encode(report), lease=self._lease)
+        self._last = figure
+        self.writes += 1
 
     async def close(self) -> None:
         """Stop reporting and remove the key."""

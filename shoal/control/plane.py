@@ -27,7 +27,7 @@ import uvicorn
 
 from shoal.control.admin import UnknownService, admin_app
 from shoal.control.autoscaler import ScalePolicy
-from shoal.control.cleanup import release_group_memberships
+from shoal.control.cleanup import forget_load, release_group_memberships
 from shoal.control.restart import RestartPolicy
 from shoal.control.scaling import AutoscalerLoop
 from shoal.control.supervisor import Launch, Output, Supervisor, _print_line
@@ -216,6 +216,7 @@ class ControlPlane:
         """A supervised process died: hand its partitions over now (``shoal.control.cleanup``)."""
         assert self.bus is not None
         released = await release_group_memberships(self.bus.store, pid)
+        await forget_load(self.bus.store, inst.service, inst.id)
         if released and self.output is not None:
             self.output(f"[{inst.id}] supervisor: released {released} consumer-group key(s) "
                         f"of dead pid {pid}")

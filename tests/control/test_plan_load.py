@@ -59,12 +59,15 @@ async def test_reports_sum_per_service_and_vanish_with_their_lease():
     store = MemoryStore()
     load = {"a1": 3, "a2": 4, "b1": 0}
     reporters = [await LoadReporter(store, service, instance, lambda i=instance: load[i],
-                                    interval=0.05).start()
+                                    interval=0.05, ttl=0.5).start()
                  for service, instance in (("a", "a1"), ("a", "a2"), ("b", "b1"))]
     try:
         assert await read_inflight(store) == {"a": 7, "b": 0}
         load["a1"] = 10
         await asyncio.sleep(0.15)
+        assert await read_inflight(store) == {"a": 14, "b": 0}
+        assert [r.writes for r in reporters] == [2, 1, 1]  # unchanged figures not rewritten
+        await asyncio.sleep(0.6)  # past the ttl: the lease was renewed, the figures stay
         assert await read_inflight(store) == {"a": 14, "b": 0}
         await reporters[0].close()
         assert await read_inflight(store) == {"a": 4, "b": 0}
@@ -81,6 +84,11 @@ async def test_malformed_or_mismatched_reports_are_skipped():
     await store.put(f"{LOAD_PREFIX}a/a3", b'{"service": "a", "instance": "a3", "inflight": -5}')
     await store.put(f"{LOAD_PREFIX}a/a4", b'{"service": "a", "instance": "a4", "inflight": 2}')
     assert await read_inflight(store) == {"a": 2}
+
+
+def test_reporter_refuses_a_ttl_not_above_the_interval():
+    with pytest.raises(ConfigError, match="ttl above it"):
+        LoadReporter(MemoryStore(), "a", "a1", lambda: 0, interval=1, ttl=1)
 
 
 @pytest.mark.parametrize("service, instance", [("Bad", "x"), ("a", "x/y"), ("a", "")])
