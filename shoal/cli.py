@@ -741,6 +741,10 @@ def _print_dead_letters(
         console.print(body)
 
 
+from shoal.commands.validate import validate as validate_command  # noqa: E402
+
+app.command("validate")(validate_command)
+
 register_runtime_commands(app)  # shoal up / ps / scale
 
 

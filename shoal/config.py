@@ -24,10 +24,14 @@
 as a ``ManifestError`` whose lines read ``shoal.yaml, line 12: services.orders.replicas:
 expected an integer >= 0, got 'two'``. Unknown keys are refused, with "did you mean".
 
+Top-level keys starting with ``x-`` are ignored (a place for YAML anchors to reuse, as in
+Compose files: ``x-defaults: &defaults {...}`` then ``<<: *defaults``).
+
 Hostile input is refused before it costs anything: files over ``MAX_MANIFEST_BYTES``,
 YAML whose aliases expand past ``MAX_NODES`` nodes (the "billion laughs"), nesting
-deeper than the parser's stack, duplicate keys, and any tag outside plain YAML
-(``!!python/object`` and friends: the safe loader constructs nothing else).
+deeper than ``MAX_FLOW_DEPTH`` brackets or the parser's stack, duplicate keys, and any
+tag outside plain YAML (``!!python/object`` and friends: the safe loader constructs
+nothing else).
 
 Relative ``sqlite:///`` paths are relative to the working directory, as everywhere in
 Shoal; ``Manifest.directory`` is the manifest's directory, from which the control plane
@@ -67,6 +71,7 @@ MANIFEST_NAME = "shoal.yaml"
 MAX_MANIFEST_BYTES = 1 << 20  # 1 MiB: a manifest is a page of settings, not a data file
 MAX_NODES = 100_000  # YAML nodes after alias expansion
 MAX_ERRORS = 50
+MAX_FLOW_DEPTH = 64  # [ and { nesting
 DEFAULT_GATEWAY_LISTEN = "127.0.0.1:8080"
 DEFAULT_ADMIN_LISTEN = "127.0.0.1:8081"
 _APP = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*"
@@ -120,9 +125,11 @@ def _listen(value: Any) -> str:
 
 
 def _url(value: Any) -> str:
-    if not isinstance(value, str) or not value.strip() or "://" not in value or \
-            len(value) > 4096:
-        raise ValueError(f"expected a URL like sqlite:///.shoal/events.db, got {value!r}")
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("must be a URL string like sqlite:///.shoal/events.db, not "
+                         f"{_kind(value) if value != '' else 'an empty string'}")
+    if "://" not in value or len(value) > 4096:
+        raise ValueError(f"must be a URL like sqlite:///.shoal/events.db, got {value!r}")
     return value.strip()
 
 
@@ -278,6 +285,11 @@ class Manifest(_Section):
     _path: Path | None = PrivateAttr(default=None)
     _lines: dict[str, int] = PrivateAttr(default_factory=dict)
 
+    @field_validator("store", mode="before")
+    @classmethod
+    def _store_given(cls, value: Any) -> Any:
+        return _url(value)  # written but empty is a mistake, not "the default"
+
     @property
     def store_url(self) -> str:
         """The Store URL: ``store``, else the one beside the broker."""
@@ -330,6 +342,7 @@ def parse_manifest(text: str, path: str | Path = MANIFEST_NAME) -> Manifest:
     if len(text) > MAX_MANIFEST_BYTES:
         raise ManifestError([ManifestIssue(
             path, None, "", f"larger than {MAX_MANIFEST_BYTES // 1024} KiB: not a manifest")])
+    _check_flow_depth(text, path)
     node = _compose(text, path)
     lines: dict[tuple[Any, ...], int] = {}
     if node is not None:
@@ -345,6 +358,7 @@ def parse_manifest(text: str, path: str | Path = MANIFEST_NAME) -> Manifest:
         raise ManifestError([ManifestIssue(
             path, 1, "", f"the manifest must be a mapping (keys like broker:, services:), "
                          f"not {_kind(data)}")])
+    data = {k: v for k, v in data.items() if not (isinstance(k, str) and k.startswith("x-"))}
     try:
         manifest = Manifest.model_validate(data)
     except ValidationError as e:
@@ -352,6 +366,28 @@ def parse_manifest(text: str, path: str | Path = MANIFEST_NAME) -> Manifest:
     manifest._path = path
     manifest._lines = {_dotted(key): line for key, line in lines.items()}
     return manifest
+
+
+_FLOW = re.compile(r"[\[\]{}]")
+
+
+def _check_flow_depth(text: str, path: Path) -> None:
+    """Refuse ``[[[[...`` before PyYAML sees it: its scanner is quadratic in flow depth.
+
+    Brackets inside quoted strings count too: a manifest with more than
+    ``MAX_FLOW_DEPTH`` unclosed ones there is not a manifest either.
+    """
+    depth = 0
+    for m in _FLOW.finditer(text):
+        if m.group() in "[{":
+            depth += 1
+            if depth > MAX_FLOW_DEPTH:
+                line = text.count("\n", 0, m.start()) + 1
+                raise ManifestError([ManifestIssue(
+                    path, line, "", f"nested more than {MAX_FLOW_DEPTH} levels deep: "
+                                    "not a manifest")])
+        elif depth:
+            depth -= 1
 
 
 class _SafeLoader(yaml.SafeLoader):
@@ -460,6 +496,9 @@ def _kind(value: Any) -> str:
 _KEY_PREFIX = re.compile(r"([A-Za-z_][A-Za-z0-9_]*(?:(?:\.|\[)[A-Za-z0-9_\]]+)*): ")
 
 
+_ROUTE_PREFIX = re.compile(r"(?:route '[^']*' \(routes\[(\d+)\]\)|routes\[(\d+)\]): ")
+
+
 def _issues(error: ValidationError, path: Path, lines: dict[tuple[Any, ...], int],
             data: Any) -> list[ManifestIssue]:
     issues = []
@@ -477,9 +516,16 @@ def _issues(error: ValidationError, path: Path, lines: dict[tuple[Any, ...], int
                 if sub[0] == "policy" and key_loc not in lines:
                     key_loc = (*base, *sub[1:])  # load_balancer folded into the policy
                 message = message[m.end():]
+            route = _ROUTE_PREFIX.match(message)  # "route 'x' (routes[2]): match: ..."
+            if route and key_loc and key_loc[-1] == "routes":
+                index = int(route.group(1) or route.group(2))
+                key_loc = (*key_loc, index)
+                inner = _KEY_PREFIX.match(message[route.end():])
+                if inner and (*key_loc, inner.group(1).split(".")[0]) in lines:
+                    key_loc = (*key_loc, inner.group(1).split(".")[0])
         issues.append(ManifestIssue(path, _line_for(key_loc, lines), _dotted(key_loc),
                                     message))
-    return issues
+    return sorted(issues, key=lambda i: i.line or 0)  # in the order a reader meets them
 
 
 def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:

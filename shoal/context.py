@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextvars
 import os
+import random
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +21,11 @@ from contextlib import contextmanager
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 _ZERO_TRACE = "0" * 32
 _ZERO_SPAN = "0" * 16
+
+# Ids need to be unique, not secret (W3C: "randomly generated"); the Mersenne Twister is
+# seeded from os.urandom and costs a fraction of a syscall per id.
+_random = random.Random()
+os.register_at_fork(after_in_child=_random.seed)  # a forked child must not repeat our ids
 
 current_traceparent: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "shoal_traceparent", default=None)
@@ -50,18 +56,12 @@ def parse_traceparent(value: object) -> tuple[str, str, str] | None:
 
 def new_span_id() -> str:
     """A random, non-zero 8-byte span id in hex."""
-    while True:
-        span = os.urandom(8).hex()
-        if span != _ZERO_SPAN:
-            return span
+    return f"{_random.getrandbits(64) or 1:016x}"
 
 
 def new_traceparent(*, sampled: bool = True) -> str:
     """The context of a new trace (a root span)."""
-    trace_id = os.urandom(16).hex()
-    while trace_id == _ZERO_TRACE:  # pragma: no cover - 2**-128
-        trace_id = os.urandom(16).hex()
-    return f"00-{trace_id}-{new_span_id()}-{'01' if sampled else '00'}"
+    return f"00-{_random.getrandbits(128) or 1:032x}-{new_span_id()}-{'01' if sampled else '00'}"
 
 
 def child_of(parent: str | None) -> str:

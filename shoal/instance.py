@@ -4,7 +4,7 @@
 
     python -m shoal.instance --app shop.orders:svc --listen 127.0.0.1:0 \\
         --broker sqlite:///.shoal/events.db --store sqlite:///.shoal/store.db \\
-        [--instance-id orders-1] [--label zone=a ...]
+        [--instance-id orders-1] [--label zone=a ...] [--manifest shoal.yaml]
 
 When the instance is ready (HTTP served, registered, every subscription in its group)
 it prints exactly one JSON line on stdout::
@@ -12,9 +12,10 @@ it prints exactly one JSON line on stdout::
     {"event": "ready", "instance": "orders-1", "service": "orders",
      "listen": "127.0.0.1:41233", "pid": 123}          (on one line)
 
-SIGTERM or SIGINT drains it (``Service.stop``) and exits 0; a second signal exits at
-once with status 1. Logs go to stderr. A bad argument or an app that cannot be loaded
-exits 2 with one line naming what and where; a failure while starting exits 1.
+SIGTERM or SIGINT drains it (``Service.stop``) and exits 0; a second SIGINT (Ctrl-C
+twice) exits at once with status 1, a repeated SIGTERM is ignored. Logs go to stderr.
+A bad argument or an app that cannot be loaded exits 2 with one line naming what and
+where; a failure while starting exits 1.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import signal
 import sys
 from typing import Any
 
-from shoal.control.load import LoadReporter
 from shoal.errors import ConfigError, ShoalError
 from shoal.service import Service
 
@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--instance-id", default=None, help="instance id (default: random)")
     parser.add_argument("--label", action="append", type=parse_label, default=[],
                         metavar="KEY=VALUE", help="instance label (repeatable)")
+    parser.add_argument("--manifest", default=None, metavar="PATH",
+                        help="shoal.yaml whose services' policies apply to our calls")
     parser.add_argument("--drain-grace", default="250ms",
                         help="time between DRAINING and closing the listener")
     return parser
@@ -94,21 +96,18 @@ async def run(svc: Service, args: argparse.Namespace) -> int:
     """Start ``svc``, print the ready line, wait for a signal, drain."""
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
-    signals = 0
 
-    def on_signal() -> None:
-        nonlocal signals
-        signals += 1
-        if signals > 1:
-            os._exit(EXIT_FAILED)  # a second signal: the operator wants it gone now
-        stopping.set()
+    def on_signal(sig: signal.Signals) -> None:
+        if sig is signal.SIGINT and stopping.is_set():
+            os._exit(EXIT_FAILED)  # Ctrl-C twice: the operator wants it gone now
+        stopping.set()  # a repeated SIGTERM changes nothing: the drain goes on
 
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal)
+        loop.add_signal_handler(sig, on_signal, sig)
     try:
         starting = asyncio.ensure_future(svc.start(
             broker=args.broker, store=args.store, listen=args.listen,
-            instance_id=args.instance_id, labels=dict(args.label)))
+            instance_id=args.instance_id, labels=dict(args.label), policies=args.policies))
         waiting = asyncio.ensure_future(stopping.wait())
         await asyncio.wait({starting, waiting}, return_when=asyncio.FIRST_COMPLETED)
         if not starting.done():  # signalled while starting: abandon the start
@@ -118,17 +117,11 @@ async def run(svc: Service, args: argparse.Namespace) -> int:
             return 0
         waiting.cancel()
         starting.result()
-        reporter = None
-        if svc.store is not None and svc.registration is not None:  # for the autoscaler
-            reporter = await LoadReporter(svc.store, svc.name, svc.instance_id or "",
-                                          lambda: svc.load.inflight_requests).start()
         line = {"event": "ready", "instance": svc.instance_id, "service": svc.name,
                 "listen": svc.address, "pid": os.getpid()}
         sys.stdout.write(json.dumps(line) + "\n")
         sys.stdout.flush()
         await stopping.wait()
-        if reporter is not None:
-            await reporter.close()
         await svc.stop(grace=args.drain_grace)
         return 0
     finally:
@@ -143,9 +136,16 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        args.policies = None
+        if args.manifest is not None:
+            from shoal.config import load_manifest
+
+            manifest = load_manifest(args.manifest)
+            args.policies = {name: spec.traffic_policy
+                             for name, spec in manifest.services.items()}
         svc = load_app(args.app)
     except ConfigError as e:
-        print(f"shoal.instance: {e}", file=sys.stderr)
+        print(f"shoal.instance: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_USAGE
     try:
         import uvloop

@@ -15,7 +15,8 @@
         resp = await svc.call("payments", "POST", "/pay", json=event.data)
 
 Routes use Starlette's ``Request``/``Response`` and router; any ASGI app (Starlette,
-FastAPI) can be mounted with ``svc.mount``. ``svc.start(...)`` (done for you by
+FastAPI) can be mounted with ``svc.mount``; their lifespan startup runs in ``start`` and
+their shutdown in ``stop``. ``svc.start(...)`` (done for you by
 ``python -m shoal.instance``) connects the bus and the mesh client, serves HTTP, registers
 the instance with heartbeats, joins every subscription's group, and declares the instance
 SERVING; ``/readyz`` turns 200 only then. ``svc.stop()`` drains: DRAINING in the registry
@@ -54,6 +55,14 @@ from shoal.events.consumer import Subscription
 from shoal.events.event import Event
 from shoal.events.partitioning import check_group_name, check_topic_name
 from shoal.events.retry import RetryPolicy
+from shoal.lifespan import Lifespan
+from shoal.load import (
+    DEFAULT_LOAD_INTERVAL,
+    LOAD_EVENT_TYPE,
+    LOAD_RETENTION,
+    LOAD_TOPIC,
+    Load,
+)
 from shoal.mesh.client import MeshClient
 from shoal.mesh.health import HealthState
 from shoal.mesh.http1 import Response as MeshResponse
@@ -65,6 +74,7 @@ from shoal.mesh.registry import (
     check_instance_id,
     check_service_name,
 )
+from shoal.mesh.resilience import TrafficPolicy
 from shoal.store.base import Store
 from shoal.store.connect import connect_store
 from shoal.units import parse_duration
@@ -99,16 +109,6 @@ class SubscriptionSpec:
     concurrency: int
 
 
-@dataclass(slots=True)
-class Load:
-    """What an instance is doing right now (for the autoscaler and ``/readyz``)."""
-
-    inflight_requests: int = 0
-    inflight_events: int = 0
-    requests: int = 0
-    events: int = 0
-
-
 class Service:
     """A named service: an ASGI 3 application plus event handlers, that runs in the mesh."""
 
@@ -132,6 +132,9 @@ class Service:
         self._server: _UvicornServer | None = None
         self._serving: asyncio.Task[None] | None = None
         self._owned_store = False
+        self._reporting: asyncio.Task[None] | None = None
+        self._lifespans: list[Lifespan] = []
+        self._lifespan_state: dict[str, Any] = {}
         self._state = "stopped"  # stopped -> starting -> ready -> draining -> stopped
         self._missing: list[str] = ["not started"]
 
@@ -273,19 +276,16 @@ class Service:
             body = {"ready": not missing, "service": self.name, "missing": missing}
             await _send_json(send, 503 if missing else 200, body)
             return
-        if self._state == "draining":
-            await _send_json(send, 503, {"error": f"service {self.name!r} is draining"},
-                             close=True)
-            return
         parent = None
         for name, value in scope.get("headers", ()):
             if name == b"traceparent":
                 parent = value.decode("latin-1")
                 break
+        if self._lifespan_state:  # what mounted apps' lifespans left for their requests
+            scope["state"] = {**self._lifespan_state, **scope.get("state", {})}
         token = current_traceparent.set(child_of(parent))
         load = self.load
-        load.inflight_requests += 1
-        load.requests += 1
+        load.request_started()
         started = False
 
         async def tracking_send(message: dict[str, Any]) -> None:
@@ -302,7 +302,7 @@ class Service:
                 await _send_json(send, 500, {"error": "internal server error",
                                              "service": self.name})
         finally:
-            load.inflight_requests -= 1
+            load.request_finished()
             current_traceparent.reset(token)
 
     # -- readiness ------------------------------------------------------------------------
@@ -319,17 +319,25 @@ class Service:
     async def start(self, *, broker: str | None = None, store: str | Store | None = None,
                     listen: str | None = "127.0.0.1:0", instance_id: str | None = None,
                     labels: Mapping[str, str] | None = None, ttl: float | str = "10s",
-                    register: bool = True) -> None:
+                    register: bool = True, load_interval: float | str | None = None,
+                    policies: Mapping[str, TrafficPolicy] | None = None) -> None:
         """Connect, serve, register and subscribe; returns when the instance is ready.
 
         ``listen`` is ``HOST:PORT`` (port 0: any free port; ``self.address`` says which),
         or None to serve no HTTP (and not register): the ASGI app is then used directly,
-        as ``shoal.testing.ServiceHarness`` does.
+        as ``shoal.testing.ServiceHarness`` does. A registered instance publishes a
+        ``shoal.load.LoadReport`` every ``load_interval`` (default ``SHOAL_LOAD_INTERVAL``
+        or 1 s; 0 turns it off). ``policies`` are the traffic policies of the services
+        it calls (the manifest's ``services.<name>.policy``; default: the mesh's).
         """
         if self._state != "stopped":
             raise ShoalError(f"service {self.name!r} is already {self._state}")
         if instance_id is not None:
             check_instance_id(instance_id)
+        interval = parse_duration(
+            load_interval if load_interval is not None
+            else os.environ.get("SHOAL_LOAD_INTERVAL", DEFAULT_LOAD_INTERVAL),
+            name="load_interval")
         labels = dict(labels or {})
         if self.version is not None:
             labels.setdefault("version", self.version)
@@ -352,7 +360,8 @@ class Service:
             self.bus = await EventBus.connect(broker, store=self.store,
                                               source=f"/shoal/services/{self.name}")
             self._missing.remove("bus")
-            self.mesh = await MeshClient.connect(self.store)
+            self.mesh = await MeshClient.connect(self.store, policies=policies)
+            await self._start_mounted()
             if listen is not None:
                 self.address = await self._serve(listen)
                 self._missing.remove("http")
@@ -368,11 +377,33 @@ class Service:
             self._missing.remove("subscriptions")
             if self.registration is not None:
                 await self.registration.set_state(HealthState.SERVING, "ready")
+                if interval:
+                    self._reporting = asyncio.get_running_loop().create_task(
+                        self._report_load(interval), name=f"shoal-load {self.instance_id}")
             self._state = "ready"
         except BaseException:
             with contextlib.suppress(Exception):
                 await self._close(grace=0.0)
             raise
+
+    async def _start_mounted(self) -> None:
+        """Run the lifespan startup of every mounted app (FastAPI/Starlette resources)."""
+        for route in self._router.routes:
+            if isinstance(route, Mount) and route.app is not None:
+                lifespan = Lifespan(route.app, f"mount {route.path or '/'}")
+                await lifespan.startup()
+                if lifespan.supported:
+                    self._lifespans.append(lifespan)
+                    self._lifespan_state.update(lifespan.state)
+
+    async def _stop_mounted(self) -> None:
+        for lifespan in reversed(self._lifespans):
+            try:
+                await lifespan.shutdown()
+            except ShoalError as e:
+                log.error("service %s: %s", self.name, e)
+        self._lifespans.clear()
+        self._lifespan_state = {}
 
     async def _subscribe_all(self) -> None:
         assert self.bus is not None
@@ -389,27 +420,45 @@ class Service:
 
             async def run_async(event: Event) -> Any:
                 token = current_traceparent.set(child_of(event.traceparent))
-                load.inflight_events += 1
+                load.event_started()
                 try:
                     return await handler(event)
                 finally:
-                    load.inflight_events -= 1
-                    load.events += 1
+                    load.event_finished()
                     current_traceparent.reset(token)
 
             return run_async
 
+        loop = asyncio.get_running_loop()
+
         def run_sync(event: Event) -> Any:  # runs in the subscription's thread pool
             token = current_traceparent.set(child_of(event.traceparent))
-            load.inflight_events += 1
+            loop.call_soon_threadsafe(load.event_started)
             try:
                 return handler(event)
             finally:
-                load.inflight_events -= 1
-                load.events += 1
+                loop.call_soon_threadsafe(load.event_finished)
                 current_traceparent.reset(token)
 
         return run_sync
+
+    async def _report_load(self, interval: float) -> None:
+        """Publish a ``LoadReport`` every ``interval`` until stopped (failures logged)."""
+        assert self.bus is not None and self.instance_id is not None
+        bus, instance = self.bus, self.instance_id
+        try:
+            await bus.create_topic(LOAD_TOPIC, retention=LOAD_RETENTION)
+        except ShoalError as e:  # made elsewhere with other settings: use it as it is
+            log.debug("service %s: %s", self.name, e)
+        self.load.report(self.name, instance)  # starts the first interval
+        while True:
+            await asyncio.sleep(interval)
+            report = self.load.report(self.name, instance)
+            try:
+                await bus.publish(LOAD_TOPIC, msgspec.to_builtins(report), key=instance,
+                                  type=LOAD_EVENT_TYPE)
+            except ShoalError as e:
+                log.warning("service %s: load report not published: %s", self.name, e)
 
     async def _serve(self, listen: str) -> str:
         host, port = _split_listen(listen)
@@ -456,6 +505,11 @@ class Service:
     async def _close(self, *, grace: float, timeout: float | None = None) -> None:
         self._state = "draining"
         self._missing = ["draining"]
+        if self._reporting is not None:
+            self._reporting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reporting
+            self._reporting = None
         if self.registration is not None:
             with contextlib.suppress(ShoalError):
                 await self.registration.set_state(HealthState.DRAINING, "shutting down")
@@ -469,6 +523,7 @@ class Service:
             if isinstance(result, BaseException):
                 log.error("service %s: while draining: %r", self.name, result)
         self._running.clear()
+        await self._stop_mounted()
         if self.bus is not None:
             await self.bus.close()  # flushes what handlers published
             self.bus = None

@@ -21,11 +21,13 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from shoal.errors import ShoalError
 from shoal.events.bus import EventBus, PublishAck
-from shoal.events.event import Event
+from shoal.events.event import Event, decode_record
+from shoal.mesh.resilience import TrafficPolicy
 from shoal.service import Service
 
 DEFAULT_WAIT = 5.0
@@ -34,13 +36,15 @@ DEFAULT_WAIT = 5.0
 class ServiceHarness:
     """``async with ServiceHarness(svc) as h``: ``svc`` started on a private ``memory://``."""
 
-    def __init__(self, service: Service, *, serve_http: bool = False) -> None:
+    def __init__(self, service: Service, *, serve_http: bool = False,
+                 policies: Mapping[str, TrafficPolicy] | None = None) -> None:
         if not isinstance(service, Service):
             raise TypeError(f"ServiceHarness: expected a shoal.Service, got "
                             f"{type(service).__name__}")
         self.service = service
         self.url = f"memory://harness-{secrets.token_hex(6)}"
         self.serve_http = serve_http  # also listen on loopback and register in the mesh
+        self.policies = policies  # traffic policies of the services it calls
         self.client: Any = None
         self._extra: list[Service] = []
 
@@ -57,7 +61,8 @@ class ServiceHarness:
         except ImportError:  # pragma: no cover - httpx comes with shoal[httpx] / [test]
             raise ShoalError("ServiceHarness needs httpx: pip install 'shoal[httpx]'") from None
         await self.service.start(broker=self.url, store=self.url,
-                                 listen="127.0.0.1:0" if self.serve_http else None)
+                                 listen="127.0.0.1:0" if self.serve_http else None,
+                                 policies=self.policies)
         self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.service),
                                         base_url=f"http://{self.service.name}")
         return self
@@ -109,8 +114,8 @@ class ServiceHarness:
     async def published(self, topic: str) -> list[Event]:
         """Every event in ``topic`` so far, in log order per partition."""
         events: list[Event] = []
-        from shoal.events.event import decode_record
-
+        if await self.bus.broker.get_topic(topic) is None:
+            return events
         for p, r in enumerate(await self.bus.broker.ranges(topic)):
             offset = r.start
             while offset < r.end:
