@@ -47,6 +47,7 @@ def plan_from_manifest(manifest: Manifest, *, cwd: Path | None = None, **overrid
         "gateway_listen": manifest.gateway.listen,
         "routes": list(manifest.gateway.routes),
         "admin_listen": manifest.admin.listen,
+        "manifest_path": None if manifest.path is None else Path(manifest.path).resolve(),
     }
     fields.update(overrides)
     return Plan(**fields)  # type: ignore[arg-type]

@@ -72,6 +72,7 @@ class Plan:
     restart: RestartPolicy = field(default_factory=RestartPolicy)
     autoscale_interval: float = 1.0
     grace: float = 10.0  # SIGTERM -> SIGKILL
+    manifest_path: Path | None = None  # given to instances: their calls use its policies
 
 
 def instance_argv(plan: Plan, service: ServicePlan, instance_id: str, port: int,
@@ -82,6 +83,8 @@ def instance_argv(plan: Plan, service: ServicePlan, instance_id: str, port: int,
             "--instance-id", instance_id]
     for key, value in service.labels.items():
         argv += ["--label", f"{key}={value}"]
+    if plan.manifest_path is not None:
+        argv += ["--manifest", str(plan.manifest_path)]
     return argv
 
 

@@ -6,6 +6,7 @@ import pytest
 
 from shoal.config import parse_manifest
 from shoal.control.plan import absolute_url, plan_from_manifest
+from shoal.control.plane import instance_argv
 from shoal.control.scaling import LoadFigures
 from shoal.load import LoadReport
 
@@ -43,6 +44,12 @@ services:
     assert plan.broker == "sqlite:////run/data/events.db"
     assert plan.store == "sqlite:////run/data/store.db"
     assert plan.base_dir == tmp_path.resolve()
+    assert plan.manifest_path == (tmp_path / "shoal.yaml").resolve()
+    argv = instance_argv(plan, plan.services["a"], "a-1", 4242, python="py")
+    assert argv == ["py", "-m", "shoal.instance", "--app", "mod:svc", "--listen",
+                    "127.0.0.1:4242", "--broker", plan.broker, "--store", plan.store,
+                    "--instance-id", "a-1", "--label", "tier=front",
+                    "--manifest", str(plan.manifest_path)]
     assert plan.gateway_listen == "127.0.0.1:0" and plan.admin_listen == "127.0.0.1:0"
     assert plan.routes[0]["service"] == "a"
     a, b = plan.services["a"], plan.services["b"]
