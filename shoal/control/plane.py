@@ -167,13 +167,14 @@ class ControlPlane:
             if plan.gateway_listen is not None:
                 gateway_sock = _listen_socket(plan.gateway_listen, "gateway.listen")
                 self._sockets.append(gateway_sock)
+            # Instances first: their start (mostly imports) overlaps the plane's own.
+            for name, service in plan.services.items():
+                await self.supervisor.scale(name, service.replicas)
             self.bus = await EventBus.connect(plan.broker, store=plan.store,
                                               source=CONTROL_SOURCE)
             self.monitor = await HealthMonitor(
                 self.bus.store, self.bus, config=plan.health).start()
             self.supervisor.exit_hooks.append(self._release_dead)
-            for name, service in plan.services.items():
-                await self.supervisor.scale(name, service.replicas)
             if gateway_sock is not None:
                 self._gateway = Gateway(self.routes_table, self.monitor.cache, self.bus,
                                         services={n: s.traffic for n, s in plan.services.items()})
