@@ -13,7 +13,8 @@ drains: finishes in-flight work, commits offsets, deregisters) and SIGKILL after
 Instance ids are ``<service>-<n>``; a restarted instance keeps its id (the registry lets
 the newest registration of an id win); scaling down stops the highest ``n`` first.
 Children get their own session, so a Ctrl-C in the terminal reaches ``shoal up`` alone,
-which then stops them in order.
+which then stops them in order; on Linux each child also gets SIGTERM (and drains) if the
+supervisor dies, even by kill -9, so no orphaned fleet is left behind.
 """
 
 from __future__ import annotations
@@ -45,6 +46,17 @@ Launch = Callable[[str, str, int], Sequence[str]]
 Output = Callable[[str], None]
 Listener = Callable[["SupervisedInstance", str], None]
 ExitHook = Callable[["SupervisedInstance", int], Awaitable[None]]
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """Linux: SIGTERM this child when the supervisor dies, even by kill -9 (no orphans)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -226,7 +238,8 @@ class Supervisor:
                 inst.process = await asyncio.create_subprocess_exec(
                     *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                     stderr=asyncio.subprocess.STDOUT, env=env, cwd=self.cwd,
-                    start_new_session=True)
+                    start_new_session=True,
+                    preexec_fn=_die_with_parent if sys.platform == "linux" else None)
             except OSError as e:
                 inst.output.append(f"cannot start {argv[0]}: {e}")
                 verdict = inst.life.on_exit(self._clock(), None, inst.output)

@@ -129,3 +129,27 @@ async def test_exit_hooks_get_the_dead_pid_before_the_restart():
     finally:
         await sup.close()
     assert len(seen) == 1  # a stop we asked for runs no hook
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+async def test_instances_do_not_outlive_a_supervisor_killed_with_9():
+    parent = await asyncio.create_subprocess_exec(
+        sys.executable, str(Path(__file__).with_name("supervisor_parent.py")),
+        stdout=asyncio.subprocess.PIPE)
+    try:
+        child = int(await asyncio.wait_for(parent.stdout.readline(), 20))
+        os.kill(parent.pid, signal.SIGKILL)
+        await parent.wait()
+        for _ in range(200):
+            try:
+                os.kill(child, 0)
+            except ProcessLookupError:
+                break
+            await asyncio.sleep(0.025)
+        else:
+            os.kill(child, signal.SIGKILL)
+            raise AssertionError("the instance outlived its supervisor")
+    finally:
+        if parent.returncode is None:
+            parent.kill()
+            await parent.wait()
