@@ -154,6 +154,12 @@ def ps(manifest: ManifestArg = Path(MANIFEST_NAME), admin: AdminOption = None,
                       str(inst["pid"] or "-"), inst["address"], str(inst["restarts"]))
     console = Console(soft_wrap=True)
     console.print(table)
+    for inst in instances:
+        if inst["process"] == "failed":  # crash looping: say why, with its last words
+            console.print(f"{inst['id']} failed: {inst['reason']}", style="red",
+                          highlight=False, markup=False)
+            for line in inst.get("last_output", []):
+                console.print(f"  | {line}", highlight=False, markup=False)
     for service in services:
         scale = service.get("autoscale")
         auto = f"  autoscale {scale['min']}..{scale['max']}" if scale else ""
