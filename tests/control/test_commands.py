@@ -9,8 +9,10 @@ from typer.testing import CliRunner
 
 from shoal.cli import app
 from shoal.control.plane import ControlPlane, Plan, ServicePlan
+from shoal.control.restart import RestartPolicy
 
 FAKE = str(Path(__file__).with_name("fake_service.py"))
+CRASH = str(Path(__file__).with_name("fake_instance.py"))
 runner = CliRunner()
 
 
@@ -53,9 +55,15 @@ def test_ps_finds_the_admin_api_in_the_manifest(tmp_path):
 async def test_ps_and_scale_against_a_running_plane(tmp_path):
     plan = Plan(broker=f"sqlite:///{tmp_path}/events.db", store=f"sqlite:///{tmp_path}/store.db",
                 services={"echo": ServicePlan("echo", "unused:app")}, base_dir=tmp_path,
-                gateway_listen=None, admin_listen="127.0.0.1:0")
-    plane = ControlPlane(plan, output=None, launch=lambda s, i, p: [
-        sys.executable, FAKE, s, i, str(p), plan.store])
+                gateway_listen=None, admin_listen="127.0.0.1:0",
+                restart=RestartPolicy(initial_backoff="20ms", crash_loop_exits=2, jitter=0.0))
+
+    def launch(service: str, instance_id: str, port: int) -> list[str]:
+        if instance_id == "echo-3":  # this one crash loops
+            return [sys.executable, CRASH, "crash", str(port)]
+        return [sys.executable, FAKE, service, instance_id, str(port), plan.store]
+
+    plane = ControlPlane(plan, output=None, launch=launch)
     await plane.start(ready_timeout=20)
     try:
         admin = plane.admin_url
@@ -71,5 +79,14 @@ async def test_ps_and_scale_against_a_running_plane(tmp_path):
         result = await asyncio.to_thread(runner.invoke, app,
                                          ["scale", "echo", "1000", "--admin", admin])
         assert result.exit_code == 2 and "replicas: expected an integer 0..64" in result.stderr
+        await asyncio.to_thread(runner.invoke, app, ["scale", "echo", "3", "--admin", admin])
+        crashing = plane.supervisor.instances["echo-3"]
+        for _ in range(200):
+            if crashing.life.state.value == "failed":
+                break
+            await asyncio.sleep(0.025)
+        result = await asyncio.to_thread(runner.invoke, app, ["ps", "--admin", admin])
+        assert "echo-3 failed: crash loop: 2 exits in a row" in result.stdout
+        assert "  | RuntimeError: no database" in result.stdout
     finally:
         await plane.close()
