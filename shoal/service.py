@@ -39,7 +39,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,13 +56,7 @@ from shoal.events.event import Event
 from shoal.events.partitioning import check_group_name, check_topic_name
 from shoal.events.retry import RetryPolicy
 from shoal.lifespan import Lifespan
-from shoal.load import (
-    DEFAULT_LOAD_INTERVAL,
-    LOAD_EVENT_TYPE,
-    LOAD_RETENTION,
-    LOAD_TOPIC,
-    Load,
-)
+from shoal.load import Load
 from shoal.mesh.client import MeshClient
 from shoal.mesh.health import HealthState
 from shoal.mesh.http1 import Response as MeshResponse
@@ -132,7 +126,7 @@ class Service:
         self._server: _UvicornServer | None = None
         self._serving: asyncio.Task[None] | None = None
         self._owned_store = False
-        self._reporting: asyncio.Task[None] | None = None
+        self._closing: asyncio.Future[None] | None = None
         self._lifespans: list[Lifespan] = []
         self._lifespan_state: dict[str, Any] = {}
         self._state = "stopped"  # stopped -> starting -> ready -> draining -> stopped
@@ -319,25 +313,20 @@ class Service:
     async def start(self, *, broker: str | None = None, store: str | Store | None = None,
                     listen: str | None = "127.0.0.1:0", instance_id: str | None = None,
                     labels: Mapping[str, str] | None = None, ttl: float | str = "10s",
-                    register: bool = True, load_interval: float | str | None = None,
+                    register: bool = True,
                     policies: Mapping[str, TrafficPolicy] | None = None) -> None:
         """Connect, serve, register and subscribe; returns when the instance is ready.
 
         ``listen`` is ``HOST:PORT`` (port 0: any free port; ``self.address`` says which),
         or None to serve no HTTP (and not register): the ASGI app is then used directly,
-        as ``shoal.testing.ServiceHarness`` does. A registered instance publishes a
-        ``shoal.load.LoadReport`` every ``load_interval`` (default ``SHOAL_LOAD_INTERVAL``
-        or 1 s; 0 turns it off). ``policies`` are the traffic policies of the services
-        it calls (the manifest's ``services.<name>.policy``; default: the mesh's).
+        as ``shoal.testing.ServiceHarness`` does. ``policies`` are the traffic policies of
+        the services it calls (the manifest's ``services.<name>.policy``; default: the
+        mesh's).
         """
         if self._state != "stopped":
             raise ShoalError(f"service {self.name!r} is already {self._state}")
         if instance_id is not None:
             check_instance_id(instance_id)
-        interval = parse_duration(
-            load_interval if load_interval is not None
-            else os.environ.get("SHOAL_LOAD_INTERVAL", DEFAULT_LOAD_INTERVAL),
-            name="load_interval")
         labels = dict(labels or {})
         if self.version is not None:
             labels.setdefault("version", self.version)
@@ -377,13 +366,9 @@ class Service:
             self._missing.remove("subscriptions")
             if self.registration is not None:
                 await self.registration.set_state(HealthState.SERVING, "ready")
-                if interval:
-                    self._reporting = asyncio.get_running_loop().create_task(
-                        self._report_load(interval), name=f"shoal-load {self.instance_id}")
             self._state = "ready"
         except BaseException:
-            with contextlib.suppress(Exception):
-                await self._close(grace=0.0)
+            await asyncio.shield(self._close(grace=0.0))
             raise
 
     async def _start_mounted(self) -> None:
@@ -442,24 +427,6 @@ class Service:
 
         return run_sync
 
-    async def _report_load(self, interval: float) -> None:
-        """Publish a ``LoadReport`` every ``interval`` until stopped (failures logged)."""
-        assert self.bus is not None and self.instance_id is not None
-        bus, instance = self.bus, self.instance_id
-        try:
-            await bus.create_topic(LOAD_TOPIC, retention=LOAD_RETENTION)
-        except ShoalError as e:  # made elsewhere with other settings: use it as it is
-            log.debug("service %s: %s", self.name, e)
-        self.load.report(self.name, instance)  # starts the first interval
-        while True:
-            await asyncio.sleep(interval)
-            report = self.load.report(self.name, instance)
-            try:
-                await bus.publish(LOAD_TOPIC, msgspec.to_builtins(report), key=instance,
-                                  type=LOAD_EVENT_TYPE)
-            except ShoalError as e:
-                log.warning("service %s: load report not published: %s", self.name, e)
-
     async def _serve(self, listen: str) -> str:
         host, port = _split_listen(listen)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -497,22 +464,26 @@ class Service:
         callers' endpoint caches drop it before its listener closes; ``timeout`` bounds
         how long in-flight requests may take to finish.
         """
-        if self._state in ("stopped", "draining"):
-            return
-        await self._close(grace=parse_duration(grace, name="grace") or 0.0,
-                          timeout=parse_duration(timeout, name="timeout"))
+        if self._closing is None:
+            if self._state == "stopped":
+                return
+            self._closing = asyncio.ensure_future(self._close(
+                grace=parse_duration(grace, name="grace") or 0.0,
+                timeout=parse_duration(timeout, name="timeout")))
+        closing = self._closing
+        try:
+            await asyncio.shield(closing)  # a second caller waits for the same drain
+        finally:
+            if closing.done() and self._closing is closing:
+                self._closing = None
 
     async def _close(self, *, grace: float, timeout: float | None = None) -> None:
+        """Drain in order; a step that fails is logged and the next ones still run."""
         self._state = "draining"
         self._missing = ["draining"]
-        if self._reporting is not None:
-            self._reporting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reporting
-            self._reporting = None
         if self.registration is not None:
-            with contextlib.suppress(ShoalError):
-                await self.registration.set_state(HealthState.DRAINING, "shutting down")
+            await self._quietly(self.registration.set_state(HealthState.DRAINING,
+                                                            "shutting down"), "DRAINING")
         if grace:
             await asyncio.sleep(grace)
         stops: list[Awaitable[Any]] = [sub.close() for sub in self._running]
@@ -525,20 +496,25 @@ class Service:
         self._running.clear()
         await self._stop_mounted()
         if self.bus is not None:
-            await self.bus.close()  # flushes what handlers published
+            await self._quietly(self.bus.close(), "closing the bus")  # flushes publishes
             self.bus = None
         if self.registration is not None:
-            with contextlib.suppress(ShoalError):
-                await self.registration.deregister(reason="stopped")
+            await self._quietly(self.registration.deregister(reason="stopped"), "deregister")
             self.registration = None
         if self.mesh is not None:
-            await self.mesh.aclose()
+            await self._quietly(self.mesh.aclose(), "closing the mesh client")
             self.mesh = None
         if self.store is not None and self._owned_store:
-            await self.store.close()
+            await self._quietly(self.store.close(), "closing the store")
         self.store = None
         self._state = "stopped"
         self._missing = ["not started"]
+
+    async def _quietly(self, step: Awaitable[Any], what: str) -> None:
+        try:
+            await step
+        except Exception as e:
+            log.error("service %s: %s failed while stopping: %s", self.name, what, e)
 
     async def _stop_http(self, timeout: float | None) -> None:
         server, serving = self._server, self._serving
@@ -553,6 +529,15 @@ class Service:
                         self.name, timeout)
             server.force_exit = True
             await serving
+
+    @contextlib.asynccontextmanager
+    async def running(self, **start: Any) -> AsyncIterator[Service]:
+        """``async with svc.running(broker=..., store=..., listen=...)``: start, then stop."""
+        await self.start(**start)
+        try:
+            yield self
+        finally:
+            await self.stop()
 
     async def __aenter__(self) -> Service:
         return self

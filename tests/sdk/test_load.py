@@ -1,38 +1,34 @@
-"""Load counters and the ``shoal.load`` reports instances publish."""
+"""The load counters a Service keeps (what the autoscaler's reporter reads)."""
 
 from __future__ import annotations
 
 import asyncio
 
 import httpx
-import msgspec
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 
 from shoal import Service
-from shoal.load import LOAD_TOPIC, Load, LoadReport
+from shoal.events import Event
+from shoal.load import Load
 from shoal.testing import ServiceHarness
 
 
-def test_report_carries_peaks_since_the_previous_one_and_restarts_them() -> None:
+def test_counters_and_peaks_since_last_look() -> None:
     load = Load()
-    first = load.report("s", "i", now=100.0, monotonic=10.0)
-    assert first.interval == 0.0 and first.peak_inflight_requests == 0
     for _ in range(3):
         load.request_started()
     load.request_finished()
     load.request_finished()
     load.event_started()
     load.event_finished()
-    second = load.report("s", "i", now=101.0, monotonic=11.5)
-    assert (second.inflight_requests, second.peak_inflight_requests) == (1, 3)
-    assert (second.inflight_events, second.peak_inflight_events, second.events) == (0, 1, 1)
-    assert second.requests == 3 and second.interval == 1.5 and second.at == 101.0
-    third = load.report("s", "i", now=102.0, monotonic=12.5)
-    assert third.peak_inflight_requests == 1 and third.peak_inflight_events == 0
+    assert (load.inflight_requests, load.requests, load.inflight_events, load.events) == (
+        1, 3, 0, 1)
+    assert load.take_peaks() == (3, 1)
+    assert load.take_peaks() == (1, 0)  # restarted from the current level
 
 
-async def test_registered_instance_publishes_load_reports() -> None:
+async def test_service_counts_inflight_requests_over_real_http_and_events() -> None:
     svc = Service("loaded")
     release = asyncio.Event()
 
@@ -41,26 +37,18 @@ async def test_registered_instance_publishes_load_reports() -> None:
         await release.wait()
         return PlainTextResponse("ok")
 
-    harness = ServiceHarness(svc)
-    await svc.start(broker=harness.url, store=harness.url, listen="127.0.0.1:0",
-                    instance_id="loaded-1", load_interval="30ms")
-    try:
+    @svc.subscribe("jobs")
+    def job(event: Event) -> None:  # sync: counted from its thread
+        pass
+
+    async with ServiceHarness(svc, serve_http=True) as h:
         async with httpx.AsyncClient(base_url=f"http://{svc.address}") as client:
             held = [asyncio.create_task(client.get("/hold")) for _ in range(3)]
             while svc.load.inflight_requests < 3:
                 await asyncio.sleep(0.005)
-            await asyncio.sleep(0.1)
             release.set()
             assert all(r.status_code == 200 for r in await asyncio.gather(*held))
-            await asyncio.sleep(0.1)
-        reports = [msgspec.convert(e.data, LoadReport)
-                   for e in await harness.published(LOAD_TOPIC)]
-        events = await harness.published(LOAD_TOPIC)
-        assert {e.type for e in events} == {"shoal.load"}
-        assert {e.key for e in events} == {"loaded-1"}
-        assert max(r.peak_inflight_requests for r in reports) == 3
-        assert reports[-1].inflight_requests == 0 and reports[-1].requests == 3
-        assert all(r.service == "loaded" and r.instance == "loaded-1" for r in reports)
-    finally:
-        await svc.stop(grace=0)
-    assert svc._reporting is None
+        assert svc.load.inflight_requests == 0 and svc.load.requests == 3
+        assert svc.load.take_peaks()[0] == 3
+        await h.publish("jobs", 1)
+        assert (svc.load.events, svc.load.inflight_events) == (1, 0)

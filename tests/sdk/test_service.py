@@ -379,3 +379,27 @@ async def test_mounted_app_whose_startup_fails_fails_the_start() -> None:
     with pytest.raises(ShoalError, match=failed):
         await svc.start(broker="memory://broken", store="memory://broken", listen=None)
     assert svc.missing() == ["not started"] and svc.bus is None
+
+
+async def test_concurrent_stops_share_one_drain() -> None:
+    svc = Service("stopper")
+    finished: list[int] = []
+    started = asyncio.Event()
+
+    @svc.subscribe("t")
+    async def slow(event: Event) -> None:
+        started.set()
+        await asyncio.sleep(0.2)
+        finished.append(event.data)
+
+    async with ServiceHarness(svc) as h:
+        await h.publish("t", 1, wait=None)
+        await asyncio.wait_for(started.wait(), 5)
+        await asyncio.gather(svc.stop(grace=0), svc.stop(grace=0))
+        assert finished == [1] and svc.bus is None and not svc.ready
+    await svc.stop()  # stopping a stopped service is a no-op
+    async with svc.running(broker="memory://stopper-2", store="memory://stopper-2",
+                           listen="127.0.0.1:0", instance_id="stopper-1") as running:
+        assert running is svc and svc.ready and svc.registration is not None
+        assert svc.registration.instance.address == svc.address
+    assert svc.registration is None and not svc.ready
