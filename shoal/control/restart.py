@@ -6,7 +6,9 @@ followed by a restart after an exponential backoff (``initial_backoff`` doubling
 A run that lasted ``stable_after`` counts as healthy and resets the backoff. An instance
 that exits ``crash_loop_exits`` times in a row without one such stable run is crash
 looping: it is marked FAILED with its last lines of output, and no longer restarted
-(``shoal scale`` or a restart of ``shoal up`` starts it afresh).
+(``shoal scale`` or a restart of ``shoal up`` starts it afresh). An exit status in
+``fatal_statuses`` (2: the instance runner's "bad argument or app") fails at once, as
+systemd's ``RestartPreventExitStatus``: a typo in ``app:`` is not retried five times.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class RestartPolicy:
     jitter: float = 0.2  # +- this fraction of each backoff
     stable_after: float | str = "10s"
     crash_loop_exits: int = 5
+    fatal_statuses: tuple[int, ...] = (2,)  # usage/config errors: restarting cannot help
 
     def __post_init__(self) -> None:
         for name in ("initial_backoff", "max_backoff", "stable_after"):
@@ -109,6 +112,10 @@ class InstanceLife:
             self.unstable_exits = 0
         self.unstable_exits += 1
         lines = tuple(last_lines)
+        if returncode is not None and returncode in policy.fatal_statuses:
+            self.state = LifeState.FAILED
+            self.reason = f"{how}: a configuration error; not restarting"
+            return ExitVerdict(LifeState.FAILED, self.reason, None, lines)
         if self.unstable_exits >= policy.crash_loop_exits:
             self.state = LifeState.FAILED
             self.reason = (f"crash loop: {self.unstable_exits} exits in a row, each within "

@@ -232,6 +232,7 @@ class Supervisor:
             argv = list(self.launch(inst.service, inst.id, inst.port))
             inst.ready.clear()
             inst.ready_info = {}
+            inst.output.clear()  # the last lines are the last run's
             inst.life.on_spawn(self._clock())
             env = self.env if self.env_for is None else {**self.env, **self.env_for(inst.service)}
             try:

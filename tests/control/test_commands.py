@@ -90,3 +90,14 @@ async def test_ps_and_scale_against_a_running_plane(tmp_path):
         assert "  | RuntimeError: no database" in result.stdout
     finally:
         await plane.close()
+
+
+def test_up_with_an_app_that_cannot_load_fails_at_once_naming_it(tmp_path):
+    manifest = tmp_path / "shoal.yaml"
+    manifest.write_text("admin: {listen: 127.0.0.1:0}\ngateway: {listen: 127.0.0.1:0}\n"
+                        "broker: sqlite:///" + str(tmp_path) + "/events.db\n"
+                        "services:\n  ghost: {app: 'nosuch:svc'}\n")
+    result = runner.invoke(app, ["up", str(manifest), "--ready-timeout", "30"])
+    assert result.exit_code == 2
+    assert "instance ghost-1 failed: exit status 2: a configuration error" in result.stderr
+    assert "no module named 'nosuch'" in result.stderr

@@ -92,3 +92,14 @@ def test_reset_forgets_crashes():
 def test_bad_policies_are_refused_by_name(kw):
     with pytest.raises(ConfigError, match=r"restart policy|must not be negative|expected a dur"):
         RestartPolicy(**kw)
+
+
+def test_a_fatal_status_fails_at_once():
+    slot = life()
+    slot.on_spawn(0)
+    verdict = slot.on_exit(0.5, 2, ["--app: no module named 'x'"])
+    assert verdict.state is LifeState.FAILED and verdict.restart_at is None
+    assert verdict.reason == "exit status 2: a configuration error; not restarting"
+    slot = InstanceLife(RestartPolicy(fatal_statuses=()), random.Random(1))
+    slot.on_spawn(0)
+    assert slot.on_exit(0.5, 2).state is LifeState.BACKOFF
