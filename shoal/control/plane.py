@@ -37,7 +37,7 @@ from shoal.gateway.proxy import Gateway
 from shoal.gateway.routes import RouteTable
 from shoal.gateway.server import HttpServer
 from shoal.mesh.health import HealthCheckConfig
-from shoal.mesh.registry import HealthMonitor, check_address
+from shoal.mesh.registry import HealthMonitor, InstanceChange, check_address
 
 CONTROL_SOURCE = "/shoal/control"
 
@@ -186,7 +186,7 @@ class ControlPlane:
             self.autoscaler = AutoscalerLoop(
                 self.bus, policies, replicas=self.supervisor.replicas, scale=self.scale_to,
                 interval=plan.autoscale_interval).start()
-            self.monitor.cache.on_instance(lambda change: self._wake_autoscaler())
+            self.monitor.cache.on_instance(self._wake_autoscaler)
             await self.supervisor.wait_ready(ready_timeout)
             await self._wait_registered(ready_timeout)
             self.ready_after = time.monotonic() - self.started_at
@@ -226,8 +226,11 @@ class ControlPlane:
             self.output(f"[{inst.id}] supervisor: released {released} consumer-group key(s) "
                         f"of dead pid {pid}")
 
-    def _wake_autoscaler(self) -> None:
-        if self.autoscaler is not None:
+    def _wake_autoscaler(self, change: InstanceChange) -> None:
+        """An instance changed state (not a mere heartbeat): evaluate now."""
+        before, after = change.before, change.after
+        moved = before is None or after is None or before.state is not after.state
+        if moved and self.autoscaler is not None:
             self.autoscaler.wake.set()
 
     async def close(self) -> None:
