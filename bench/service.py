@@ -14,7 +14,10 @@ Two figures, each next to its peer measured in the same run:
      (uvloop, httptools, access log off): the peer.
 
    Per server: requests/s, p50/p99 latency, and server CPU time per request (from /proc;
-   robust on a shared machine). Interleaved rounds, median round kept.
+   robust on a shared machine). Interleaved rounds, median round kept. CPU per request
+   is the SDK's overhead figure: the peer runs as uvicorn's command line does, whose
+   accepted sockets keep Nagle on under uvloop (the instance sets TCP_NODELAY), so its
+   req/s and latency also measure that difference.
 
 2. **Time to ready.** From spawning the process to ``python -m shoal.instance`` printing
    its ready line (connected, serving, registered, subscribed), against spawning bare

@@ -503,7 +503,7 @@ def _issues(error: ValidationError, path: Path, lines: dict[tuple[Any, ...], int
             data: Any) -> list[ManifestIssue]:
     issues = []
     for item in error.errors(include_url=False)[:MAX_ERRORS]:
-        loc = _clean_loc(item["loc"])
+        loc = _clean_loc(item["loc"], data)
         message = _message(item, loc, data)
         key_loc = loc
         m = _KEY_PREFIX.match(message)  # "policy.retries.attempts: ..." from a sub-loader
@@ -528,13 +528,22 @@ def _issues(error: ValidationError, path: Path, lines: dict[tuple[Any, ...], int
     return sorted(issues, key=lambda i: i.line or 0)  # in the order a reader meets them
 
 
-def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
-    """Pydantic's loc without its union/function markers (``str``, ``dict[str,any]``...)."""
+_MARKERS = ("str", "dict", "int", "float", "function-after", "function-before")
+
+
+def _clean_loc(loc: tuple[Any, ...], data: Any) -> tuple[Any, ...]:
+    """Pydantic's loc without its union/function markers (``str``, ``dict[str,any]``...):
+    a part that is a key of the data at that point is the user's, even if named ``int``."""
     out = []
     for part in loc:
-        if isinstance(part, str) and ("[" in part or part in (
-                "str", "dict", "int", "float", "function-after", "function-before")):
+        if isinstance(data, Mapping) and part in data:
+            data = data[part]
+        elif isinstance(data, list) and isinstance(part, int) and 0 <= part < len(data):
+            data = data[part]
+        elif isinstance(part, str) and ("[" in part or part in _MARKERS):
             continue
+        else:
+            data = None
         out.append(part)
     return tuple(out)
 
@@ -609,11 +618,3 @@ def _message(item: Mapping[str, Any], loc: tuple[Any, ...], data: Any) -> str:
     if kind == "value_error":
         return str(item["ctx"]["error"]) if "ctx" in item else item["msg"]
     return f"{item['msg']}, got {given!r}" if given is not None else item["msg"]
-
-
-def load_manifest_if_exists(path: str | Path) -> Manifest | None:
-    """``load_manifest(path)``, or None when there is no file there."""
-    path = Path(path)
-    if not path.exists():
-        return None
-    return load_manifest(path)

@@ -57,7 +57,14 @@ class Lifespan:
         self._task = asyncio.get_running_loop().create_task(
             self._run(), name=f"shoal-lifespan {self.name}")
         await self._to_app.put({"type": "lifespan.startup"})
-        message = await self._answer()
+        try:
+            message = await self._answer()
+        except BaseException:  # cancelled while the app starts (SIGTERM): abandon it
+            task, self._task = self._task, None
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+            raise
         if message is None:  # the app ended: it does not do lifespan
             with contextlib.suppress(Exception):
                 self._task.result()

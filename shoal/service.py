@@ -20,14 +20,17 @@ their shutdown in ``stop``. ``svc.start(...)`` (done for you by
 ``python -m shoal.instance``) connects the bus and the mesh client, serves HTTP, registers
 the instance with heartbeats, joins every subscription's group, and declares the instance
 SERVING; ``/readyz`` turns 200 only then. ``svc.stop()`` drains: DRAINING in the registry
-first, then no new requests or events, in-flight ones finish, offsets are committed, and
-the instance leaves the registry.
+first (callers' caches drop it while it keeps serving for a short grace), then the
+listener closes and no new events are taken, in-flight requests and events finish,
+offsets are committed, and the instance leaves the registry. Sync event handlers run in
+threads and publish with ``svc.publish_sync``.
 
 The HTTP server is uvicorn (uvloop + httptools): it speaks ASGI natively, including
-streaming, keep-alive, graceful shutdown that waits for in-flight requests, and the
-lifespan-free embedding we need here. The project's own ``HttpServer`` is a raw
-request/response core; adapting it to ASGI would be a second ASGI server to maintain for
-a gain that only matters on the gateway's path, which already uses it.
+streaming, keep-alive, and graceful shutdown that waits for in-flight requests. The
+project's own ``HttpServer`` is a raw request/response core; adapting it to ASGI would be
+a second ASGI server to maintain, for a gain that matters on the gateway's path (which
+uses it) more than behind a Python handler. ``bench/service.py`` measures what the SDK
+adds over the same app as bare Starlette on uvicorn.
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ from shoal.mesh.registry import (
 from shoal.mesh.resilience import TrafficPolicy
 from shoal.store.base import Store
 from shoal.store.connect import connect_store
-from shoal.units import parse_duration
+from shoal.units import parse_duration, parse_size
 
 log = logging.getLogger("shoal.service")
 
@@ -82,6 +85,7 @@ EventHandler = Callable[[Event], Awaitable[Any] | Any]
 
 HEALTH_PATH = "/healthz"
 READY_PATH = "/readyz"
+DEFAULT_MAX_BODY_SIZE = "16MiB"  # a request body, routes and mounted apps alike
 DEFAULT_DRAIN_GRACE = 0.25  # seconds between DRAINING and closing the listener
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0  # seconds in-flight requests get to finish
 
@@ -106,7 +110,9 @@ class SubscriptionSpec:
 class Service:
     """A named service: an ASGI 3 application plus event handlers, that runs in the mesh."""
 
-    def __init__(self, name: str, *, version: str | None = None) -> None:
+    def __init__(self, name: str, *, version: str | None = None,
+                 max_body_size: int | str | None = DEFAULT_MAX_BODY_SIZE) -> None:
+        """``max_body_size`` bounds request bodies (answered 413 beyond; None: no limit)."""
         self.name = check_service_name(name)
         if version is not None and (not isinstance(version, str) or not version
                                     or len(version) > 256):
@@ -120,13 +126,15 @@ class Service:
         self.registration: Registration | None = None
         self.instance_id: str | None = None
         self.address: str | None = None  # "host:port" the HTTP server listens on
-        self._router = Router(routes=[])
+        self.max_body_size = parse_size(max_body_size, name="max_body_size")
+        self._router = Router(routes=[], max_body_size=self.max_body_size)
         self._app = ExceptionMiddleware(self._router)
         self._running: list[Subscription] = []
         self._server: _UvicornServer | None = None
         self._serving: asyncio.Task[None] | None = None
         self._owned_store = False
         self._closing: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._lifespans: list[Lifespan] = []
         self._lifespan_state: dict[str, Any] = {}
         self._state = "stopped"  # stopped -> starting -> ready -> draining -> stopped
@@ -233,6 +241,28 @@ class Service:
             extensions = {**(extensions or {}), "traceparent": traceparent}
         return await bus.publish(topic, data, key=key, type=type, id=id, extensions=extensions)
 
+    def publish_sync(self, topic: str, data: Any = None, **kw: Any) -> PublishAck:
+        """``publish`` from a sync handler (it runs in a thread): waits until durable.
+        Keyword arguments are ``publish``'s; the handler's trace context is carried."""
+        loop = self._loop
+        if loop is None or self.bus is None:
+            raise ServiceNotRunning(f"service {self.name!r}: publish_sync({topic!r}) needs a "
+                                    "started service")
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            raise ShoalError(f"service {self.name!r}: publish_sync called on the event loop; "
+                             "use `await svc.publish(...)` in async code")
+        traceparent = current_traceparent.get()
+        extensions = dict(kw.pop("extensions", None) or {})
+        if traceparent is not None:
+            extensions.setdefault("traceparent", traceparent)
+        future = asyncio.run_coroutine_threadsafe(
+            self.publish(topic, data, extensions=extensions or None, **kw), loop)
+        return future.result()
+
     async def call(self, service: str, method: str, path: str, *,
                    headers: Mapping[str, str] | None = None, **kw: Any) -> MeshResponse:
         """Call ``service`` by name through the mesh (``MeshClient.request``), with the
@@ -302,12 +332,16 @@ class Service:
     # -- readiness ------------------------------------------------------------------------
     def missing(self) -> list[str]:
         """What keeps the instance from being ready (empty when it is)."""
-        return list(self._missing)
+        missing = list(self._missing)
+        if self.registration is not None and self.registration.lost and \
+                "registry" not in missing:
+            missing.append("registry")  # another registration took our id, or it was deleted
+        return missing
 
     @property
     def ready(self) -> bool:
         """True when ``/readyz`` answers 200."""
-        return not self._missing
+        return not self.missing()
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self, *, broker: str | None = None, store: str | Store | None = None,
@@ -331,6 +365,7 @@ class Service:
         if self.version is not None:
             labels.setdefault("version", self.version)
         self._state = "starting"
+        self._loop = asyncio.get_running_loop()
         self._missing = ["store", "bus", "http", "registry", "subscriptions"]
         if listen is None or not register:
             self._missing.remove("registry")

@@ -7,9 +7,11 @@ can see it: ``started-<id>`` and ``done-<id>`` for each event handled.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from pathlib import Path
 
+from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
@@ -43,3 +45,16 @@ async def job(event: Event) -> None:
 
 
 not_a_service = object()
+
+# slow_start: an app whose mounted app takes 30 s to start (SIGTERM must not wait for it)
+slow_start = Service("sdk-slow-start")
+
+
+@contextlib.asynccontextmanager
+async def _slow_lifespan(app: Starlette):  # type: ignore[no-untyped-def]
+    (OUT / "lifespan-started").touch()
+    await asyncio.sleep(30)
+    yield
+
+
+slow_start.mount("/api", Starlette(lifespan=_slow_lifespan))

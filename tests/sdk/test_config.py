@@ -134,6 +134,10 @@ def test_empty_manifest_means_every_default() -> None:
      "line 5: gateway.routes[0].match: route 'r' (routes[0]): match.path.prefx: unknown key "
      "(did you mean 'prefix'?)"),
     ("gateway:\n  routes: {a: 1}\n", "gateway.routes: expected a list"),
+    ("services:\n  int:\n    app: m:s\n    replicas: x\n",
+     "line 4: services.int.replicas: expected an integer"),  # a key named like a marker
+    ("services:\n  a:\n    app: m:s\n    labels: {str: [1]}\n",
+     "line 4: services.a.labels.str: expected a string, got a list"),
 ])
 def test_errors_name_file_line_key_and_what_was_expected(text: str, expected: str) -> None:
     found = issues(text)

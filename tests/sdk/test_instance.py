@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,16 @@ async def http_get(address: str, path: str) -> tuple[int, dict[str, object]]:
     return int(head.split()[1]), json.loads(body)
 
 
+async def raw_exchange(address: str, data: bytes) -> bytes:
+    host, port = address.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(data)
+    raw = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    await writer.wait_closed()
+    return raw
+
+
 async def test_instance_serves_registers_handles_events_and_drains(tmp_path: Path) -> None:
     (tmp_path / "shoal.yaml").write_text(
         "services:\n  sdk-echo:\n    app: tests.sdk.instance_app:svc\n"
@@ -84,6 +95,10 @@ async def test_instance_serves_registers_handles_events_and_drains(tmp_path: Pat
         assert ready["service"] == "sdk-echo" and ready["pid"] == proc.pid
         address = str(ready["listen"])
         assert (await http_get(address, "/healthz"))[0] == 200
+        for garbage in (b"GARBAGE\r\n\r\n", b"GET / HTTP/1.1\r\nbad header\r\n\r\n",
+                        b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 99999999999"
+                        b"999999999\r\n\r\n"):
+            assert (await raw_exchange(address, garbage)).startswith(b"HTTP/1.1 4")
         assert await http_get(address, "/readyz") == (
             200, {"ready": True, "service": "sdk-echo", "missing": []})
 
@@ -152,6 +167,22 @@ async def test_two_instances_share_the_group_and_one_draining_hands_over(
     finally:
         for proc in procs:
             await finish(proc, signal.SIGKILL)
+
+
+async def test_sigterm_while_starting_exits_0_without_a_ready_line(tmp_path: Path) -> None:
+    proc = spawn(tmp_path, app="tests.sdk.instance_app:slow_start")
+    try:
+        await eventually(lambda: (tmp_path / "lifespan-started").exists(), 30, "starting")
+        started = time.monotonic()
+        code, output = await finish(proc)
+        assert code == 0, output
+        assert time.monotonic() - started < 10  # did not wait for the 30 s startup
+        assert '"ready"' not in output and "Traceback" not in output
+        store = await connect_store(f"sqlite:///{tmp_path}/store.db")
+        assert await Registry(store).list("sdk-slow-start") == []
+        await store.close()
+    finally:
+        await finish(proc, signal.SIGKILL)
 
 
 @pytest.mark.parametrize(("args", "fragment", "code"), [

@@ -133,6 +133,7 @@ async def test_group_defaults_to_service_name_and_groups_are_independent() -> No
         assert threading.current_thread() is not threading.main_thread()
         assert parse_traceparent(current_traceparent.get()) is not None
         seen["audit"].append(event.data)
+        svc.publish_sync("audited", {"n": event.data}, key="audit")
 
     assert [(s.topic, s.group) for s in svc.subscriptions] == [
         ("orders", "billing"), ("orders", "audit")]
@@ -141,6 +142,11 @@ async def test_group_defaults_to_service_name_and_groups_are_independent() -> No
         await h.publish("orders", 2, key="k")
         assert sorted(seen["billing"]) == [1, 2] and sorted(seen["audit"]) == [1, 2]
         assert set(await h.bus.groups("orders")) == {"billing", "audit"}
+        audited = await h.published("audited")
+        assert sorted(e.data["n"] for e in audited) == [1, 2]
+        assert all(parse_traceparent(e.traceparent) for e in audited)  # carried from thread
+        with pytest.raises(ShoalError, match=r"use `await svc\.publish"):
+            svc.publish_sync("audited", 3)
 
 
 async def test_failing_handler_is_retried_then_dead_lettered_and_drop_drops() -> None:
@@ -161,6 +167,37 @@ async def test_failing_handler_is_retried_then_dead_lettered_and_drop_drops() ->
         assert dead.data == 1 and "always fails" in str(dead.extensions["dlqreason"])
         await h.publish("jobs", "drop")
         assert calls[-1] == "drop" and len(await h.published("jobs.dlq")) == 1
+
+
+async def test_oversized_and_malformed_bodies_get_clear_answers() -> None:
+    svc = Service("limits", max_body_size="1KiB")
+
+    @svc.post("/echo")
+    async def echo(request: Request) -> JSONResponse:
+        return JSONResponse(await request.json())
+
+    async def mounted(request: Request) -> PlainTextResponse:
+        return PlainTextResponse(str(len(await request.body())))
+
+    svc.mount("/m", Starlette(routes=[Route("/len", mounted, methods=["POST"])]))
+    async with ServiceHarness(svc) as h:
+        assert (await h.client.post("/echo", json={"a": 1})).json() == {"a": 1}
+        assert (await h.client.post("/echo", content=b"x" * 2048)).status_code == 413
+        assert (await h.client.post("/m/len", content=b"x" * 1024)).text == "1024"
+        assert (await h.client.post("/m/len", content=b"x" * 1025)).status_code == 413
+
+        async def chunks():  # type: ignore[no-untyped-def]
+            for _ in range(8):
+                yield b"x" * 200  # no content-length: counted as it streams
+
+        assert (await h.client.post("/m/len", content=chunks())).status_code == 413
+        bad = await h.client.post("/echo", content=b"{not json",
+                                  headers={"content-type": "application/json"})
+        assert bad.status_code == 500  # the handler's own bug (it trusted the body)
+    assert Service("default").max_body_size == 16 * 1024 * 1024
+    assert Service("unbounded", max_body_size=None).max_body_size is None
+    with pytest.raises(ConfigError, match="max_body_size"):
+        Service("x", max_body_size="lots")
 
 
 async def test_mount_starlette_app_and_raw_asgi_app() -> None:
@@ -334,6 +371,12 @@ async def test_readyz_is_503_naming_what_is_missing_until_subscriptions_joined()
         (instance,) = await Registry(svc.store).list("gated")  # type: ignore[arg-type]
         assert instance.state == "serving" and svc.address == f"127.0.0.1:{port}"
         store = await connect_store(url)
+        # someone else deletes our registration: not ready any more, and /readyz says why
+        await store.delete(svc.registration.key)  # type: ignore[union-attr]
+        with contextlib.suppress(ShoalError):
+            await svc.registration.heartbeat()  # type: ignore[union-attr]
+        resp = await client.get("/readyz")
+        assert resp.status_code == 503 and resp.json()["missing"] == ["registry"]
         await svc.stop(grace=0)
         assert await Registry(store).list("gated") == []
         await store.close()
