@@ -29,6 +29,7 @@ import typer
 from shoal.commands.gateway import gateway as gateway_command
 from shoal.commands.routes import routes_app
 from shoal.commands.sidecar import sidecar as sidecar_command
+from shoal.commands.up import register as register_runtime_commands
 from shoal.commands.validate import validate as validate_command
 from shoal.errors import ConfigError, InvalidEvent, ShoalError, TopicError
 from shoal.events.bus import EventBus, Message
@@ -748,6 +749,7 @@ app.command("gateway")(gateway_command)
 app.command("sidecar")(sidecar_command)
 app.add_typer(routes_app)
 app.command("validate")(validate_command)
+register_runtime_commands(app)  # shoal up / ps / scale
 
 
 def main() -> None:
