@@ -514,8 +514,8 @@ class _Connecting:
 
 def default_store_for(broker_url: str) -> str:
     """The Store URL that goes with a broker URL when none is given."""
-    if broker_url.startswith("memory://"):
-        return broker_url
+    if broker_url.startswith(("memory://", "redis://")):
+        return broker_url  # the same server; the Store's keys do not collide with the log's
     if broker_url.startswith("sqlite:///"):
         path = broker_url[len("sqlite:///") :].split("?", 1)[0]
         head, _, _ = path.rpartition("/")

@@ -1,4 +1,4 @@
-"""Open a Store from a URL: ``memory://``, ``sqlite:///PATH``."""
+"""Open a Store from a URL: ``memory://``, ``sqlite:///PATH``, ``redis://HOST:PORT``."""
 
 from __future__ import annotations
 
@@ -20,4 +20,11 @@ async def connect_store(url: str | None = None) -> Store:
         from shoal.store.sqlite import SqliteStore
 
         return await SqliteStore.open(url)
-    raise ConfigError(f"store url: unsupported scheme in {url!r} (expected memory:// or sqlite:///PATH)")
+    if scheme == "redis":
+        from shoal.store.redis import RedisStore
+
+        return await RedisStore.open(url)
+    raise ConfigError(
+        f"store url: unsupported scheme in {url!r} "
+        "(expected memory://, sqlite:///PATH or redis://HOST:PORT)"
+    )

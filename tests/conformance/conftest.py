@@ -10,7 +10,7 @@ import pytest
 
 from shoal.events import EventBus
 
-BACKENDS = ["memory", "sqlite"]
+BACKENDS = ["memory", "sqlite", "redis"]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -18,6 +18,8 @@ def bus_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A fresh, empty broker URL for each backend."""
     if request.param == "memory":
         return f"memory://{uuid.uuid4().hex}"
+    if request.param == "redis":
+        return request.getfixturevalue("redis_server").url()
     return f"sqlite:///{tmp_path}/events.db"
 
 

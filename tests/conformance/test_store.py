@@ -1,4 +1,4 @@
-"""The Store contract, run unchanged against every adapter (memory, sqlite)."""
+"""The Store contract, run unchanged against every adapter (memory, sqlite, redis)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ import pytest
 from shoal.errors import LeaseExpired, StoreError
 from shoal.store import Change, Store, connect_store
 from shoal.store.memory import MemoryStore
+from shoal.store.redis import RedisStore
 from shoal.store.sqlite import SqliteStore
+from tests.redis_server import RedisServer
 
 TTL = 0.3
 SLACK = 0.5  # how late after its expiry a lease's deletes may be seen
@@ -22,12 +24,14 @@ SLACK = 0.5  # how late after its expiry a lease's deletes may be seen
 class Backend:
     """Opens clients of one fresh store; every client opened is closed after the test."""
 
-    def __init__(self, kind: str, tmp_path: Path) -> None:
+    def __init__(self, kind: str, tmp_path: Path, redis: RedisServer | None = None) -> None:
         self.kind = kind
         self.tmp_path = tmp_path
+        self.redis = redis
         self.url = (
             f"memory://conformance-{uuid.uuid4().hex}"
             if kind == "memory"
+            else redis.url() if redis is not None
             else f"sqlite:///{tmp_path}/store.db"
         )
         self.opened: list[Store] = []
@@ -42,15 +46,18 @@ class Backend:
         """A separate store keeping only ``history`` changes for watch replay."""
         if self.kind == "memory":
             store: Store = MemoryStore(history=history)
+        elif self.redis is not None:
+            store = await RedisStore.open(self.redis.url(), history=history)
         else:
             store = await SqliteStore.open(f"sqlite:///{self.tmp_path}/small.db", history=history)
         self.opened.append(store)
         return store
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "redis"])
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
-    b = Backend(request.param, tmp_path)
+    redis = request.getfixturevalue("redis_server") if request.param == "redis" else None
+    b = Backend(request.param, tmp_path, redis)
     yield b
     for store in b.opened:
         await store.close()

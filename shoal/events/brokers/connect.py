@@ -1,4 +1,4 @@
-"""Open a Broker from a URL: ``memory://``, ``sqlite:///PATH``."""
+"""Open a Broker from a URL: ``memory://``, ``sqlite:///PATH``, ``redis://HOST:PORT``."""
 
 from __future__ import annotations
 
@@ -20,6 +20,10 @@ async def connect_broker(url: str | None = None) -> Broker:
         from shoal.events.brokers.sqlite import SqliteBroker
 
         return await SqliteBroker.open(url)
+    if scheme == "redis":
+        from shoal.events.brokers.redis import RedisBroker
+
+        return await RedisBroker.open(url)
     raise ConfigError(
-        f"broker url: unsupported scheme in {url!r} (expected memory:// or sqlite:///PATH)"
+        f"broker url: unsupported scheme in {url!r} (expected memory://, sqlite:///PATH or redis://HOST:PORT)"
     )
