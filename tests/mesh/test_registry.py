@@ -1,5 +1,6 @@
-"""The registry with real parts: a SQLite store in tmp_path, real child processes, a real
-HTTP server for active checks, and the event bus for published transitions."""
+"""The registry with real parts: a SQLite store in tmp_path and a Redis one on a real
+redis-server, real child processes, a real HTTP server for active checks, and the event
+bus for published transitions."""
 
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from shoal.mesh.registry import (
     health_key,
     instance_key,
 )
+from shoal.store import Store, connect_store
 from shoal.store.memory import MemoryStore
 from shoal.store.sqlite import SqliteStore
 
@@ -44,28 +46,31 @@ FAST_CHECKS = HealthCheckConfig(interval="50ms", timeout="500ms", jitter="10ms",
                                 healthy_threshold=2, unhealthy_threshold=3)
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    s = await SqliteStore.open(f"sqlite:///{tmp_path}/store.db")
+@pytest.fixture(params=["sqlite", "redis"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    if request.param == "redis":
+        s: Store = await connect_store(request.getfixturevalue("redis_server").url())
+    else:
+        s = await SqliteStore.open(f"sqlite:///{tmp_path}/store.db")
     yield s
     await s.close()
 
 
 @pytest.fixture
-async def registry(store: SqliteStore) -> AsyncIterator[Registry]:
+async def registry(store: Store) -> AsyncIterator[Registry]:
     r = Registry(store)
     yield r
     await r.close()
 
 
 @pytest.fixture
-async def cache(store: SqliteStore) -> AsyncIterator[EndpointCache]:
+async def cache(store: Store) -> AsyncIterator[EndpointCache]:
     async with EndpointCache(store) as c:
         yield c
 
 
 @pytest.fixture
-async def bus(tmp_path: Path, store: SqliteStore) -> AsyncIterator[EventBus]:
+async def bus(tmp_path: Path, store: Store) -> AsyncIterator[EventBus]:
     async with EventBus.connect(f"sqlite:///{tmp_path}/events.db", store=store,
                                 source="/tests") as b:
         yield b
@@ -162,7 +167,7 @@ async def test_register_rejects_bad_arguments(registry: Registry) -> None:
 
 
 # -- registry and cache in one process ---------------------------------------------------
-async def test_register_list_deregister(store: SqliteStore, registry: Registry) -> None:
+async def test_register_list_deregister(store: Store, registry: Registry) -> None:
     before = time.time()
     reg = await registry.register(inst(labels={"version": "2"}, weight=2), ttl="5s")
     other = await registry.register(inst("web-1", "web", address="/tmp/web.sock"))
@@ -232,7 +237,7 @@ async def test_the_cache_sees_adds_state_changes_and_removals(
         await cache.wait_for("api", timeout=0.05)
 
 
-async def test_a_new_cache_lists_what_is_registered(store: SqliteStore,
+async def test_a_new_cache_lists_what_is_registered(store: Store,
                                                     registry: Registry) -> None:
     await registry.register(inst("api-1"))
     await registry.register(inst("api-2", state=S.DRAINING))
@@ -251,7 +256,7 @@ async def test_a_new_cache_lists_what_is_registered(store: SqliteStore,
 
 
 async def test_malformed_stored_values_are_skipped_with_a_warning(
-        store: SqliteStore, registry: Registry, cache: EndpointCache,
+        store: Store, registry: Registry, cache: EndpointCache,
         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, "shoal.mesh.registry")
     await store.put("shoal/registry/api/bad-json", b"{not json")
@@ -306,7 +311,7 @@ async def test_heartbeats_keep_a_short_lease_alive(registry: Registry,
     assert current.registered_at == reg.instance.registered_at
 
 
-async def test_an_expired_lease_is_registered_again(store: SqliteStore, registry: Registry,
+async def test_an_expired_lease_is_registered_again(store: Store, registry: Registry,
                                                     cache: EndpointCache) -> None:
     reg = await registry.register(inst(), ttl=0.6)
     await cache.wait_for("api", timeout=2)
@@ -319,7 +324,7 @@ async def test_an_expired_lease_is_registered_again(store: SqliteStore, registry
 
 
 async def test_a_registration_taken_over_stops_heartbeating(
-        store: SqliteStore, registry: Registry, caplog: pytest.LogCaptureFixture) -> None:
+        store: Store, registry: Registry, caplog: pytest.LogCaptureFixture) -> None:
     old = await registry.register(inst(address="127.0.0.1:1"), ttl=0.3)
     new = await Registry(store).register(inst(address="127.0.0.1:2"), ttl=5)
     with pytest.raises(RegistrationLost, match="taken over"):
@@ -335,12 +340,12 @@ async def test_a_registration_taken_over_stops_heartbeating(
 CHURN = """
 import asyncio, sys
 from shoal.store.memory import MemoryStore
-from shoal.store.sqlite import SqliteStore
+from shoal.store import connect_store
 from shoal.mesh.registry import Instance, Registry
 from shoal.mesh.health import HealthState as S
 
 async def main():
-    store = await SqliteStore.open(sys.argv[1])
+    store = await connect_store(sys.argv[1])
     registry = Registry(store)
     n, changes = int(sys.argv[2]), int(sys.argv[3])
     regs = []
@@ -363,11 +368,11 @@ asyncio.run(main())
 DOOMED = """
 import asyncio, sys
 from shoal.store.memory import MemoryStore
-from shoal.store.sqlite import SqliteStore
+from shoal.store import connect_store
 from shoal.mesh.registry import Instance, Registry
 
 async def main():
-    store = await SqliteStore.open(sys.argv[1])
+    store = await connect_store(sys.argv[1])
     await Registry(store).register(
         Instance(id="doomed-1", service="victim", address="127.0.0.1:9"), ttl=float(sys.argv[2]))
     print("registered", flush=True)
@@ -385,7 +390,7 @@ async def spawn(code: str, *args: str) -> asyncio.subprocess.Process:
 
 @pytest.mark.slow
 async def test_changes_in_another_process_reach_the_cache_within_100ms(
-        store: SqliteStore, cache: EndpointCache) -> None:
+        store: Store, cache: EndpointCache) -> None:
     n, changes = 5, 60
     latencies: list[float] = []
     order: dict[str, list[S | None]] = {}
@@ -420,7 +425,7 @@ async def test_changes_in_another_process_reach_the_cache_within_100ms(
 
 @pytest.mark.slow
 async def test_a_killed_instance_leaves_the_pool_and_is_published_gone(
-        store: SqliteStore, cache: EndpointCache, bus: EventBus) -> None:
+        store: Store, cache: EndpointCache, bus: EventBus) -> None:
     ttl = 1.0
     monitor = await HealthMonitor(store, bus, config=HealthCheckConfig(active_checks=False)
                                   ).start()
@@ -482,7 +487,7 @@ class HealthServer:
 
 
 async def test_active_checks_take_an_instance_out_and_back(
-        store: SqliteStore, registry: Registry, cache: EndpointCache, bus: EventBus) -> None:
+        store: Store, registry: Registry, cache: EndpointCache, bus: EventBus) -> None:
     async with HealthServer() as server, HealthMonitor(store, bus, config=FAST_CHECKS) as monitor:
         await registry.register(inst(address=f"127.0.0.1:{server.port}"))
         await cache.wait_for("api", timeout=2)
@@ -517,7 +522,7 @@ def closed_port() -> int:
 
 
 async def test_an_instance_never_passing_a_check_is_held_back_until_the_monitor_stops(
-        store: SqliteStore, registry: Registry, cache: EndpointCache, bus: EventBus) -> None:
+        store: Store, registry: Registry, cache: EndpointCache, bus: EventBus) -> None:
     monitor = await HealthMonitor(store, bus, config=FAST_CHECKS).start()
     try:
         await registry.register(inst(address=f"127.0.0.1:{closed_port()}"))
@@ -535,7 +540,7 @@ async def test_an_instance_never_passing_a_check_is_held_back_until_the_monitor_
 
 
 async def test_the_monitor_publishes_drains_and_deregistrations(
-        store: SqliteStore, registry: Registry, cache: EndpointCache, bus: EventBus) -> None:
+        store: Store, registry: Registry, cache: EndpointCache, bus: EventBus) -> None:
     async with HealthMonitor(store, bus, config=HealthCheckConfig(active_checks=False)):
         reg = await registry.register(inst(state=S.STARTING))
         await reg.set_state(S.SERVING, "ready")
