@@ -19,7 +19,7 @@ stream with id ``<revision>-0`` per change: the watch log), ``compacted``.
   A watcher further behind than the log gets a ``StoreError``: list again and watch
   from ``revision()``.
 * Retries after a broken connection are safe: each write carries a token and the
-  script keeps its answer for ten minutes.
+  script keeps its answer for as long as a retry can come (the reconnect window + 10 s).
 * ``watch()`` must fix "now" before it returns, so it reads the revision with a blocking
   ``GET`` on a dedicated synchronous connection (about 100 us on loopback).
 
@@ -50,7 +50,7 @@ from shoal.store.validation import (
 from shoal.store.watch import ChangeStream
 
 WATCH_BATCH = 500
-WRITE_ANSWER_MS = 600_000
+ANSWER_SLACK = 10.0  # a write's answer outlives the reconnect window by this (seconds)
 EXPIRY_SLACK = 0.005  # wake this long after a lease's expiry, so it has surely expired
 
 _PRELUDE = """
@@ -324,8 +324,9 @@ class RedisStore(Store):
 
     async def _write(self, op: str, *args: object) -> str:
         token = uuid.uuid4().hex
+        keep_ms = int((self.addr.reconnect + ANSWER_SLACK) * 1000)
         answer = await self._call(
-            self._write_script, [self._p, self.history, token, op, *args, WRITE_ANSWER_MS], op
+            self._write_script, [self._p, self.history, token, op, *args, keep_ms], op
         )
         return answer.decode() if isinstance(answer, bytes) else str(answer)
 

@@ -11,8 +11,9 @@ expiring with the window), ``batch:TOKEN`` (an append's answer, for retries).
   client; a read is ``XRANGE`` from ``<offset+1>-0``.
 * Deduplication happens in the same script, before the append it would prevent; each id
   is a key with ``PX window``, so the window needs no sweeping.
-* Retries: each append carries a random token and the script keeps its answer for ten
-  minutes, so an append re-sent after a broken connection is applied once.
+* Retries: each append carries a random token and the script keeps its answer (a few
+  bytes per batch) for the reconnect window plus 10 s, as long as a retry can come, so an
+  append re-sent after a broken connection is applied once.
 * Waiting: the script ``PUBLISH``es on ``NAME:appended:T``; one pub/sub connection per
   broker turns that into ``append_generation`` bumps (no polling).
 * Retention: ``XTRIM MINID`` after finding, in a script, the first record that age and
@@ -52,7 +53,7 @@ from shoal.redisio import Notifications, make_client, parse_redis_url, with_reco
 log = logging.getLogger("shoal.events.redis")
 
 RETENTION_STEP = 10_000  # records a retention script call may trim (keeps Redis responsive)
-BATCH_ANSWER_MS = 600_000
+ANSWER_SLACK = 10.0  # an append's answer outlives the reconnect window by this (seconds)
 
 _CREATE = """
 local key, name, spec = ARGV[1] .. ':topics', ARGV[2], ARGV[3]
@@ -320,7 +321,7 @@ class RedisBroker(Broker):
                 r.partition, r.timestamp_ms, "" if r.key is None else "k" + r.key, r.value,
                 r.dedup_id or "",
             )
-        args.append(BATCH_ANSWER_MS)
+        args.append(int((self.addr.reconnect + ANSWER_SLACK) * 1000))
         try:
             answer: bytes = await self._run("append", args, f"append to {topic!r}", PublishError)
         except PublishError as exc:
