@@ -201,3 +201,62 @@ async def test_gone_server_fails_calls_after_the_reconnect_window(
         assert time.monotonic() - t < 2
     finally:
         await store.close()
+
+
+async def test_a_retried_append_or_write_is_applied_once(redis_server: RedisServer) -> None:
+    """The token that makes retries after a broken connection safe: replaying a script call
+    returns the first answer and writes nothing."""
+    from shoal.events.brokers.base import Append, TopicSpec
+    from shoal.events.brokers.redis import RedisBroker
+
+    broker = await RedisBroker.open(redis_server.url())
+    try:
+        await broker.create_topic(TopicSpec("t", 1))
+        args: list[object] = [broker.addr.prefix, "t", 0, "token-1", 1, 0, 1, "", b"v", "", 60_000]
+        first = await broker._run("append", args, "append")
+        again = await broker._run("append", args, "append")
+        assert first == again == b"0"
+        assert (await broker.ranges("t"))[0].end == 1
+        appended = await broker.append("t", [Append(0, None, 1, b"w")])
+        assert appended[0].offset == 1  # a new token appends
+    finally:
+        await broker.close()
+    store = await RedisStore.open(redis_server.url())
+    try:
+        call = [store.addr.prefix, store.history, "token-2", "put", "k", b"v", "", 60_000]
+        first = await store._call(store._write_script, call, "put")
+        again = await store._call(store._write_script, call, "put")
+        assert first == again and await store.revision() == 1
+    finally:
+        await store.close()
+
+
+async def test_a_server_without_aof_is_reported(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    require_redis_server()
+    from tests.redis_server import REDIS_SERVER, free_port
+
+    port = free_port()
+    proc = subprocess.Popen(  # noqa: ASYNC220 - a server we kill by hand
+        [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        url = f"redis://127.0.0.1:{port}/0"
+        broker = None
+        deadline = time.monotonic() + 10
+        while broker is None:
+            try:
+                broker = await connect_broker(url)
+            except ConfigError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.02)
+        assert broker.durability == {"appendonly": "no", "appendfsync": "everysec"}  # type: ignore[attr-defined]
+        assert "without appendonly" in caplog.text
+        await broker.close()
+    finally:
+        proc.kill()
+        proc.wait()

@@ -263,9 +263,10 @@ class RedisBroker(Broker):
         out: dict[str, str] = {}
         with contextlib.suppress(rex.RedisError):  # CONFIG may be disabled on managed servers
             for name in ("appendonly", "appendfsync"):
-                got = await self._r.config_get(name)
-                if name.encode() in got:
-                    out[name] = got[name.encode()].decode()
+                for key, value in (await self._r.config_get(name)).items():
+                    key = key.decode() if isinstance(key, bytes) else key
+                    if key == name:
+                        out[name] = value.decode() if isinstance(value, bytes) else str(value)
         return out
 
     async def _run(self, script: str, args: list[object], what: str, error=TopicError):  # type: ignore[no-untyped-def]
