@@ -260,3 +260,21 @@ async def test_a_server_without_aof_is_reported(
     finally:
         proc.kill()
         proc.wait()
+
+
+async def test_listing_more_keys_than_lua_can_unpack_at_once(redis_server: RedisServer) -> None:
+    """Lua's unpack() stops at 8,000 values; list() must not."""
+    store = await RedisStore.open(redis_server.url())
+    n = 8200
+    try:
+        pipe = store._r.pipeline(transaction=False)  # the put script, n times, one round trip
+        for i in range(n):
+            args = [store.addr.prefix, store.history, f"tok{i}", "put", f"many/{i:05d}", b"v", "",
+                    60_000]
+            await store._write_script(args=args, client=pipe)
+        await pipe.execute()
+        listed = await store.list("many/")
+        assert [e.key for e in listed] == [f"many/{i:05d}" for i in range(n)]
+        assert {e.revision for e in listed} == set(range(1, n + 1))
+    finally:
+        await store.close()

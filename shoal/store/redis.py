@@ -183,16 +183,18 @@ if op == 'get' then
   return {value, redis.call('HGET', K_KREV, key), redis.call('HGET', K_KLEASE, key) or ''}
 elseif op == 'list' then
   local keys = redis.call('ZRANGEBYLEX', K_KEYS, ARGV[3], ARGV[4])
-  if #keys == 0 then return {} end
-  local vals = redis.call('HMGET', K_VAL, unpack(keys))
-  local revs = redis.call('HMGET', K_KREV, unpack(keys))
-  local leases = redis.call('HMGET', K_KLEASE, unpack(keys))
   local out = {}
-  for i, key in ipairs(keys) do
-    out[#out + 1] = key
-    out[#out + 1] = vals[i]
-    out[#out + 1] = revs[i]
-    out[#out + 1] = leases[i] or ''
+  for first = 1, #keys, 1000 do  -- unpack() is limited to a few thousand values
+    local chunk = {unpack(keys, first, math.min(#keys, first + 999))}
+    local vals = redis.call('HMGET', K_VAL, unpack(chunk))
+    local revs = redis.call('HMGET', K_KREV, unpack(chunk))
+    local leases = redis.call('HMGET', K_KLEASE, unpack(chunk))
+    for i, key in ipairs(chunk) do
+      out[#out + 1] = key
+      out[#out + 1] = vals[i]
+      out[#out + 1] = revs[i]
+      out[#out + 1] = leases[i] or ''
+    end
   end
   return out
 elseif op == 'revision' then
