@@ -405,6 +405,9 @@ async def redis_broker_main(args: argparse.Namespace) -> dict[str, object]:
                                args.rate, args.seconds),
             "redis_py": await e2e("redis", url, args.rate, args.seconds),
         }
+        result["idle_cpu_share"] = round(
+            idle_cpu(f"{url}{sep}prefix=idle_{uuid.uuid4().hex[:8]}"), 4
+        )
     result["shoal"] = {k: round(v) for k, v in shoal.items()}
     result["redis_py"] = {k: round(v) for k, v in raw.items()}
     print(f"shoal on redis  publish {shoal['publish']:>10,.0f}/s  "
@@ -417,6 +420,7 @@ async def redis_broker_main(args: argparse.Namespace) -> dict[str, object]:
     result["ratios"] = {
         f"{m}_vs_redis_py": ratio(shoal[m], raw[m]) for m in ("publish", "consume")
     }
+    print(f"idle consumer on redis: {result['idle_cpu_share']:.2%} of one core")
     print("shoal / raw redis-py:", result["ratios"])
     return result
 
