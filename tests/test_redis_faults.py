@@ -278,3 +278,27 @@ async def test_listing_more_keys_than_lua_can_unpack_at_once(redis_server: Redis
         assert {e.revision for e in listed} == set(range(1, n + 1))
     finally:
         await store.close()
+
+
+async def test_a_watch_and_a_lease_ride_out_a_restart(fsync_always_server: RedisServer) -> None:
+    """Across kill -9 and restart: a pending watch sees later writes, a lease keeps its keys."""
+    server = fsync_always_server
+    url = server.url()
+    reader, writer = await RedisStore.open(url), await RedisStore.open(url)
+    try:
+        lease = await writer.lease(30)
+        await writer.put("r/held", b"1", lease=lease)
+        changes = reader.watch("r/")
+        pending = asyncio.ensure_future(anext(changes))
+        await asyncio.sleep(0.05)
+        server.stop(kill=True)
+        server.start()
+        revision = await writer.put("r/after", b"2")
+        async with asyncio.timeout(5):
+            change = await pending
+        assert (change.key, change.revision) == ("r/after", revision)
+        await lease.keepalive()
+        assert (await reader.get("r/held")) is not None
+    finally:
+        await reader.close()
+        await writer.close()
