@@ -29,8 +29,12 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 10.0) 
 
 
 @contextlib.contextmanager
-def redis_server() -> Iterator[str | None]:
-    """A throwaway redis-server (no persistence, as a pure-speed peer); None if missing."""
+def redis_server(durable: bool = False) -> Iterator[str | None]:
+    """A throwaway redis-server; None if missing.
+
+    Without persistence (a pure-speed peer), or ``durable``: append-only with
+    ``appendfsync everysec``, the configuration Shoal's README recommends.
+    """
     exe = shutil.which("redis-server")
     if exe is None:
         yield None
@@ -38,8 +42,8 @@ def redis_server() -> Iterator[str | None]:
     port = free_port()
     with tempfile.TemporaryDirectory() as d:
         proc = subprocess.Popen(
-            [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", d],
+            [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "yes" if durable else "no", "--appendfsync", "everysec", "--dir", d],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         try:

@@ -6,6 +6,13 @@
 With ``--broker nats...``: Shoal's bus on that NATS JetStream (broker and store) against
 the raw nats-py client doing the same work on the same server, in interleaved rounds;
 the ratios are Shoal / raw client (the overhead target: >= 0.85).
+    python bench/bus.py --broker redis://HOST:PORT   # or --broker redis: start a redis-server
+
+With ``--broker redis...``: Shoal's bus on that Redis (broker and store; a fresh key
+prefix per round) against the raw redis-py client doing the same work on the same server
+(pipelined XADD; XREADGROUP + XACK), in interleaved rounds; ratios are Shoal / raw client
+(the overhead target: >= 0.85). ``--broker redis`` starts redis-server with
+``appendonly yes``, ``appendfsync everysec``.
 
 Figures (175-byte payloads, uvloop everywhere):
 * publish: events/s appended durably, batches of 1,000 (Shoal ``publish_many``; Redis
@@ -414,7 +421,7 @@ async def publish_cpu_per_event(base: str, n: int) -> dict[str, float]:
     return {"shoal": round(shoal, 1), "nats_py": round(raw, 1)}
 
 
-async def broker_main(args: argparse.Namespace) -> dict[str, object]:
+async def nats_broker_main(args: argparse.Namespace) -> dict[str, object]:
     """Shoal on ``--broker`` against the raw client of that backend, same server, same run."""
     import contextlib
     import uuid
@@ -452,6 +459,54 @@ async def broker_main(args: argparse.Namespace) -> dict[str, object]:
     return result
 
 
+async def redis_broker_main(args: argparse.Namespace) -> dict[str, object]:
+    """Shoal on ``--broker redis...`` against raw redis-py on the same server, same run."""
+    import contextlib
+    import uuid
+
+    n = args.events
+    result: dict[str, object] = {"events": n, "rounds": args.rounds, "broker": args.broker,
+                                 "payload_bytes": len(PAYLOAD), "cores": os.cpu_count()}
+    with contextlib.ExitStack() as stack:
+        url = args.broker
+        if url == "redis":
+            url = stack.enter_context(redis_server(durable=True))
+            if url is None:
+                raise SystemExit("redis-server not installed")
+        if not url.startswith("redis://"):
+            raise SystemExit(f"--broker: expected redis://HOST:PORT or redis, got {url!r}")
+        sep = "&" if "?" in url else "?"
+        rounds: dict[str, list[dict[str, float]]] = {"shoal": [], "raw": []}
+        for r in range(args.rounds):  # interleaved rounds; each figure is the median
+            run = uuid.uuid4().hex[:8]
+            rounds["shoal"].append(await shoal_throughput(f"{url}{sep}prefix=b{r}_{run}", n))
+            rounds["raw"].append(await redis_throughput(url, n, tag=f"{r}_{run}"))
+        shoal, raw = median_of(rounds["shoal"]), median_of(rounds["raw"])
+        lat = {
+            "shoal": await e2e("shoal", f"{url}{sep}prefix=e2e_{uuid.uuid4().hex[:8]}",
+                               args.rate, args.seconds),
+            "redis_py": await e2e("redis", url, args.rate, args.seconds),
+        }
+        result["idle_cpu_share"] = round(
+            idle_cpu(f"{url}{sep}prefix=idle_{uuid.uuid4().hex[:8]}"), 4
+        )
+    result["shoal"] = {k: round(v) for k, v in shoal.items()}
+    result["redis_py"] = {k: round(v) for k, v in raw.items()}
+    print(f"shoal on redis  publish {shoal['publish']:>10,.0f}/s  "
+          f"single {shoal['publish_single']:>10,.0f}/s  consume {shoal['consume']:>10,.0f}/s")
+    print(f"raw redis-py    publish {raw['publish']:>10,.0f}/s  {'':>18}  "
+          f"consume {raw['consume']:>10,.0f}/s")
+    for name, p in lat.items():
+        print(f"e2e @{args.rate}/s {name:<8} {p}")
+    result["e2e"] = {"rate": args.rate, **lat}
+    result["ratios"] = {
+        f"{m}_vs_redis_py": ratio(shoal[m], raw[m]) for m in ("publish", "consume")
+    }
+    print(f"idle consumer on redis: {result['idle_cpu_share']:.2%} of one core")
+    print("shoal / raw redis-py:", result["ratios"])
+    return result
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--produce":
         _, _, backend, url, rate, seconds = sys.argv
@@ -462,7 +517,13 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--rate", type=int, default=5000)
     parser.add_argument("--seconds", type=float, default=4.0)
-    parser.add_argument("--broker", help="nats://HOST:PORT (or nats: start one): Shoal on it "
-                        "against the raw client")
+    parser.add_argument("--broker", help="nats://HOST:PORT or redis://HOST:PORT (or nats / "
+                        "redis: start one): Shoal on it against that backend's raw client")
     args = parser.parse_args()
-    print(json.dumps(uvloop.run(broker_main(args) if args.broker else main(args))))
+    if args.broker and args.broker.startswith("redis"):
+        run = redis_broker_main(args)
+    elif args.broker:
+        run = nats_broker_main(args)
+    else:
+        run = main(args)
+    print(json.dumps(uvloop.run(run)))

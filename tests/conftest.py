@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.redis_server import redis_server  # noqa: F401 - a real redis-server fixture
+
 PYTHON = sys.executable
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -514,8 +514,8 @@ class _Connecting:
 
 def default_store_for(broker_url: str) -> str:
     """The Store URL that goes with a broker URL when none is given."""
-    if broker_url.startswith(("memory://", "nats://")):
-        return broker_url  # the same server (and namespace) holds the store
+    if broker_url.startswith(("memory://", "nats://", "redis://")):
+        return broker_url  # the same server (and namespace or prefix) holds the store
     if broker_url.startswith("sqlite:///"):
         path = broker_url[len("sqlite:///") :].split("?", 1)[0]
         head, _, _ = path.rpartition("/")

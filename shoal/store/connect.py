@@ -1,4 +1,5 @@
-"""Open a Store from a URL: ``memory://``, ``sqlite:///PATH``, ``nats://HOST:PORT``."""
+"""Open a Store from a URL: ``memory://``, ``sqlite:///PATH``, ``nats://HOST:PORT``,
+``redis://HOST:PORT``."""
 
 from __future__ import annotations
 
@@ -24,7 +25,11 @@ async def connect_store(url: str | None = None) -> Store:
         from shoal.store.nats import NatsStore
 
         return await NatsStore.open(url)
+    if scheme == "redis":
+        from shoal.store.redis import RedisStore
+
+        return await RedisStore.open(url)
     raise ConfigError(
         f"store url: unsupported scheme in {url!r}"
-        " (expected memory://, sqlite:///PATH or nats://HOST:PORT)"
+        " (expected memory://, sqlite:///PATH, nats://HOST:PORT or redis://HOST:PORT)"
     )

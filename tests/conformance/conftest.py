@@ -10,7 +10,7 @@ import pytest
 
 from shoal.events import EventBus
 
-BACKENDS = ["memory", "sqlite", "nats"]
+BACKENDS = ["memory", "sqlite", "nats", "redis"]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -20,6 +20,8 @@ def bus_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"memory://{uuid.uuid4().hex}"
     if request.param == "nats":
         return request.getfixturevalue("nats_url")
+    if request.param == "redis":
+        return request.getfixturevalue("redis_server").url()
     return f"sqlite:///{tmp_path}/events.db"
 
 

@@ -1,4 +1,4 @@
-"""The Store contract, run unchanged against every adapter (memory, sqlite, nats)."""
+"""The Store contract, run unchanged against every adapter (memory, sqlite, nats, redis)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ import pytest
 from shoal.errors import LeaseExpired, StoreError
 from shoal.store import Change, Store, connect_store
 from shoal.store.memory import MemoryStore
+from shoal.store.redis import RedisStore
 from shoal.store.sqlite import SqliteStore
+from tests.redis_server import RedisServer
 
 TTL = 0.3
 SLACK = 0.5  # how late after its expiry a lease's deletes may be seen
@@ -22,15 +24,18 @@ SLACK = 0.5  # how late after its expiry a lease's deletes may be seen
 class Backend:
     """Opens clients of one fresh store; every client opened is closed after the test."""
 
-    def __init__(self, kind: str, tmp_path: Path, nats_base: str = "") -> None:
+    def __init__(self, kind: str, tmp_path: Path, nats_base: str = "",
+                 redis: RedisServer | None = None) -> None:
         self.kind = kind
         self.tmp_path = tmp_path
+        self.nats_base = nats_base
+        self.redis = redis
         self.url = {
             "memory": f"memory://conformance-{uuid.uuid4().hex}",
             "sqlite": f"sqlite:///{tmp_path}/store.db",
             "nats": f"{nats_base}/t{uuid.uuid4().hex[:12]}",
+            "redis": redis.url() if redis is not None else "",
         }[kind]
-        self.nats_base = nats_base
         self.opened: list[Store] = []
 
     async def client(self) -> Store:
@@ -48,16 +53,20 @@ class Backend:
 
             store = await NatsStore.open(f"{self.nats_base}/t{uuid.uuid4().hex[:12]}",
                                          history=history)
+        elif self.kind == "redis":
+            assert self.redis is not None
+            store = await RedisStore.open(self.redis.url(), history=history)
         else:
             store = await SqliteStore.open(f"sqlite:///{self.tmp_path}/small.db", history=history)
         self.opened.append(store)
         return store
 
 
-@pytest.fixture(params=["memory", "sqlite", "nats"])
+@pytest.fixture(params=["memory", "sqlite", "nats", "redis"])
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
     nats_base = request.getfixturevalue("nats_server").url if request.param == "nats" else ""
-    b = Backend(request.param, tmp_path, nats_base)
+    redis = request.getfixturevalue("redis_server") if request.param == "redis" else None
+    b = Backend(request.param, tmp_path, nats_base, redis)
     yield b
     for store in b.opened:
         await store.close()

@@ -1,6 +1,6 @@
-"""The registry with real parts: a SQLite store in tmp_path and a NATS one on a real
-nats-server, real child processes, a real HTTP server for active checks, and the event
-bus for published transitions."""
+"""The registry with real parts: a SQLite store in tmp_path, a NATS one on a real
+nats-server and a Redis one on a real redis-server, real child processes, a real HTTP
+server for active checks, and the event bus for published transitions."""
 
 from __future__ import annotations
 
@@ -48,10 +48,12 @@ FAST_CHECKS = HealthCheckConfig(interval="50ms", timeout="500ms", jitter="10ms",
                                 healthy_threshold=2, unhealthy_threshold=3)
 
 
-@pytest.fixture(params=["sqlite", "nats"])
+@pytest.fixture(params=["sqlite", "nats", "redis"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
     if request.param == "nats":
         s: Store = await connect_store(request.getfixturevalue("nats_url"))
+    elif request.param == "redis":
+        s = await connect_store(request.getfixturevalue("redis_server").url())
     else:
         s = await SqliteStore.open(f"sqlite:///{tmp_path}/store.db")
     yield s

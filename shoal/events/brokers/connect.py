@@ -1,4 +1,5 @@
-"""Open a Broker from a URL: ``memory://``, ``sqlite:///PATH``, ``nats://HOST:PORT``."""
+"""Open a Broker from a URL: ``memory://``, ``sqlite:///PATH``, ``nats://HOST:PORT``,
+``redis://HOST:PORT``."""
 
 from __future__ import annotations
 
@@ -24,7 +25,11 @@ async def connect_broker(url: str | None = None) -> Broker:
         from shoal.events.brokers.nats import NatsBroker
 
         return await NatsBroker.open(url)
+    if scheme == "redis":
+        from shoal.events.brokers.redis import RedisBroker
+
+        return await RedisBroker.open(url)
     raise ConfigError(
         f"broker url: unsupported scheme in {url!r}"
-        " (expected memory://, sqlite:///PATH or nats://HOST:PORT)"
+        " (expected memory://, sqlite:///PATH, nats://HOST:PORT or redis://HOST:PORT)"
     )
