@@ -460,17 +460,19 @@ class Http1Connection(asyncio.Protocol):
         has_host = has_te = False
         length: int | None = None
         for name, value in headers:
-            n = _to_bytes(name)
-            v = _to_bytes(value)
-            low = n.lower()
-            if low == b"host":
-                has_host = True
-            elif low == b"content-length":
-                if not v.isdigit():
-                    raise ValueError(f"Content-Length {v!r} is not a number")
-                length = int(v)
-            elif low == b"transfer-encoding":
-                has_te = True
+            n = name if type(name) is bytes else name.encode("latin-1")  # type: ignore[union-attr]
+            v = value if type(value) is bytes else value.encode("latin-1")  # type: ignore[union-attr]
+            size = len(n)
+            if size == 4 or size == 14 or size == 17:  # only these lengths need a look
+                low = n.lower()
+                if low == b"host":
+                    has_host = True
+                elif low == b"content-length":
+                    if not v.isdigit():
+                        raise ValueError(f"Content-Length {v!r} is not a number")
+                    length = int(v)
+                elif low == b"transfer-encoding":
+                    has_te = True
             parts += (n, b": ", v, b"\r\n")
             lines += 1
         if not has_host:
