@@ -183,8 +183,9 @@ class Gateway:
         out = _strip(resp.headers, HOP_BY_HOP)
         if m.response_headers:
             out = m.response_headers.apply_bytes(out)
-        if resp._done and resp._error is None:  # the whole body is already here: no stream
-            return Response(await resp.aread(), resp.status, out)
+        content = resp.complete_body()
+        if content is not None:  # the whole body is already here: no stream
+            return Response(content, resp.status, out)
         resp.headers = out
         return resp
 

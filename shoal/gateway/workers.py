@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import multiprocessing
 import os
@@ -132,6 +133,9 @@ async def serve(app: AppFactory, host: str, port: int, *, limits: ServerLimits |
         async with app() as handler:
             server = HttpServer(handler, limits=limits)
             await server.start(host, port, reuse_port=reuse_port)
+            # What exists now (modules, routes, config) lives as long as the process: keep
+            # it out of the collector's full passes, which otherwise rescan it.
+            gc.freeze()
             try:
                 if ready is not None:
                     ready(server.port)

@@ -206,6 +206,19 @@ class Balancer(abc.ABC):
         self._healthy = up
 
 
+class _IdentityCache:
+    """One value computed from one list, valid while the same list object comes back."""
+
+    __slots__ = ("key", "value")
+
+    def __init__(self, key: Sequence[Endpoint], value: Any) -> None:
+        self.key = key
+        self.value = value
+
+    def get(self, key: Sequence[Endpoint]) -> Any:
+        return self.value if key is self.key else None
+
+
 class RoundRobinBalancer(Balancer):
     """Each endpoint in turn (ordered by instance id), ignoring weights; random first turn."""
 
@@ -300,14 +313,36 @@ class LeastRequestBalancer(Balancer):
         self._choice_count = _number(choice_count, "choice_count", low=1, integer=True)
         self._bias = _number(active_request_bias, "active_request_bias")
         self._schedule = SmoothWeightedSchedule()
+        self._equal_weights = _IdentityCache((), None)  # hosts list -> all weights equal?
 
     def _choose(self, hosts: Sequence[Endpoint], key: HashKey | None, now: float) -> Endpoint:
-        if len(hosts) == 1:
+        n = len(hosts)
+        if n == 1:
             return hosts[0]
-        weights = [self.effective_weight(ep, now) for ep in hosts]
-        if min(weights) == max(weights):
-            sample = self._rng.sample(hosts, min(self._choice_count, len(hosts)))
+        if not self._warm_since:  # no slow start in progress: weights are the endpoints'
+            equal = self._equal_weights.get(hosts)
+            if equal is None:
+                self._equal_weights = _IdentityCache(hosts, len({ep.weight for ep in hosts}) == 1)
+                equal = self._equal_weights.value
+            weights = None
+        else:
+            weights = [self.effective_weight(ep, now) for ep in hosts]
+            equal = min(weights) == max(weights)
+        if equal:
+            stats = self._stats
+            if self._choice_count == 2:  # the default: two distinct random endpoints
+                rand = self._rng.random
+                i = int(rand() * n)
+                j = int(rand() * (n - 1))
+                if j >= i:
+                    j += 1
+                a, b = hosts[i], hosts[j]
+                sa, sb = stats.get(a.instance_id), stats.get(b.instance_id)
+                return b if (sb.active if sb else 0) < (sa.active if sa else 0) else a
+            sample = self._rng.sample(hosts, min(self._choice_count, n))
             return min(sample, key=lambda ep: self.stats(ep).active)
+        if weights is None:
+            weights = [self.effective_weight(ep, now) for ep in hosts]
         loads = [w / (self.stats(ep).active + 1) ** self._bias
                  for ep, w in zip(hosts, weights, strict=True)]
         return self._schedule.next(hosts, loads)

@@ -181,6 +181,19 @@ class Response:
         self._content = parts[0] if len(parts) == 1 else b"".join(parts)
         return self._content
 
+    def complete_body(self) -> bytes | None:
+        """The whole body if all of it has arrived (kept, like ``aread``), else None: a
+        relay answers a small response without a coroutine."""
+        if self._content is not None:
+            return self._content
+        if not self._done or self._error is not None or self._closed:
+            return None
+        chunks = self._chunks
+        content = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        self._take_all()
+        self._content = content
+        return content
+
     async def json(self) -> Any:
         """Read the whole body and decode it as JSON."""
         return msgspec.json.decode(await self.aread())

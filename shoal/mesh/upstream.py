@@ -130,7 +130,8 @@ class Upstream:
                     self.service, self.policy.timeouts.request or 0.0, attempts=attempt - 1
                 )
             endpoint = self._pick(hash_key, tried)
-            await self._take_slot()
+            if not self.breaker.allow():  # a slot at once is the usual case: no await
+                await self._wait_for_slot()
             outcome, response, error = await self._try(
                 endpoint, method, target, headers, body, timeout
             )
@@ -185,10 +186,11 @@ class Upstream:
                 pool = self._pools.pop(gone)
                 asyncio.get_running_loop().create_task(pool.aclose())
 
-    async def _take_slot(self) -> None:
-        """The breaker's concurrency limit, with a bounded line of waiters."""
+    async def _wait_for_slot(self) -> None:
+        """The breaker refused a slot: refuse the call, or wait in the bounded line of
+        waiters (only when ``max_requests`` is what refused) until it allows one."""
         breaker = self.breaker
-        while not breaker.allow():
+        while True:
             if breaker.active < breaker.config.max_requests or not breaker.enqueue():
                 raise CircuitOpen(
                     self.service, breaker.rejection or "refused", retry_after=breaker.retry_after()
@@ -199,6 +201,8 @@ class Upstream:
                 await waiter
             finally:
                 breaker.dequeue()
+            if breaker.allow():
+                return
 
     def _release_slot(self) -> None:
         while self._slot_waiters:
