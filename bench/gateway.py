@@ -18,9 +18,11 @@ after a warm-up. Proxies measured, all in the same run:
 Debian's nginx, haproxy and wrk are installed with apt-get when missing (as root). Configs
 go to a temporary directory. Figures per proxy: requests/s, p50 and p99 latency (wrk's
 histogram, through a Lua ``done()``), errors, and the proxy's CPU time per request (its
-process and children, from /proc). With ``--rounds`` > 1 the proxies are measured in
-interleaved rounds and each one's median round (by requests/s) is kept. The last line is
-one JSON object with every figure and the ratios against shoal.
+process and children, from /proc: the figure least distorted when other work shares the
+machine, which the 1-minute load average before and after the run shows). With
+``--rounds`` > 1 the proxies are measured in interleaved rounds and each one's median round
+(by requests/s) is kept. The last line is one JSON object with every figure and the ratios
+against shoal (requests/s, and CPU per request).
 """
 
 from __future__ import annotations
@@ -332,6 +334,7 @@ def main() -> None:
         return
 
     kinds = tuple(args.only.split(",")) if args.only else PROXIES
+    load = [round(os.getloadavg()[0], 2)]
     tools = ensure_tools()
     results: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
     with tempfile.TemporaryDirectory(prefix="shoal-bench-gateway-") as d:
@@ -358,6 +361,7 @@ def main() -> None:
     final = {k: median_round(v) for k, v in results.items()}
     print(f"\nreverse proxy, GET / small JSON from 2 nginx backend ports (round robin), "
           f"wrk -t1 -c{args.connections} -d{args.duration:g}s, {os.cpu_count()} CPUs")
+    print(f"load average before/after: {load[0]} / {os.getloadavg()[0]:.2f}")
     print(f"{'proxy':9} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} "
           f"{'CPU us/req':>11}")
     for kind, r in final.items():
@@ -366,15 +370,20 @@ def main() -> None:
     ratios: dict[str, float] = {}
     if "shoal" in final:
         shoal = final["shoal"]["rps"]
+        cpu = final["shoal"]["proxy_cpu_us_per_req"]
         for peer in ("nginx", "haproxy", "aiohttp"):
             if peer in final:
                 ratios[f"shoal_vs_{peer}_rps"] = round(shoal / final[peer]["rps"], 2)
+                # CPU per request: the figure a machine shared with other work distorts least
+                ratios[f"{peer}_vs_shoal_cpu_per_req"] = round(
+                    final[peer]["proxy_cpu_us_per_req"] / cpu, 2)
         if "shoal-2w" in final:
             ratios["shoal_2w_vs_shoal_rps"] = round(final["shoal-2w"]["rps"] / shoal, 2)
     for name, value in ratios.items():
         print(f"{name:24} {value}")
     print(json.dumps({"bench": "gateway", "connections": args.connections,
                       "duration_s": args.duration, "rounds": args.rounds, "cpus": os.cpu_count(),
+                      "load_average_1m": [load[0], round(os.getloadavg()[0], 2)],
                       "proxies": final, **ratios}))
 
 
