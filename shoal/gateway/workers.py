@@ -28,8 +28,10 @@ Decisions, written down once:
   resolve port 0 and to hold the port while workers restart.
 * **Workers are forked** (``start_method="fork"``) before the parent runs any event loop,
   so ``app`` may be a closure over config the parent already loaded and checked (errors
-  are reported once, before any worker starts). ``"spawn"`` works too, for a picklable
-  ``app``. ``workers=1`` runs in the calling process, with no supervisor.
+  are reported once, before any worker starts); the caller must not have threads or a
+  running loop. (``start_method="spawn"`` needs a picklable ``app``, a module-level
+  function; only fork is tested.) ``workers=1`` runs in the calling process, with no
+  supervisor.
 * **Supervision.** Every worker reports ready once it listens; if one fails to start, all
   are stopped and ``run_workers`` raises ``WorkerError`` with the worker's error. A worker
   that dies later is restarted (at most ``MAX_RESTARTS`` within ``RESTART_WINDOW``

@@ -674,6 +674,10 @@ class OutlierDetector:
         host = self._hosts.get(instance_id)
         if host is None:
             host = self._hosts[instance_id] = _HostRecord()
+        if type(outcome) is int and outcome < 500 and host.ejected_until is None:
+            host.successes += 1  # the usual case, in short: a success resets the runs
+            host.consecutive_5xx = host.consecutive_gateway = 0
+            return None
         if self._is_ejected(host, now):
             return None  # still ejected: results of tries sent before the ejection
         status = status_of(outcome)
