@@ -39,13 +39,15 @@ Decisions, written down once:
 * **Graceful stop.** SIGTERM or SIGINT to the parent is passed on as SIGTERM to each
   worker, which stops accepting, lets requests in flight finish within ``grace`` seconds
   (their responses say ``connection: close``) and exits; a worker still alive
-  ``grace + KILL_MARGIN`` seconds later is killed.
+  ``grace + KILL_MARGIN`` seconds later is killed. On Linux a worker whose supervisor
+  dies (even by SIGKILL) gets SIGTERM and stops the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import gc
 import logging
 import multiprocessing
@@ -80,6 +82,7 @@ KILL_MARGIN = 5.0
 """Seconds past the grace period after which a worker that has not exited is killed."""
 READY_TIMEOUT = 60.0
 """Seconds a worker may take to enter ``app`` and listen."""
+_PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 class WorkerError(ShoalError):
@@ -158,13 +161,24 @@ def _run_loop(main: Any) -> None:
         uvloop.run(main)
 
 
+def _stop_with_parent(parent: int) -> None:
+    """Linux: SIGTERM this worker when its supervisor dies, even by SIGKILL, so no worker
+    is left serving alone; exit now if it is already gone."""
+    if sys.platform == "linux":
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:
+        os._exit(0)
+
+
 def _worker_main(app: AppFactory, host: str, port: int, limits: ServerLimits | None,
-                 grace: float, index: int, report: Any, reserved_fd: int) -> None:
+                 grace: float, index: int, report: Any, reserved_fd: int, parent: int) -> None:
     """A worker process: serve until SIGTERM, telling the parent when it listens."""
     with contextlib.suppress(OSError):
         os.close(reserved_fd)  # the parent's reservation, inherited through fork
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler (fork)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    _stop_with_parent(parent)
 
     def ready(_: int) -> None:
         report.put(("ready", index, os.getpid(), ""))
@@ -228,7 +242,9 @@ def run_workers(app: AppFactory, host: str, port: int, *, workers: int = 1,
     port = reserved.getsockname()[1]
     ctx = multiprocessing.get_context(start_method)
     report = ctx.SimpleQueue()
-    group = _Group(ctx, lambda i: (app, host, port, limits, grace, i, report, reserved.fileno()))
+    parent = os.getpid()
+    group = _Group(ctx, lambda i: (app, host, port, limits, grace, i, report, reserved.fileno(),
+                                   parent))
     stop_signal: list[int] = []
 
     def on_signal(signum: int, _: Any) -> None:

@@ -191,3 +191,13 @@ def test_an_unusable_listen_address_is_a_config_error_naming_it() -> None:
         assert reserved.getsockname()[1] > 0
     finally:
         reserved.close()
+
+
+def test_workers_stop_when_their_supervisor_is_killed() -> None:
+    with group(2) as g:
+        port, pids = g.ready()
+        g.proc.kill()  # SIGKILL: no chance to pass anything on
+        g.proc.wait(10)
+        assert wait_gone(pids), "workers kept serving after their supervisor died"
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
