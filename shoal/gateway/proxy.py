@@ -78,19 +78,41 @@ HeaderPairs = list[tuple[bytes, bytes]]
 
 
 def _strip(headers: Sequence[tuple[bytes, bytes]], drop: frozenset[bytes]) -> HeaderPairs:
-    """``headers`` without ``drop`` and without the names a ``Connection`` header lists."""
-    listed: set[bytes] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
-            listed.update(t.strip().lower() for t in value.split(b","))
+    """``headers`` without ``drop`` and without the names a ``Connection`` header lists
+    (``drop`` must hold ``connection``)."""
+    out: HeaderPairs = []
+    listed: set[bytes] | None = None
+    for pair in headers:
+        low = pair[0].lower()
+        if low in drop:
+            if low == b"connection":
+                listed = _listed(listed, pair[1])
+        else:
+            out.append(pair)
     if listed:
-        drop = drop | listed
-    return [(n, v) for n, v in headers if n.lower() not in drop]
+        out = [(n, v) for n, v in out if n.lower() not in listed]
+    return out
+
+
+def _listed(listed: set[bytes] | None, value: bytes) -> set[bytes]:
+    """The header names a ``Connection`` header value lists, added to ``listed``."""
+    names = {t.strip().lower() for t in value.split(b",")}
+    return names if listed is None else listed | names
+
+
+_CLIENT_IPS: dict[str, bytes] = {}
 
 
 def _client_ip(client: Any) -> bytes | None:
-    if isinstance(client, tuple) and client:
-        return str(client[0]).encode("latin-1")
+    """The client's address as bytes (encoded once per address, for a bounded few)."""
+    if type(client) is tuple and client:
+        host = client[0]
+        ip = _CLIENT_IPS.get(host)
+        if ip is None:
+            ip = str(host).encode("latin-1")
+            if len(_CLIENT_IPS) < 1024:
+                _CLIENT_IPS[host] = ip
+        return ip
     return None
 
 
@@ -139,7 +161,13 @@ class Gateway:
                                   f"fault injection aborted the request with {fault.abort}",
                                   layer="fault")
         headers = self._upstream_headers(request, m)
-        body = await self._body(request)
+        length = request.content_length
+        if request.chunked or (length is not None and length > BUFFER_MAX):
+            body: Body = request.stream()
+        elif length:
+            body = await request.body()
+        else:
+            body = None
         upstream = self.upstream(m, destination)
         hash_key = None
         hash_header = upstream.policy.load_balancer.hash_header
@@ -155,8 +183,9 @@ class Gateway:
         out = _strip(resp.headers, HOP_BY_HOP)
         if m.response_headers:
             out = m.response_headers.apply_bytes(out)
-        if resp._done and resp._error is None:  # the whole body is already here: no stream
-            return Response(await resp.aread(), resp.status, out)
+        content = resp.complete_body()
+        if content is not None:  # the whole body is already here: no stream
+            return Response(content, resp.status, out)
         resp.headers = out
         return resp
 
@@ -192,31 +221,45 @@ class Gateway:
         return endpoints
 
     def _upstream_headers(self, request: Request, m: RouteMatch) -> HeaderPairs:
-        headers = _strip(request.headers, _REQUEST_DROP)
+        """The request's headers as forwarded, in one pass over them: hop-by-hop and
+        ``host`` dropped, the route's edits, ``X-Forwarded-*``, ``X-Request-Id``, ``Host``."""
+        headers: HeaderPairs = []
+        forwarded: list[bytes] = []
+        listed: set[bytes] | None = None
+        has_id = False
+        for pair in request.headers:
+            low = pair[0].lower()
+            if low in _REQUEST_DROP:
+                if low == b"connection":
+                    listed = _listed(listed, pair[1])
+            elif low == b"x-forwarded-for":
+                forwarded.append(pair[1])
+            else:
+                if low == b"x-request-id":
+                    has_id = True
+                headers.append(pair)
+        if listed:
+            headers = [(n, v) for n, v in headers if n.lower() not in listed]
+            if b"x-forwarded-for" in listed:
+                forwarded = []
         if m.request_headers:
-            headers = m.request_headers.apply_bytes(headers)
-        ip = _client_ip(request.client)
-        if ip is not None:
+            headers = m.request_headers.apply_bytes(
+                headers + [(b"x-forwarded-for", v) for v in forwarded])
             forwarded = [v for n, v in headers if n.lower() == b"x-forwarded-for"]
             if forwarded:
                 headers = [(n, v) for n, v in headers if n.lower() != b"x-forwarded-for"]
-                ip = b", ".join(forwarded) + b", " + ip
-            headers.append((b"x-forwarded-for", ip))
+        ip = _client_ip(request.client)
+        if ip is not None:
+            headers.append((b"x-forwarded-for",
+                            b", ".join([*forwarded, ip]) if forwarded else ip))
+        else:
+            headers.extend((b"x-forwarded-for", v) for v in forwarded)
         headers.append((b"x-forwarded-proto", b"http"))
-        if request.headers.get(b"x-request-id") is None:
+        if not has_id:
             headers.append((b"x-request-id", _request_id()))
         if m.host:
             headers.append((b"host", m.host.encode("latin-1")))
         return headers
-
-    @staticmethod
-    async def _body(request: Request) -> Body:
-        length = request.content_length
-        if request.chunked or (length is not None and length > BUFFER_MAX):
-            return request.stream()
-        if length:
-            return await request.body()
-        return None
 
     def _mirror(self, m: RouteMatch, method: str, target: str, headers: HeaderPairs,
                 body: bytes | None) -> None:

@@ -44,6 +44,7 @@ from shoal.errors import ConfigError, NoEndpoint
 from shoal.mesh.endpoint import Endpoint, EndpointStats
 from shoal.units import parse_duration
 
+_NONE_EXCLUDED: set[str] = set()  # never mutated
 Clock = Callable[[], float]
 HealthPredicate = Callable[[Endpoint], bool]
 HashKey = str | bytes | int
@@ -88,15 +89,26 @@ class Balancer(abc.ABC):
         self._warm_since: dict[str, float] = {}
         self._members: frozenset[str] = frozenset()
         self._healthy: frozenset[str] | None = None
+        self._tracked: tuple[Sequence[Endpoint], Sequence[Endpoint]] | None = None
+        self._plain_select = type(self)._select is Balancer._select
 
     # -- the interface ---------------------------------------------------------------------
 
     def pick(self, endpoints: Sequence[Endpoint], *, key: HashKey | None = None,
              exclude: Collection[Endpoint | str] = (),
-             is_healthy: HealthPredicate | None = None) -> Endpoint:
-        """The endpoint for the next request; raises ``NoEndpoint`` if there is none."""
+             is_healthy: HealthPredicate | None = None,
+             healthy: Sequence[Endpoint] | None = None) -> Endpoint:
+        """The endpoint for the next request; raises ``NoEndpoint`` if there is none.
+
+        ``healthy``, when given, is the healthy subset of ``endpoints`` already computed
+        (``is_healthy`` is then not called); a caller that keeps both lists while nothing
+        changes lets the balancer skip its membership bookkeeping.
+        """
         now = self._clock()
-        pool = self._pool(endpoints, is_healthy, now)
+        pool = self._pool(endpoints, is_healthy, now, healthy)
+        if not exclude:
+            return self._choose(pool, key, now) if self._plain_select else \
+                self._select(pool, _NONE_EXCLUDED, key, now)
         excluded = {e if isinstance(e, str) else e.instance_id for e in exclude}
         return self._select(pool, excluded, key, now)
 
@@ -156,12 +168,17 @@ class Balancer(abc.ABC):
     # -- pool selection --------------------------------------------------------------------
 
     def _pool(self, endpoints: Sequence[Endpoint], is_healthy: HealthPredicate | None,
-              now: float) -> Sequence[Endpoint]:
+              now: float, healthy: Sequence[Endpoint] | None = None) -> Sequence[Endpoint]:
         self.panicking = False
         if not endpoints:
             raise NoEndpoint(self.service or "<unknown>", "no instances are registered")
-        healthy = endpoints if is_healthy is None else [ep for ep in endpoints if is_healthy(ep)]
-        self._track_members(endpoints, healthy, now)
+        if healthy is None:
+            healthy = endpoints if is_healthy is None else [
+                ep for ep in endpoints if is_healthy(ep)]
+        tracked = self._tracked
+        if tracked is None or tracked[0] is not endpoints or tracked[1] is not healthy:
+            self._track_members(endpoints, healthy, now)
+            self._tracked = (endpoints, healthy)  # the same two lists again: nothing changed
         if len(healthy) * 100.0 < self._panic_threshold * len(endpoints):
             self.panicking = True
             return endpoints
@@ -189,6 +206,19 @@ class Balancer(abc.ABC):
         self._healthy = up
 
 
+class _IdentityCache:
+    """One value computed from one list, valid while the same list object comes back."""
+
+    __slots__ = ("key", "value")
+
+    def __init__(self, key: Sequence[Endpoint], value: Any) -> None:
+        self.key = key
+        self.value = value
+
+    def get(self, key: Sequence[Endpoint]) -> Any:
+        return self.value if key is self.key else None
+
+
 class RoundRobinBalancer(Balancer):
     """Each endpoint in turn (ordered by instance id), ignoring weights; random first turn."""
 
@@ -197,9 +227,15 @@ class RoundRobinBalancer(Balancer):
     def __init__(self, **base: Any) -> None:
         super().__init__(**base)
         self._next: int | None = None
+        self._sorted: tuple[Sequence[Endpoint], Sequence[Endpoint]] = ((), ())
 
     def _choose(self, hosts: Sequence[Endpoint], key: HashKey | None, now: float) -> Endpoint:
-        ordered = sorted(hosts, key=_instance_id) if len(hosts) > 1 else hosts
+        cached = self._sorted
+        if cached[0] is hosts:
+            ordered = cached[1]
+        else:
+            ordered = sorted(hosts, key=_instance_id) if len(hosts) > 1 else hosts
+            self._sorted = (hosts, ordered)
         if self._next is None:
             self._next = self._rng.randrange(len(ordered))
         endpoint = ordered[self._next % len(ordered)]
@@ -277,14 +313,36 @@ class LeastRequestBalancer(Balancer):
         self._choice_count = _number(choice_count, "choice_count", low=1, integer=True)
         self._bias = _number(active_request_bias, "active_request_bias")
         self._schedule = SmoothWeightedSchedule()
+        self._equal_weights = _IdentityCache((), None)  # hosts list -> all weights equal?
 
     def _choose(self, hosts: Sequence[Endpoint], key: HashKey | None, now: float) -> Endpoint:
-        if len(hosts) == 1:
+        n = len(hosts)
+        if n == 1:
             return hosts[0]
-        weights = [self.effective_weight(ep, now) for ep in hosts]
-        if min(weights) == max(weights):
-            sample = self._rng.sample(hosts, min(self._choice_count, len(hosts)))
+        if not self._warm_since:  # no slow start in progress: weights are the endpoints'
+            equal = self._equal_weights.get(hosts)
+            if equal is None:
+                self._equal_weights = _IdentityCache(hosts, len({ep.weight for ep in hosts}) == 1)
+                equal = self._equal_weights.value
+            weights = None
+        else:
+            weights = [self.effective_weight(ep, now) for ep in hosts]
+            equal = min(weights) == max(weights)
+        if equal:
+            stats = self._stats
+            if self._choice_count == 2:  # the default: two distinct random endpoints
+                rand = self._rng.random
+                i = int(rand() * n)
+                j = int(rand() * (n - 1))
+                if j >= i:
+                    j += 1
+                a, b = hosts[i], hosts[j]
+                sa, sb = stats.get(a.instance_id), stats.get(b.instance_id)
+                return b if (sb.active if sb else 0) < (sa.active if sa else 0) else a
+            sample = self._rng.sample(hosts, min(self._choice_count, n))
             return min(sample, key=lambda ep: self.stats(ep).active)
+        if weights is None:
+            weights = [self.effective_weight(ep, now) for ep in hosts]
         loads = [w / (self.stats(ep).active + 1) ** self._bias
                  for ep, w in zip(hosts, weights, strict=True)]
         return self._schedule.next(hosts, loads)

@@ -181,6 +181,19 @@ class Response:
         self._content = parts[0] if len(parts) == 1 else b"".join(parts)
         return self._content
 
+    def complete_body(self) -> bytes | None:
+        """The whole body if all of it has arrived (kept, like ``aread``), else None: a
+        relay answers a small response without a coroutine."""
+        if self._content is not None:
+            return self._content
+        if not self._done or self._error is not None or self._closed:
+            return None
+        chunks = self._chunks
+        content = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        self._take_all()
+        self._content = content
+        return content
+
     async def json(self) -> Any:
         """Read the whole body and decode it as JSON."""
         return msgspec.json.decode(await self.aread())
@@ -460,17 +473,19 @@ class Http1Connection(asyncio.Protocol):
         has_host = has_te = False
         length: int | None = None
         for name, value in headers:
-            n = _to_bytes(name)
-            v = _to_bytes(value)
-            low = n.lower()
-            if low == b"host":
-                has_host = True
-            elif low == b"content-length":
-                if not v.isdigit():
-                    raise ValueError(f"Content-Length {v!r} is not a number")
-                length = int(v)
-            elif low == b"transfer-encoding":
-                has_te = True
+            n = name if type(name) is bytes else name.encode("latin-1")  # type: ignore[union-attr]
+            v = value if type(value) is bytes else value.encode("latin-1")  # type: ignore[union-attr]
+            size = len(n)
+            if size == 4 or size == 14 or size == 17:  # only these lengths need a look
+                low = n.lower()
+                if low == b"host":
+                    has_host = True
+                elif low == b"content-length":
+                    if not v.isdigit():
+                        raise ValueError(f"Content-Length {v!r} is not a number")
+                    length = int(v)
+                elif low == b"transfer-encoding":
+                    has_te = True
             parts += (n, b": ", v, b"\r\n")
             lines += 1
         if not has_host:

@@ -660,6 +660,11 @@ class OutlierDetector:
     def __init__(self, config: OutlierDetection | None = None) -> None:
         self.config = config if config is not None else OutlierDetection()
         self._hosts: dict[str, _HostRecord] = {}
+        self._latest_until = -math.inf  # no instance is ejected at or after this time
+
+    def none_ejected(self, now: float) -> bool:
+        """True if no instance is ejected at ``now`` (O(1): the latest ejection's end)."""
+        return now >= self._latest_until
 
     def update_hosts(self, endpoints: Iterable[Endpoint | str]) -> None:
         """The current instances; state of the others is dropped."""
@@ -673,6 +678,10 @@ class OutlierDetector:
         host = self._hosts.get(instance_id)
         if host is None:
             host = self._hosts[instance_id] = _HostRecord()
+        if type(outcome) is int and outcome < 500 and host.ejected_until is None:
+            host.successes += 1  # the usual case, in short: a success resets the runs
+            host.consecutive_5xx = host.consecutive_gateway = 0
+            return None
         if self._is_ejected(host, now):
             return None  # still ejected: results of tries sent before the ejection
         status = status_of(outcome)
@@ -750,6 +759,8 @@ class OutlierDetector:
             host.times = max(0, host.times - math.floor((now - host.unejected_at) / interval))
         host.times += 1
         host.ejected_until = now + min(base * host.times, cap)
+        if host.ejected_until > self._latest_until:
+            self._latest_until = host.ejected_until
         return Ejection(instance_id, reason, now, host.ejected_until, host.times)
 
     @staticmethod

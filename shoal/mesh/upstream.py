@@ -8,7 +8,14 @@ call takes the same layers, built from one ``TrafficPolicy``:
 
 The policy objects are the pure ones of ``shoal.mesh.resilience`` and
 ``shoal.mesh.balancer``; this module only wires them to the clock, the pools and the
-endpoint source. Each try goes to another instance when there is one. When the stack
+endpoint source. Each try goes to another instance when there is one.
+
+The hot path does the least it can per call: the endpoint source must return a *new list
+object* whenever membership or health changes (``EndpointCache.endpoints`` and the
+gateway's subsets do), so the healthy subset is computed once per list and the balancer
+skips its membership bookkeeping while the list stays the same; the predicate is asked per
+call only while outlier detection has an instance ejected. Per-try timeouts share one
+timer (``shoal.mesh.deadlines``) instead of arming a loop timer per try. When the stack
 gives up it raises a ``MeshError`` naming the layer and why (no endpoint, circuit open,
 retry budget spent, timeout after N tries), or relays the upstream's own error response.
 """
@@ -28,6 +35,7 @@ from shoal.errors import (
     TransportError,
     UpstreamTimeout,
 )
+from shoal.mesh.deadlines import Deadlines
 from shoal.mesh.endpoint import Endpoint
 from shoal.mesh.http1 import Body, ConnectionPool, HeaderList, Response
 from shoal.mesh.resilience import (
@@ -89,6 +97,9 @@ class Upstream:
         }
         self._slot_waiters: list[asyncio.Future[None]] = []
         self._hosts_seen: tuple[str, ...] = ()
+        self._list_seen: Sequence[Endpoint] | None = None  # the source's last list object
+        self._healthy: Sequence[Endpoint] | None = None  # its healthy subset (None: not yet)
+        self._deadlines: Deadlines | None = None  # per-try timeouts (made on first use)
         self._next_evaluation = clock() + self.policy.outlier_detection.interval  # type: ignore[operator]
 
     # -- the stack ---------------------------------------------------------------------
@@ -122,7 +133,8 @@ class Upstream:
                     self.service, self.policy.timeouts.request or 0.0, attempts=attempt - 1
                 )
             endpoint = self._pick(hash_key, tried)
-            await self._take_slot()
+            if not self.breaker.allow():  # a slot at once is the usual case: no await
+                await self._wait_for_slot()
             outcome, response, error = await self._try(
                 endpoint, method, target, headers, body, timeout
             )
@@ -147,15 +159,16 @@ class Upstream:
 
     def _pick(self, hash_key: str | bytes | None, tried: Sequence[Endpoint]) -> Endpoint:
         endpoints = self._endpoints()
-        ids = tuple(e.instance_id for e in endpoints)
-        if ids != self._hosts_seen:
-            self._hosts_seen = ids
-            self.outliers.update_hosts(endpoints)
-            for gone in set(self._pools) - {e.address for e in endpoints}:
-                pool = self._pools.pop(gone)
-                asyncio.get_running_loop().create_task(pool.aclose())
+        if endpoints is not self._list_seen:
+            self._endpoints_changed(endpoints)
         now = self._clock()
         outliers, healthy = self.outliers, self._is_healthy
+        if outliers.none_ejected(now):  # the usual case: the cached healthy list will do
+            routable = self._healthy
+            if routable is None:
+                routable = self._healthy = endpoints if healthy is None else [
+                    e for e in endpoints if healthy(e)]
+            return self.balancer.pick(endpoints, key=hash_key, exclude=tried, healthy=routable)
         if healthy is None:
             def usable(e: Endpoint) -> bool:
                 return not outliers.is_ejected(e, now)
@@ -164,10 +177,23 @@ class Upstream:
                 return healthy(e) and not outliers.is_ejected(e, now)
         return self.balancer.pick(endpoints, key=hash_key, exclude=tried, is_healthy=usable)
 
-    async def _take_slot(self) -> None:
-        """The breaker's concurrency limit, with a bounded line of waiters."""
+    def _endpoints_changed(self, endpoints: Sequence[Endpoint]) -> None:
+        """A new endpoint list: forget the cached healthy list, follow membership."""
+        self._list_seen = endpoints
+        self._healthy = None
+        ids = tuple(e.instance_id for e in endpoints)
+        if ids != self._hosts_seen:
+            self._hosts_seen = ids
+            self.outliers.update_hosts(endpoints)
+            for gone in set(self._pools) - {e.address for e in endpoints}:
+                pool = self._pools.pop(gone)
+                asyncio.get_running_loop().create_task(pool.aclose())
+
+    async def _wait_for_slot(self) -> None:
+        """The breaker refused a slot: refuse the call, or wait in the bounded line of
+        waiters (only when ``max_requests`` is what refused) until it allows one."""
         breaker = self.breaker
-        while not breaker.allow():
+        while True:
             if breaker.active < breaker.config.max_requests or not breaker.enqueue():
                 raise CircuitOpen(
                     self.service, breaker.rejection or "refused", retry_after=breaker.retry_after()
@@ -178,6 +204,8 @@ class Upstream:
                 await waiter
             finally:
                 breaker.dequeue()
+            if breaker.allow():
+                return
 
     def _release_slot(self) -> None:
         while self._slot_waiters:
@@ -211,8 +239,21 @@ class Upstream:
             if timeout is None:
                 response = await pool.request(method, target, headers, body)
             else:
-                async with asyncio.timeout(timeout):
+                # Not ``asyncio.timeout``: a loop timer armed and disarmed per try costs
+                # more than the rest of the stack (see ``shoal.mesh.deadlines``).
+                deadlines = self._deadlines
+                if deadlines is None:
+                    deadlines = self._deadlines = Deadlines(asyncio.get_running_loop())
+                expiry = deadlines.start(
+                    asyncio.current_task(deadlines.loop), timeout)  # type: ignore[arg-type]
+                try:
                     response = await pool.request(method, target, headers, body)
+                except asyncio.CancelledError:
+                    if expiry.expired():
+                        raise TimeoutError from None  # ours, and nobody else cancelled
+                    raise
+                finally:
+                    deadlines.finish(expiry)
             outcome: Outcome = response.status
         except (TransportError, TimeoutError) as exc:
             error = exc
@@ -257,6 +298,9 @@ class Upstream:
 
     async def aclose(self) -> None:
         """Close every pooled connection."""
+        if self._deadlines is not None:
+            self._deadlines.close()
+            self._deadlines = None
         pools, self._pools = self._pools, {}
         for pool in pools.values():
             await pool.aclose()

@@ -1,0 +1,391 @@
+"""Benchmark the Shoal gateway as a reverse proxy against nginx, haproxy and aiohttp.
+
+    python bench/gateway.py [--duration 10] [--connections 32] [--rounds 1]
+
+One backend: nginx (one worker) answering ``GET /`` with a small JSON body on two ports.
+In front of it, each proxy in turn balances round robin over the same two ports, with
+keep-alive connections to them, and ``wrk -t1 -c32`` drives it for ``--duration`` seconds
+after a warm-up. Proxies measured, all in the same run:
+
+* ``shoal``: the gateway (``HttpServer`` + ``Gateway`` + ``Upstream``) in one process on
+  uvloop, one route to one service whose two endpoints are registered in a memory store;
+* ``shoal-2w``: the same with ``--workers 2`` (``shoal.gateway.workers``, SO_REUSEPORT);
+* ``nginx``: nginx as a proxy, one worker, upstream keepalive;
+* ``haproxy``: haproxy, ``nbthread 1``, ``http-reuse always``;
+* ``aiohttp``: a plain aiohttp.web reverse proxy on uvloop, one ``ClientSession``
+  (keep-alive) in one process.
+
+Debian's nginx, haproxy and wrk are installed with apt-get when missing (as root). Configs
+go to a temporary directory. Figures per proxy: requests/s, p50 and p99 latency (wrk's
+histogram, through a Lua ``done()``), errors, and the proxy's CPU time per request (its
+process and children, from /proc: the figure least distorted when other work shares the
+machine, which the 1-minute load average before and after the run shows). With
+``--rounds`` > 1 the proxies are measured in interleaved rounds and each one's median round
+(by requests/s) is kept. The last line is one JSON object with every figure and the ratios
+against shoal (requests/s, and CPU per request).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _servers import _wait_port, free_port
+
+PROXIES = ("shoal", "shoal-2w", "nginx", "haproxy", "aiohttp")
+BODY = '{"message":"Hello, World!"}'
+
+WRK_SCRIPT = """
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'WRKJSON {"requests": %d, "duration_us": %d, "errors": %d, "non2xx": %d, '
+    .. '"p50_us": %d, "p99_us": %d}\\n',
+    summary.requests, summary.duration, e.connect + e.read + e.write + e.timeout, e.status,
+    latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+NGINX_COMMON = """
+daemon off;
+master_process on;
+worker_processes 1;
+pid {d}/{name}.pid;
+error_log {d}/{name}.error.log warn;
+events {{ worker_connections 4096; multi_accept on; }}
+"""
+
+NGINX_TEMP = """
+    access_log off;
+    client_body_temp_path {d}/{name}-body;
+    proxy_temp_path {d}/{name}-proxy;
+    fastcgi_temp_path {d}/{name}-fastcgi;
+    uwsgi_temp_path {d}/{name}-uwsgi;
+    scgi_temp_path {d}/{name}-scgi;
+    keepalive_requests 1000000;
+"""
+
+NGINX_BACKEND = NGINX_COMMON + """
+http {{
+""" + NGINX_TEMP + """
+    server {{
+        listen 127.0.0.1:{port_a};
+        listen 127.0.0.1:{port_b};
+        location / {{
+            default_type application/json;
+            return 200 '{body}';
+        }}
+    }}
+}}
+"""
+
+NGINX_PROXY = NGINX_COMMON + """
+http {{
+""" + NGINX_TEMP + """
+    upstream backend {{
+        server 127.0.0.1:{port_a};
+        server 127.0.0.1:{port_b};
+        keepalive 64;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+"""
+
+HAPROXY = """
+global
+    nbthread 1
+    maxconn 4096
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+    option http-keep-alive
+    http-reuse always
+frontend front
+    bind 127.0.0.1:{port}
+    default_backend back
+backend back
+    balance roundrobin
+    server a 127.0.0.1:{port_a}
+    server b 127.0.0.1:{port_b}
+"""
+
+
+# -- the proxies written in Python (subprocesses of this script) ------------------------------
+def serve_aiohttp(port: int, backends: list[int]) -> None:
+    import asyncio
+    import itertools
+
+    import aiohttp
+    import uvloop
+    from aiohttp import web
+
+    urls = itertools.cycle([f"http://127.0.0.1:{p}" for p in backends])
+    session: list[aiohttp.ClientSession] = []
+
+    async def start(app: web.Application) -> None:
+        session.append(aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
+            auto_decompress=False))
+
+    async def stop(app: web.Application) -> None:
+        await session[0].close()
+
+    async def proxy(request: web.Request) -> web.Response:
+        async with session[0].request(request.method, next(urls) + request.path_qs,
+                                      headers=request.headers,
+                                      data=await request.read() or None) as up:
+            body = await up.read()
+            headers = {k: v for k, v in up.headers.items()
+                       if k.lower() not in ("connection", "transfer-encoding",
+                                            "content-length", "keep-alive")}
+            return web.Response(body=body, status=up.status, headers=headers)
+
+    app = web.Application()
+    app.on_startup.append(start)
+    app.on_cleanup.append(stop)
+    app.router.add_route("*", "/{tail:.*}", proxy)
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+
+
+def serve_shoal(port: int, backends: list[int], workers: int) -> None:
+    """The bench-only launcher: one route to service ``hello`` (round robin), whose two
+    endpoints each worker registers in its own memory store."""
+    import contextlib as cl
+    import uuid
+
+    from shoal.gateway.proxy import Gateway
+    from shoal.gateway.routes import RouteTable
+    from shoal.gateway.workers import run_workers
+    from shoal.mesh.registry import EndpointCache, Instance, Registry
+    from shoal.store import connect_store
+
+    routes = RouteTable.from_config([{"name": "hello", "service": "hello"}])
+    services = {"hello": {"load_balancer": {"policy": "round_robin"}}}
+
+    @cl.asynccontextmanager
+    async def app() -> Any:
+        store = await connect_store(f"memory://{uuid.uuid4().hex}")
+        registry = Registry(store)
+        for i, p in enumerate(backends):
+            await registry.register(Instance(id=f"hello-{i}", service="hello",
+                                             address=f"127.0.0.1:{p}"))
+        cache = await EndpointCache(store).start()
+        await cache.wait_for("hello", lambda eps: len(eps) == len(backends))
+        gateway = Gateway(routes, cache, services=services)
+        try:
+            yield gateway.handle
+        finally:
+            await gateway.aclose()
+            await cache.close()
+            await registry.close()
+            await store.close()
+
+    sys.exit(run_workers(app, "127.0.0.1", port, workers=workers))
+
+
+# -- the driver --------------------------------------------------------------------------------
+def ensure_tools() -> dict[str, str]:
+    names = {"nginx": "nginx", "haproxy": "haproxy", "wrk": "wrk"}
+    found = {k: shutil.which(k) or shutil.which(k, path="/usr/sbin") for k in names}
+    missing = [names[k] for k, v in found.items() if v is None]
+    if missing:
+        print(f"installing Debian's {', '.join(missing)} with apt-get", file=sys.stderr)
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run(["apt-get", "update"], check=True, stdout=subprocess.DEVNULL, env=env)
+        subprocess.run(["apt-get", "install", "-y", *missing], check=True,
+                       stdout=subprocess.DEVNULL, env=env)
+        found = {k: shutil.which(k) or shutil.which(k, path="/usr/sbin") for k in names}
+        if None in found.values():
+            raise SystemExit(f"still missing after apt-get install: {found}")
+    return found  # type: ignore[return-value]
+
+
+def run_wrk(wrk: str, script: str, port: int, connections: int, duration: float
+            ) -> dict[str, float]:
+    out = subprocess.run(
+        [wrk, "-t1", f"-c{connections}", f"-d{duration:g}s", "-s", script,
+         f"http://127.0.0.1:{port}/"],
+        check=True, capture_output=True, text=True).stdout
+    line = next(x for x in out.splitlines() if x.startswith("WRKJSON "))
+    raw = json.loads(line[len("WRKJSON "):])
+    return {
+        "rps": round(raw["requests"] / (raw["duration_us"] / 1e6)),
+        "p50_ms": round(raw["p50_us"] / 1000, 3),
+        "p99_ms": round(raw["p99_us"] / 1000, 3),
+        "errors": raw["errors"] + raw["non2xx"],
+    }
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{p}/task"):
+                with contextlib.suppress(OSError):
+                    kids = Path(f"/proc/{p}/task/{task}/children").read_text().split()
+                    todo.extend(int(k) for k in kids)
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its descendants so far."""
+    total = 0
+    for p in _tree(pid):
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.contextmanager
+def running(cmd: list[str], port: int, env: dict[str, str] | None = None) -> Iterator[int]:
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
+    try:
+        _wait_port(port, proc)  # type: ignore[arg-type]
+        yield proc.pid
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def proxy_command(kind: str, port: int, backends: list[int], d: str, tools: dict[str, str]
+                  ) -> list[str]:
+    if kind == "nginx":
+        conf = Path(d, "proxy.conf")
+        conf.write_text(NGINX_PROXY.format(d=d, name="proxy", port=port, port_a=backends[0],
+                                           port_b=backends[1]))
+        return [tools["nginx"], "-p", d, "-c", str(conf), "-e", f"{d}/proxy.stderr.log"]
+    if kind == "haproxy":
+        conf = Path(d, "haproxy.cfg")
+        conf.write_text(HAPROXY.format(port=port, port_a=backends[0], port_b=backends[1]))
+        return [tools["haproxy"], "-db", "-f", str(conf)]
+    ports = ",".join(map(str, backends))
+    if kind == "aiohttp":
+        return [sys.executable, __file__, "--serve", "aiohttp", "--port", str(port),
+                "--backends", ports]
+    workers = 2 if kind == "shoal-2w" else 1
+    return [sys.executable, __file__, "--serve", "shoal", "--port", str(port),
+            "--backends", ports, "--workers", str(workers)]
+
+
+def measure(kind: str, tools: dict[str, str], script: str, backends: list[int], d: str,
+            args: argparse.Namespace) -> dict[str, float]:
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    with running(proxy_command(kind, port, backends, d, tools), port, env) as pid:
+        warm = run_wrk(tools["wrk"], script, port, args.connections, args.warmup)
+        if warm["errors"]:
+            raise SystemExit(f"{kind}: {warm['errors']} errors during the warm-up")
+        cpu0 = cpu_seconds(pid)
+        result = run_wrk(tools["wrk"], script, port, args.connections, args.duration)
+        cpu = cpu_seconds(pid) - cpu0
+    result["proxy_cpu_us_per_req"] = round(cpu / max(result["rps"] * args.duration, 1) * 1e6, 1)
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--duration", type=float, default=10.0)
+    ap.add_argument("--warmup", type=float, default=2.0)
+    ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--only", help="comma-separated proxies to measure (default: all)")
+    ap.add_argument("--serve", choices=("shoal", "aiohttp"), help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--backends", help=argparse.SUPPRESS)
+    ap.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.serve:
+        backends = [int(p) for p in args.backends.split(",")]
+        if args.serve == "aiohttp":
+            serve_aiohttp(args.port, backends)
+        else:
+            serve_shoal(args.port, backends, args.workers)
+        return
+
+    kinds = tuple(args.only.split(",")) if args.only else PROXIES
+    load = [round(os.getloadavg()[0], 2)]
+    tools = ensure_tools()
+    results: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
+    with tempfile.TemporaryDirectory(prefix="shoal-bench-gateway-") as d:
+        script = str(Path(d, "report.lua"))
+        Path(script).write_text(WRK_SCRIPT)
+        backends = [free_port(), free_port()]
+        conf = Path(d, "backend.conf")
+        conf.write_text(NGINX_BACKEND.format(d=d, name="backend", port_a=backends[0],
+                                             port_b=backends[1], body=BODY))
+        backend_cmd = [tools["nginx"], "-p", d, "-c", str(conf), "-e",
+                       f"{d}/backend.stderr.log"]
+        with running(backend_cmd, backends[0]):
+            for _ in range(args.rounds):
+                for kind in kinds:
+                    r = measure(kind, tools, script, backends, d, args)
+                    results[kind].append(r)
+                    print(f"  {kind:9} {r}", file=sys.stderr)
+                    time.sleep(0.5)
+
+    def median_round(rounds: list[dict[str, float]]) -> dict[str, float]:
+        rps = statistics.median_low([r["rps"] for r in rounds])
+        return next(r for r in rounds if r["rps"] == rps)
+
+    final = {k: median_round(v) for k, v in results.items()}
+    print(f"\nreverse proxy, GET / small JSON from 2 nginx backend ports (round robin), "
+          f"wrk -t1 -c{args.connections} -d{args.duration:g}s, {os.cpu_count()} CPUs")
+    print(f"load average before/after: {load[0]} / {os.getloadavg()[0]:.2f}")
+    print(f"{'proxy':9} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} "
+          f"{'CPU us/req':>11}")
+    for kind, r in final.items():
+        print(f"{kind:9} {r['rps']:>9} {r['p50_ms']:>8} {r['p99_ms']:>8} {r['errors']:>7} "
+              f"{r['proxy_cpu_us_per_req']:>11}")
+    ratios: dict[str, float] = {}
+    if "shoal" in final:
+        shoal = final["shoal"]["rps"]
+        cpu = final["shoal"]["proxy_cpu_us_per_req"]
+        for peer in ("nginx", "haproxy", "aiohttp"):
+            if peer in final:
+                ratios[f"shoal_vs_{peer}_rps"] = round(shoal / final[peer]["rps"], 2)
+                # CPU per request: the figure a machine shared with other work distorts least
+                ratios[f"{peer}_vs_shoal_cpu_per_req"] = round(
+                    final[peer]["proxy_cpu_us_per_req"] / cpu, 2)
+        if "shoal-2w" in final:
+            ratios["shoal_2w_vs_shoal_rps"] = round(final["shoal-2w"]["rps"] / shoal, 2)
+    for name, value in ratios.items():
+        print(f"{name:24} {value}")
+    print(json.dumps({"bench": "gateway", "connections": args.connections,
+                      "duration_s": args.duration, "rounds": args.rounds, "cpus": os.cpu_count(),
+                      "load_average_1m": [load[0], round(os.getloadavg()[0], 2)],
+                      "proxies": final, **ratios}))
+
+
+if __name__ == "__main__":
+    main()
