@@ -11,10 +11,13 @@ when it serves; SIGTERM or Ctrl-C stop it gracefully (exit 0).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
+import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
@@ -22,16 +25,37 @@ from shoal.commands.serving import configure_logs, fail, report_ready, run_until
 from shoal.errors import ConfigError
 from shoal.settings import MANIFEST_NAME, load_manifest, resolve
 
+if TYPE_CHECKING:
+    from shoal.gateway.config import GatewayConfig
 
-def _run_workers(workers: int) -> None:
-    """TODO(lead): join with branch gateway-perf once merged: for one TCP listen address,
-    ``sys.exit(run_workers(lambda: gateway_app(loaded, store=..., broker=...), host, port,
-    workers=workers, limits=loaded.limits, grace=loaded.drain, on_ready=...))`` from
-    ``shoal.gateway.workers`` (``RunningGateway`` has the ``.handle`` it wants; adapt its
-    factory to yield ``.handle``)."""
-    raise ConfigError(f"--workers {workers}: several worker processes need "
-                      "shoal.gateway.workers, which this build does not have yet; use "
-                      "--workers 1")
+
+def _run_workers(loaded: GatewayConfig, workers: int, *, store: str, broker: str | None,
+                 ) -> NoReturn:
+    """Serve with ``workers`` processes sharing one TCP port (``SO_REUSEPORT``)."""
+    from shoal.gateway.running import gateway_app
+    from shoal.gateway.workers import WorkerError, run_workers
+
+    if len(loaded.listen) != 1 or loaded.listen[0].path is not None:
+        raise ConfigError(f"--workers {workers}: several worker processes share exactly one "
+                          "TCP listen address (host:port), not a unix socket or several")
+    address = loaded.listen[0]
+    host = address.host or "0.0.0.0"
+
+    @contextlib.asynccontextmanager
+    async def app() -> AsyncIterator[Any]:
+        async with gateway_app(loaded, store=store, broker=broker) as running:
+            yield running.handle
+
+    def ready(port: int, pids: list[int]) -> None:
+        report_ready(listen=[f"{host}:{port}"], routes=len(loaded.routes.table),
+                     routes_key=loaded.routes_key, workers=len(pids), pids=pids)
+
+    try:
+        code = run_workers(app, host, address.port or 0, workers=workers,
+                           limits=loaded.limits, grace=loaded.drain, on_ready=ready)
+    except WorkerError as exc:
+        fail(str(exc))
+    sys.exit(code)
 
 
 def gateway(
@@ -68,10 +92,13 @@ def gateway(
         if listen:
             loaded = dataclasses.replace(loaded, listen=tuple(
                 parse_listen(a, what="--listen") for a in listen))
-        if workers > 1:
-            _run_workers(workers)
     except ConfigError as exc:
         fail(str(exc))
+    if workers > 1:
+        try:
+            _run_workers(loaded, workers, store=settings.store, broker=settings.broker)
+        except ConfigError as exc:
+            fail(str(exc))
 
     def ready(info: Ready) -> None:
         report_ready(listen=info.listen, routes=info.routes, routes_key=info.routes_key,

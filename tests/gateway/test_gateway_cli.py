@@ -231,7 +231,46 @@ def test_bad_config_and_flags_exit_2_naming_where(tmp_path: Path) -> None:
     assert "routes[0]: timeout" in lines[0]
 
     for args, fragment in ((["--listen", "nowhere"], "--listen: 'nowhere'"),
-                           (["--workers", "2"], "--workers 2")):
+                           (["--workers", "2", "--listen", "unix:/tmp/gw.sock"],
+                            "exactly one TCP listen address")):
         result = shoal_gateway(*args, "--store", f"sqlite:///{tmp_path}/s.db", cwd=tmp_path)
         assert result.returncode == 2 and fragment in result.stderr, (args, result.stderr)
         assert "Traceback" not in result.stderr
+
+
+def alive(pid: int) -> bool:
+    """A running process (not gone, not a zombie)."""
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+    except FileNotFoundError:
+        return False
+
+
+async def test_workers_share_one_port_and_stop_together(tmp_path: Path) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "shoal.cli", "gateway", "--workers", "2",
+        "--listen", "127.0.0.1:0", "--store", f"sqlite:///{tmp_path}/s.db",
+        "--broker", f"sqlite:///{tmp_path}/e.db", cwd=tmp_path, env=clean_env(),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        ready = json.loads(await asyncio.wait_for(proc.stdout.readline(), 30))
+        assert ready["event"] == "ready" and ready["workers"] == 2 and len(ready["pids"]) == 2
+        host, port = ready["listen"][0].rsplit(":", 1)
+        for _ in range(4):  # each connection lands on some worker; all answer
+            reader, writer = await asyncio.open_connection(host, int(port))
+            conn = RawConnection(reader, writer)
+            status, fields, _ = await conn.request("POST", "/events/orders", b'{"n": 1}',
+                                                   "Content-Type: application/json\r\n"
+                                                   "ce-id: x\r\nce-source: /t\r\n"
+                                                   "ce-type: t\r\nce-specversion: 1.0\r\n")
+            assert status == 202, fields
+            writer.close()
+            await writer.wait_closed()
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+        assert not any(alive(pid) for pid in ready["pids"])
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
