@@ -52,6 +52,7 @@ from shoal.events.codec import MAX_EVENT_SIZE, from_http
 from shoal.events.partitioning import check_topic_name
 from shoal.gateway.routes import Destination, InvalidPath, Route, RouteMatch, RouteTable
 from shoal.gateway.server import Request, Response
+from shoal.mesh.ejections import EjectionReporter
 from shoal.mesh.endpoint import Endpoint
 from shoal.mesh.http1 import Body
 from shoal.mesh.registry import EndpointCache
@@ -128,9 +129,11 @@ class Gateway:
 
     def __init__(self, routes: RouteTable, cache: EndpointCache, bus: EventBus | None = None,
                  *, services: Mapping[str, Mapping[str, Any]] | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None,
+                 ejections: EjectionReporter | None = None) -> None:
         self.routes = routes
         self.cache = cache
+        self.ejections = ejections  # shares outlier ejections with the registry
         self.bus = bus
         self.services = dict(services or {})
         self.rng = rng or random.Random()
@@ -199,7 +202,8 @@ class Gateway:
         service = destination.service
         policy = m.route.policy_for(self.services.get(service))
         upstream = Upstream(service, self._source(service, destination.subset), policy,
-                            is_healthy=self.cache.is_healthy)
+                            is_healthy=self.cache.is_healthy,
+                            on_ejection=None if self.ejections is None else self.ejections.report)
         self._upstreams[key] = upstream
         return upstream
 
@@ -340,6 +344,8 @@ class Gateway:
         held, self._upstreams = self._upstreams, {}
         for upstream in held.values():
             await upstream.aclose()
+        if self.ejections is not None:
+            await self.ejections.aclose()
 
 
 _ID_PREFIX = os.urandom(8).hex().encode()

@@ -21,6 +21,7 @@ from shoal.gateway.config import GatewayConfig, ListenAddress
 from shoal.gateway.proxy import Gateway
 from shoal.gateway.reload import RouteWatcher
 from shoal.gateway.server import Handler, HttpServer
+from shoal.mesh.ejections import EjectionReporter
 from shoal.mesh.registry import EndpointCache
 from shoal.store.base import Store
 from shoal.store.connect import connect_store
@@ -98,7 +99,8 @@ async def gateway_app(config: GatewayConfig, *, store: str, broker: str | None
             stack.push_async_callback(bus.close)
         cache = await EndpointCache(the_store).start()
         stack.push_async_callback(cache.close)
-        gateway = Gateway(config.routes.table, cache, bus, services=config.services)
+        gateway = Gateway(config.routes.table, cache, bus, services=config.services,
+                          ejections=EjectionReporter(the_store))
         stack.push_async_callback(gateway.aclose)
         watcher = None
         if config.routes_key is not None:
