@@ -25,6 +25,7 @@ from shoal.events.group import GROUPS, group_prefix, offset_key
 from shoal.events.partitioning import check_group_name, check_topic_name, partition_for
 from shoal.events.publisher import AppendQueue
 from shoal.events.retry import RetryPolicy
+from shoal.observability import tracing as _tracing
 from shoal.store.base import Store
 from shoal.store.connect import connect_store
 from shoal.units import parse_duration, parse_size
@@ -244,6 +245,20 @@ class EventBus:
         extensions: Mapping[str, Any] | None = None,
     ) -> PublishAck:
         """Append one event; returns once it is durable. A repeated ``id`` is not re-added."""
+        if _tracing.tracer is not None:  # a producer span; its context travels in the event
+            with _tracing.producer_span(topic, extensions) as traced:
+                return await self._publish(topic, data, key, type, id, traced)
+        return await self._publish(topic, data, key, type, id, extensions)
+
+    async def _publish(
+        self,
+        topic: str,
+        data: Any,
+        key: str | None,
+        type: str | None,
+        id: str | None,
+        extensions: Mapping[str, Any] | None,
+    ) -> PublishAck:
         spec = self._topics.get(topic) or await self._spec(topic)
         t = time.time()
         event, append = self._prepare(
@@ -254,6 +269,14 @@ class EventBus:
 
     async def publish_many(self, topic: str, messages: Iterable[Message | Any]) -> list[PublishAck]:
         """Append many events in one batch; each item is a ``Message`` or plain data."""
+        if _tracing.tracer is not None:  # one producer span for the batch
+            with _tracing.producer_span(topic, None) as traced:
+                return await self._publish_many(topic, _tracing.with_traceparent(
+                    messages, traced["traceparent"], Message))
+        return await self._publish_many(topic, messages)
+
+    async def _publish_many(self, topic: str, messages: Iterable[Message | Any]
+                            ) -> list[PublishAck]:
         spec = self._topics.get(topic) or await self._spec(topic)
         t = time.time()
         when, ts_ms = datetime.fromtimestamp(t, UTC), int(t * 1000)

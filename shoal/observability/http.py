@@ -1,0 +1,254 @@
+"""Metrics and traces for HTTP servers: the gateway, ``HttpServer`` handlers, ASGI apps,
+and the ``/metrics`` endpoint for each.
+
+* ``observe_gateway(gateway)``: an ``HttpServer`` handler that runs ``gateway.handle`` with
+  a server span and counts each request under its route (the route's name, else
+  ``routes[i]``: bounded, never the raw path) and destination service.
+* ``observe_handler(handler, service, route_of=...)``: the same for any ``HttpServer``
+  handler; ``route_of(request)`` must return a template (default ``"*"``).
+* ``ObservedASGI(app, service)``: the same for an ASGI app; the route label is the matched
+  Starlette route's path template (``/orders/{id}``), else ``"unmatched"``.
+* ``with_metrics(handler)`` / ``metrics_asgi()``: answer ``GET /metrics`` in Prometheus'
+  text format and pass everything else on.
+
+Durations run until the handler returned the response head (a streamed body's transfer
+is not included): the time the service took to answer, not the client's download.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from shoal.gateway.server import Request, Response
+from shoal.observability import metrics as _metrics
+from shoal.observability import tracing as _tracing
+
+__all__ = ["ObservedASGI", "metrics_asgi", "observe_gateway", "observe_handler",
+           "with_metrics"]
+
+Handler = Callable[[Request], Any]
+METRICS_PATH = b"/metrics"
+EVENTS_ROUTE = "/events/{topic}"
+
+
+def metrics_text(metrics: _metrics.Metrics | None = None) -> bytes:
+    """The Prometheus text exposition of ``metrics`` (default: the process's)."""
+    m = metrics or _metrics.active()
+    if m is None:
+        return b"# shoal metrics are off (shoal.observability.enable_metrics())\n"
+    return generate_latest(m.registry)
+
+
+def metrics_response(metrics: _metrics.Metrics | None = None) -> Response:
+    """``metrics_text`` as an ``HttpServer`` response."""
+    return Response(metrics_text(metrics), 200, [(b"content-type", CONTENT_TYPE_LATEST.encode())])
+
+
+def with_metrics(handler: Handler, *, metrics: _metrics.Metrics | None = None,
+                 path: bytes = METRICS_PATH) -> Handler:
+    """``handler`` that also answers ``GET path`` with the metrics."""
+
+    def answer(request: Request) -> Any:
+        if request.raw_path == path and request.method in ("GET", "HEAD"):
+            return metrics_response(metrics)
+        return handler(request)
+
+    return answer
+
+
+class _Exchange:
+    """What one request turned out to be, filled in as the handler learns it."""
+
+    __slots__ = ("route", "series")
+
+    def __init__(self) -> None:
+        self.route: str | None = None
+        self.series: _metrics.RouteSeries | None = None
+
+
+_exchange: ContextVar[_Exchange | None] = ContextVar("shoal_exchange", default=None)
+
+
+def observe_gateway(gateway: Any, *, metrics: _metrics.Metrics | None = None) -> Handler:
+    """``gateway.handle`` with request metrics and a server span per request."""
+    m = metrics or _metrics.active()
+    cache: dict[tuple[Any, str], _metrics.RouteSeries] = {}
+
+    def on_route(route: Any, service: str) -> None:
+        exchange = _exchange.get()
+        if exchange is None:
+            return
+        label = route.name or f"routes[{route.index}]"
+        exchange.route = label
+        if m is None:
+            return
+        series = cache.get((route, service))
+        if series is None:
+            series = cache[(route, service)] = m.route(service, label)
+        series.in_flight += 1
+        exchange.series = series
+
+    gateway.on_route = on_route
+    handle = gateway.handle
+    if m is None and _tracing.tracer is None:
+        return handle  # nothing to observe: no cost
+
+    def fallback(request: Request) -> _metrics.RouteSeries | None:
+        if m is None:
+            return None
+        if request.raw_path.startswith(b"/events/"):
+            return m.route("gateway", EVENTS_ROUTE)
+        return m.route("gateway", "unmatched")
+
+    return _observed(handle, "gateway", fallback)
+
+
+def observe_handler(handler: Handler, service: str, *,
+                    route_of: Callable[[Request], str] | None = None,
+                    metrics: _metrics.Metrics | None = None) -> Handler:
+    """``handler`` with request metrics (``service``, ``route_of(request)``) and spans."""
+    m = metrics or _metrics.active()
+    table: dict[str, _metrics.RouteSeries] = {}
+
+    async def call(request: Request) -> Any:
+        exchange = _exchange.get()
+        if exchange is not None and exchange.route is None:
+            exchange.route = route = route_of(request) if route_of is not None else "*"
+            if m is not None:
+                series = table.get(route)
+                if series is None:
+                    series = table[route] = m.route(service, route)
+                series.in_flight += 1
+                exchange.series = series
+        resp = handler(request)
+        if isinstance(resp, Awaitable):
+            resp = await resp
+        return resp
+
+    return _observed(call, service, None)
+
+
+def _observed(handle: Callable[[Request], Awaitable[Any]], service: str,
+              fallback: Callable[[Request], _metrics.RouteSeries | None] | None) -> Handler:
+    async def observed(request: Request) -> Any:
+        exchange = _Exchange()
+        token = _exchange.set(exchange)
+        tracer = _tracing.tracer
+        start = time.perf_counter()
+        status = 500
+        try:
+            if tracer is None:
+                resp = await handle(request)
+            else:
+                resp = await _traced(handle, request, service)
+            status = resp.status
+            return resp
+        finally:
+            _exchange.reset(token)
+            series = exchange.series
+            if series is not None:
+                series.in_flight -= 1
+            elif fallback is not None:
+                series = fallback(request)
+            if series is not None:
+                series.finished(status, time.perf_counter() - start)
+
+    return observed
+
+
+async def _traced(handle: Callable[[Request], Awaitable[Any]], request: Request,
+                  service: str) -> Any:
+    """Run ``handle`` in a server span continuing the request's ``traceparent``; the
+    request's ``traceparent`` header is replaced by the span's (the next hop's parent)."""
+    headers = request.headers
+    parent = _tracing.extract(headers.get(b"traceparent"), headers.get(b"tracestate"))
+    with _tracing.span(f"{request.method} {service}", _tracing.SpanKind.SERVER, parent,
+                       {"http.request.method": request.method,
+                        "url.path": request.path[:256], "shoal.service": service}) as s:
+        own = _tracing.traceparent_of(s).encode()
+        for i, (name, _) in enumerate(headers):
+            if name.lower() == b"traceparent":
+                headers[i] = (name, own)
+                break
+        else:
+            headers.append((b"traceparent", own))
+        resp = await handle(request)
+        exchange = _exchange.get()
+        if exchange is not None and exchange.route is not None:
+            s.update_name(f"{request.method} {exchange.route}")
+            s.set_attribute("http.route", exchange.route)
+        _tracing.set_status(s, resp.status)
+        return resp
+
+
+class ObservedASGI:
+    """An ASGI app with request metrics (route = the matched Starlette template) and a
+    server span per request continuing ``traceparent``."""
+
+    def __init__(self, app: Any, service: str, *, metrics: _metrics.Metrics | None = None
+                 ) -> None:
+        self.app = app
+        self.service = service
+        self.metrics = metrics or _metrics.active()
+        self._series: dict[str, _metrics.RouteSeries] = {}
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or (self.metrics is None and _tracing.tracer is None):
+            await self.app(scope, receive, send)
+            return
+        status = 500
+        start = time.perf_counter()
+
+        async def sending(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            if _tracing.tracer is None:
+                await self.app(scope, receive, sending)
+            else:
+                await self._traced(scope, receive, sending, lambda: status)
+        finally:
+            if self.metrics is not None:
+                route = getattr(scope.get("route"), "path", None) or "unmatched"
+                series = self._series.get(route)
+                if series is None:
+                    series = self._series[route] = self.metrics.route(self.service, route)
+                series.finished(status, time.perf_counter() - start)
+
+    async def _traced(self, scope: dict[str, Any], receive: Any, send: Any,
+                      status: Callable[[], int]) -> None:
+        headers = dict((k.lower(), v) for k, v in scope.get("headers", ()))
+        parent = _tracing.extract(headers.get(b"traceparent"), headers.get(b"tracestate"))
+        method = scope.get("method", "GET")
+        with _tracing.span(f"{method} {self.service}", _tracing.SpanKind.SERVER, parent,
+                           {"http.request.method": method,
+                            "url.path": str(scope.get("path", ""))[:256],
+                            "shoal.service": self.service}) as s:
+            await self.app(scope, receive, send)
+            route = getattr(scope.get("route"), "path", None)
+            if route:
+                s.update_name(f"{method} {route}")
+                s.set_attribute("http.route", route)
+            _tracing.set_status(s, status())
+
+
+def metrics_asgi(metrics: _metrics.Metrics | None = None) -> Callable[..., Awaitable[None]]:
+    """An ASGI app answering every HTTP request with the metrics (mount it at /metrics)."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        assert scope["type"] == "http"
+        body = metrics_text(metrics)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", CONTENT_TYPE_LATEST.encode()),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    return app
