@@ -28,7 +28,7 @@ from shoal.gateway.server import Request, Response
 from shoal.observability import metrics as _metrics
 from shoal.observability import tracing as _tracing
 
-__all__ = ["ObservedASGI", "metrics_asgi", "observe_gateway", "observe_handler",
+__all__ = ["MetricsASGI", "ObservedASGI", "metrics_asgi", "observe_gateway", "observe_handler",
            "with_metrics"]
 
 Handler = Callable[[Request], Any]
@@ -240,15 +240,23 @@ class ObservedASGI:
             _tracing.set_status(s, status())
 
 
-def metrics_asgi(metrics: _metrics.Metrics | None = None) -> Callable[..., Awaitable[None]]:
-    """An ASGI app answering every HTTP request with the metrics (mount it at /metrics)."""
+class MetricsASGI:
+    """An ASGI app answering every HTTP request with the metrics (route or mount it at
+    ``/metrics``; an object, not a function, so Starlette routes treat it as an app)."""
 
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        assert scope["type"] == "http"
-        body = metrics_text(metrics)
+    def __init__(self, metrics: _metrics.Metrics | None = None) -> None:
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        body = metrics_text(self.metrics)
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", CONTENT_TYPE_LATEST.encode()),
                                 (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
-    return app
+
+def metrics_asgi(metrics: _metrics.Metrics | None = None) -> MetricsASGI:
+    """The ``/metrics`` ASGI app for ``metrics`` (default: the process's)."""
+    return MetricsASGI(metrics)

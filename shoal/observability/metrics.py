@@ -217,27 +217,27 @@ class Metrics:
                     key = other
                     series = table.get(key)
                 if series is None:
-                    series = table[key] = make()
+                    series = table[key] = make(key)
             return series
 
     def route(self, service: str, route: str) -> RouteSeries:
         """The series of requests to ``service`` through ``route`` (a name or template)."""
-        return self._bounded(self.routes, (service, route), lambda: RouteSeries(service, route),
+        return self._bounded(self.routes, (service, route), lambda k: RouteSeries(*k),
                              (OTHER, OTHER))
 
     def topic(self, topic: str) -> TopicSeries:
         """The series of events published to ``topic``."""
-        return self._bounded(self.topics, topic, lambda: TopicSeries(topic), OTHER)
+        return self._bounded(self.topics, topic, TopicSeries, OTHER)
 
     def consumer(self, topic: str, group: str) -> ConsumerSeries:
         """The series of deliveries of ``topic`` to ``group``."""
-        return self._bounded(self.consumers, (topic, group),
-                             lambda: ConsumerSeries(topic, group), (OTHER, OTHER))
+        return self._bounded(self.consumers, (topic, group), lambda k: ConsumerSeries(*k),
+                             (OTHER, OTHER))
 
     def upstream(self, upstream: Upstream) -> UpstreamSeries:
         """The series of calls to ``upstream.service``; the stack is read when scraped."""
         service = upstream.service
-        series = self._bounded(self.upstreams, service, lambda: UpstreamSeries(service), OTHER)
+        series = self._bounded(self.upstreams, service, UpstreamSeries, OTHER)
         with self._lock:
             series.upstreams.add(upstream)
         weakref.finalize(upstream, _retire, series, upstream.stats)
