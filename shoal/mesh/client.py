@@ -97,11 +97,11 @@ class MeshClient:
             wanted = upstream.policy.load_balancer.hash_header.lower()
             hash_key = next((v for k, v in pairs if k.lower() == wanted), None)
         if _tracing.tracer is not None:  # a client span; its context goes in traceparent
-            with _tracing.client_span(service, method, target) as traceparent:
+            with _tracing.client_span(service, method, target) as scope:
                 pairs = [(k, v) for k, v in pairs if k.lower() != "traceparent"]
-                pairs.append(("traceparent", traceparent))
+                pairs.append(("traceparent", scope.traceparent))
                 resp = await upstream.send(method, target, pairs, content, hash_key=hash_key)
-                _tracing.set_status(_tracing.trace.get_current_span(), resp.status)
+                scope.set_status(resp.status)
                 return resp
         return await upstream.send(method, target, pairs, content, hash_key=hash_key)
 

@@ -166,11 +166,9 @@ async def _traced(handle: Callable[[Request], Awaitable[Any]], request: Request,
     """Run ``handle`` in a server span continuing the request's ``traceparent``; the
     request's ``traceparent`` header is replaced by the span's (the next hop's parent)."""
     headers = request.headers
-    parent = _tracing.extract(headers.get(b"traceparent"), headers.get(b"tracestate"))
-    with _tracing.span(f"{request.method} {service}", _tracing.SpanKind.SERVER, parent,
-                       {"http.request.method": request.method,
-                        "url.path": request.path[:256], "shoal.service": service}) as s:
-        own = _tracing.traceparent_of(s).encode()
+    with _tracing.server_span(service, request.method, request.path,
+                              headers.get(b"traceparent")) as scope:
+        own = scope.traceparent.encode()
         for i, (name, _) in enumerate(headers):
             if name.lower() == b"traceparent":
                 headers[i] = (name, own)
@@ -180,9 +178,8 @@ async def _traced(handle: Callable[[Request], Awaitable[Any]], request: Request,
         resp = await handle(request)
         exchange = _exchange.get()
         if exchange is not None and exchange.route is not None:
-            s.update_name(f"{request.method} {exchange.route}")
-            s.set_attribute("http.route", exchange.route)
-        _tracing.set_status(s, resp.status)
+            scope.rename(f"{request.method} {exchange.route}", exchange.route)
+        scope.set_status(resp.status)
         return resp
 
 
@@ -225,19 +222,16 @@ class ObservedASGI:
 
     async def _traced(self, scope: dict[str, Any], receive: Any, send: Any,
                       status: Callable[[], int]) -> None:
-        headers = dict((k.lower(), v) for k, v in scope.get("headers", ()))
-        parent = _tracing.extract(headers.get(b"traceparent"), headers.get(b"tracestate"))
+        traceparent = next((v for k, v in scope.get("headers", ())
+                            if k.lower() == b"traceparent"), None)
         method = scope.get("method", "GET")
-        with _tracing.span(f"{method} {self.service}", _tracing.SpanKind.SERVER, parent,
-                           {"http.request.method": method,
-                            "url.path": str(scope.get("path", ""))[:256],
-                            "shoal.service": self.service}) as s:
+        with _tracing.server_span(self.service, method, str(scope.get("path", "")),
+                                  traceparent) as span:
             await self.app(scope, receive, send)
             route = getattr(scope.get("route"), "path", None)
             if route:
-                s.update_name(f"{method} {route}")
-                s.set_attribute("http.route", route)
-            _tracing.set_status(s, status())
+                span.rename(f"{method} {route}", route)
+            span.set_status(status())
 
 
 class MetricsASGI:

@@ -26,9 +26,11 @@ is OpenTelemetry's context, so spans of other instrumentations nest with ours.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
-from collections.abc import Iterable, Iterator, Mapping
+import random
+import re
+from collections.abc import Callable, Iterator, Mapping
+from contextvars import ContextVar
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -36,8 +38,18 @@ from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
-from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
+from opentelemetry.trace import (
+    Link,
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+    TraceState,
+)
 
 from shoal.errors import ConfigError
 
@@ -56,7 +68,7 @@ tracer: trace.Tracer | None = None
 provider: TracerProvider | None = None
 """The provider behind ``tracer`` (flush it with ``provider.force_flush()``)."""
 
-_propagator = TraceContextTextMapPropagator()
+_root_ratio = 1.0  # share of new traces recorded (``sample_ratio``)
 MAX_TRACEPARENT = 512  # a longer header is not a traceparent: ignored, not parsed
 
 
@@ -66,11 +78,22 @@ def enable_tracing(
     endpoint: str | None = None,
     service_name: str | None = None,
     batch: bool | None = None,
+    sample_ratio: float | None = None,
 ) -> trace.Tracer:
     """Turn tracing on: spans go to ``exporter``, or OTLP/HTTP at ``endpoint`` (else
     ``$OTEL_EXPORTER_OTLP_ENDPOINT``). ``batch`` (default: on for OTLP, off for a given
-    exporter) batches exports in a background thread."""
+    exporter) batches exports in a background thread. ``sample_ratio`` keeps that share
+    of new traces (a traced request's parent decision is always followed); default: the
+    ``OTEL_TRACES_SAMPLER`` environment, else every trace."""
     global tracer, provider
+    global _root_ratio
+    sampler = None
+    _root_ratio = 1.0
+    if sample_ratio is not None:
+        if not isinstance(sample_ratio, int | float) or not 0.0 <= sample_ratio <= 1.0:
+            raise ConfigError(f"tracing: sample_ratio must be within 0..1, got {sample_ratio!r}")
+        _root_ratio = float(sample_ratio)  # new traces are sampled in Scope, before the SDK
+        sampler = ParentBased(ALWAYS_ON)
     if exporter is None:
         url = endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
         if not url:
@@ -85,7 +108,7 @@ def enable_tracing(
     name = service_name or os.environ.get("OTEL_SERVICE_NAME") or "shoal"
     if provider is not None:
         provider.shutdown()
-    provider = TracerProvider(resource=Resource.create({"service.name": name}))
+    provider = TracerProvider(resource=Resource.create({"service.name": name}), sampler=sampler)
     processor: SpanProcessor = BatchSpanProcessor(exporter) if batch else \
         SimpleSpanProcessor(exporter)
     provider.add_span_processor(processor)
@@ -112,21 +135,52 @@ def disable_tracing() -> None:
 
 
 # -- propagation ------------------------------------------------------------------------
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+
+
+def _valid(value: Any) -> tuple[str, re.Match[str]] | None:
+    """``value`` as text and its match if it is a well-formed ``traceparent``."""
+    if not value or len(value) > MAX_TRACEPARENT:
+        return None
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    elif not isinstance(value, str):
+        return None
+    m = _TRACEPARENT.match(value)
+    if m is None:
+        return None
+    version = m.group(1)
+    if version == "ff" or (version == "00" and len(value) != 55) or (
+            len(value) > 55 and value[55] != "-"):
+        return None
+    if m.group(2) == "0" * 32 or m.group(3) == "0" * 16:
+        return None
+    return value, m
+
+
+def parse_traceparent(value: str | bytes | None) -> SpanContext | None:
+    """The remote span a W3C ``traceparent`` names, or ``None`` (absent, malformed, all-zero
+    ids, version ``ff``, oversized): a bad header starts a new trace, never an error."""
+    valid = _valid(value)
+    if valid is None:
+        return None
+    m = valid[1]
+    return SpanContext(int(m.group(2), 16), int(m.group(3), 16), is_remote=True,
+                       trace_flags=TraceFlags(int(m.group(4), 16) & 1))
+
+
 def extract(traceparent: str | bytes | None, tracestate: str | bytes | None = None
             ) -> otel_context.Context | None:
-    """The remote parent a ``traceparent`` names, or ``None`` (absent, malformed, huge)."""
-    if not traceparent or len(traceparent) > MAX_TRACEPARENT:
+    """The remote parent a ``traceparent`` names as an OpenTelemetry context, or ``None``."""
+    sc = parse_traceparent(traceparent)
+    if sc is None:
         return None
-    if isinstance(traceparent, bytes):
-        traceparent = traceparent.decode("latin-1")
-    carrier = {"traceparent": traceparent}
     if tracestate and len(tracestate) <= MAX_TRACEPARENT:
-        carrier["tracestate"] = tracestate.decode("latin-1") if isinstance(
-            tracestate, bytes) else tracestate
-    ctx = _propagator.extract(carrier)
-    if not trace.get_current_span(ctx).get_span_context().is_valid:
-        return None
-    return ctx
+        if isinstance(tracestate, bytes):
+            tracestate = tracestate.decode("latin-1")
+        sc = SpanContext(sc.trace_id, sc.span_id, True, sc.trace_flags,
+                         TraceState.from_header([tracestate]))
+    return trace.set_span_in_context(NonRecordingSpan(sc))
 
 
 def traceparent_of(span: Span) -> str:
@@ -140,80 +194,151 @@ def traceparent_of_context(sc: trace.SpanContext) -> str:
 
 
 def current_traceparent() -> str | None:
-    """The current span's ``traceparent``, or ``None`` when there is no valid span."""
+    """The ``traceparent`` the current code would send on, or ``None`` outside any trace."""
+    unsampled = _unsampled.get()
+    if unsampled is not None:
+        return unsampled
     span = trace.get_current_span()
     if not span.get_span_context().is_valid:
         return None
     return traceparent_of(span)
 
 
+_random = random.Random()
+_IN_PROCESS = object()  # Scope's default parent: the current span
+_unsampled: ContextVar[str | None] = ContextVar("shoal_unsampled_traceparent", default=None)
+"""Inside a trace that is not recorded: the ``traceparent`` to send on (no span exists)."""
+
+
+class Scope:
+    """A span current for a ``with`` block; an exception marks it failed and goes on.
+
+    The sampling decision is made here before any SDK object exists: under a parent that
+    was not sampled, or for a new trace the root ratio leaves out, no span is made at all
+    and OpenTelemetry's context is not touched; the block runs with the ``traceparent`` to
+    send on (sampled flag off) in one context variable, so a trace that is not recorded
+    costs a regular expression and a variable, not a span. ``parent`` is a ``traceparent``
+    (text or bytes; ``None`` or malformed: a new trace), or by default the current span.
+    """
+
+    __slots__ = ("_token", "_unsampled_token", "span", "traceparent")
+
+    def __init__(self, name: str, kind: SpanKind, parent: Any = _IN_PROCESS,
+                 attributes: Callable[[], Mapping[str, Any]] | None = None,
+                 link_parent: bool = False) -> None:
+        self.span = None
+        self._token = None
+        sc: SpanContext | None = None
+        if parent is _IN_PROCESS:
+            unsampled = _unsampled.get()
+            if unsampled is not None:
+                self.traceparent = unsampled
+                self._unsampled_token = None  # already in place
+                return
+            current = trace.get_current_span().get_span_context()
+            sc = current if current.is_valid else None
+        else:
+            valid = _valid(parent)
+            if valid is not None:
+                text, m = valid
+                if not int(m.group(4), 16) & 1:  # the parent was not sampled: follow it
+                    self.traceparent = text if len(text) == 55 else text[:55]
+                    self._unsampled_token = _unsampled.set(self.traceparent)
+                    return
+                sc = SpanContext(int(m.group(2), 16), int(m.group(3), 16), True,
+                                 TraceFlags(1))
+        if sc is None and _root_ratio < 1.0 and _random.random() >= _root_ratio:
+            self.traceparent = (f"00-{_random.getrandbits(128) or 1:032x}-"
+                                f"{_random.getrandbits(64) or 1:016x}-00")
+            self._unsampled_token = _unsampled.set(self.traceparent)
+            return
+        if sc is not None and not sc.trace_flags.sampled:  # an in-process unsampled span
+            self.traceparent = traceparent_of_context(sc)
+            self._unsampled_token = None
+            return
+        assert tracer is not None, "tracing is off"
+        ctx = otel_context.Context() if sc is None else trace.set_span_in_context(
+            NonRecordingSpan(sc))
+        links = [Link(sc)] if link_parent and sc is not None else None
+        s = self.span = tracer.start_span(name, ctx, kind, links=links)
+        if attributes is not None and s.is_recording():
+            s.set_attributes(attributes())
+        self.traceparent = traceparent_of(s)
+        self._token = otel_context.attach(trace.set_span_in_context(s))
+        self._unsampled_token = _unsampled.set(None) if _unsampled.get() is not None else None
+
+    def __enter__(self) -> Scope:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: Any) -> None:
+        if self._unsampled_token is not None:
+            _unsampled.reset(self._unsampled_token)
+        s = self.span
+        if s is not None:
+            if exc is not None:
+                s.record_exception(exc)
+                s.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"[:500]))
+            s.end()
+            otel_context.detach(self._token)  # type: ignore[arg-type]
+
+    def set_status(self, status: int) -> None:
+        """Record an HTTP status (5xx marks the span failed)."""
+        if self.span is not None:
+            set_status(self.span, status)
+
+    def rename(self, name: str, route: str) -> None:
+        """Name the span after the route that took the request."""
+        if self.span is not None:
+            self.span.update_name(name)
+            self.span.set_attribute("http.route", route)
+
+
 @contextlib.contextmanager
 def span(name: str, kind: SpanKind, parent: otel_context.Context | None = None,
-         attributes: Mapping[str, Any] | None = None, links: list[Link] | None = None
-         ) -> Iterator[Span]:
-    """A span, current inside the block; an exception marks it failed and goes on."""
+         attributes: Mapping[str, Any] | None = None) -> Iterator[Span]:
+    """An always-recorded span, current inside the block (tests, user code)."""
     assert tracer is not None, "tracing is off"
     with tracer.start_as_current_span(name, context=parent, kind=kind, attributes=attributes,
-                                      links=links, record_exception=True,
+                                      record_exception=True,
                                       set_status_on_exception=True) as s:
         yield s
 
 
 # -- the hooks' helpers -----------------------------------------------------------------
-@contextlib.contextmanager
-def producer_span(topic: str, extensions: Mapping[str, Any] | None
-                  ) -> Iterator[dict[str, Any]]:
-    """A ``PRODUCER`` span around a publish; yields the extensions to publish with (the
-    caller's, plus ``traceparent`` = this span's). A caller's ``traceparent`` is the parent."""
-    ext = dict(extensions or {})
-    parent = extract(ext.get("traceparent")) if "traceparent" in ext else None
-    with span(f"{topic} publish", SpanKind.PRODUCER, parent,
-              {"messaging.system": "shoal", "messaging.destination.name": topic,
-               "messaging.operation.type": "send"}) as s:
-        ext["traceparent"] = traceparent_of(s)
-        yield ext
+def producer_span(topic: str, traceparent: Any = None) -> Scope:
+    """A ``PRODUCER`` span around a publish; its ``traceparent`` goes into the events. A
+    caller's own ``traceparent`` extension is the parent, else the current span."""
+    parent = _IN_PROCESS if traceparent is None else traceparent
+    return Scope(f"{topic} publish", SpanKind.PRODUCER, parent, lambda: {
+        "messaging.system": "shoal", "messaging.destination.name": topic,
+        "messaging.operation.type": "send"})
 
 
-@contextlib.contextmanager
-def consumer_span(topic: str, group: str, event: Any, partition: int, offset: int
-                  ) -> Iterator[Span]:
+def consumer_span(topic: str, group: str, event: Any, partition: int, offset: int) -> Scope:
     """A ``CONSUMER`` span around one handling of ``event``, child of its ``traceparent``
-    (and linked to it, for tools that draw messaging as links)."""
-    parent = extract(event.extensions.get("traceparent"))
-    links = None
-    if parent is not None:
-        links = [Link(trace.get_current_span(parent).get_span_context())]
-    attributes = {"messaging.system": "shoal", "messaging.destination.name": topic,
-                  "messaging.consumer.group.name": group, "messaging.message.id": event.id,
-                  "messaging.destination.partition.id": str(partition),
-                  "messaging.operation.type": "process", "shoal.offset": offset}
-    with span(f"{topic} process", SpanKind.CONSUMER, parent or otel_context.Context(),
-              attributes, links) as s:
-        yield s
+    (and linked to it, for tools that draw messaging as links); a new trace without one."""
+    parent = event.extensions.get("traceparent")
+    return Scope(f"{topic} process", SpanKind.CONSUMER, parent, lambda: {
+        "messaging.system": "shoal", "messaging.destination.name": topic,
+        "messaging.consumer.group.name": group, "messaging.message.id": event.id,
+        "messaging.destination.partition.id": str(partition),
+        "messaging.operation.type": "process", "shoal.offset": offset}, link_parent=True)
 
 
-@contextlib.contextmanager
-def client_span(service: str, method: str, target: str) -> Iterator[str]:
-    """A ``CLIENT`` span around a mesh call; yields the ``traceparent`` to send."""
-    path = target.split("?", 1)[0]
-    with span(f"{method} {service}", SpanKind.CLIENT, None,
-              {"http.request.method": method, "server.address": service,
-               "url.path": path[:256], "shoal.service": service}) as s:
-        yield traceparent_of(s)
+def client_span(service: str, method: str, target: str) -> Scope:
+    """A ``CLIENT`` span around a mesh call; send its ``traceparent``."""
+    return Scope(f"{method} {service}", SpanKind.CLIENT, _IN_PROCESS, lambda: {
+        "http.request.method": method, "server.address": service,
+        "url.path": target.split("?", 1)[0][:256], "shoal.service": service})
 
 
-def with_traceparent(messages: Iterable[Any], traceparent: str, message_type: type
-                     ) -> list[Any]:
-    """``publish_many``'s items, each carrying ``traceparent`` unless it has its own."""
-    out = []
-    for m in messages:
-        if not isinstance(m, message_type):
-            m = message_type(data=m)
-        ext = m.extensions or {}
-        if "traceparent" not in ext:
-            m = dataclasses.replace(m, extensions={**ext, "traceparent": traceparent})
-        out.append(m)
-    return out
+def server_span(service: str, method: str, path: str, traceparent: bytes | str | None
+                ) -> Scope:
+    """A ``SERVER`` span for one request, continuing its ``traceparent`` (else a new trace)."""
+    return Scope(f"{method} {service}", SpanKind.SERVER, traceparent,
+                 lambda: {"http.request.method": method, "url.path": path[:256],
+                          "shoal.service": service})
 
 
 def set_status(s: Span, status: int) -> None:

@@ -156,3 +156,35 @@ async def test_otlp_export_reaches_a_collector(monkeypatch: pytest.MonkeyPatch) 
     finally:
         tracing.disable_tracing()
         await runner.cleanup()
+
+
+async def test_traces_left_out_are_carried_on_without_spans() -> None:
+    """An unsampled parent (flags 00) and a root the ratio leaves out make no span, but the
+    trace id still travels, so every hop agrees on one decision."""
+    exporter = InMemorySpanExporter()
+    tracing.enable_tracing(exporter, sample_ratio=0.0)
+    seen: list[str | None] = []
+    try:
+        async with EventBus.connect("memory://trace-unsampled") as bus:
+            async def handler(event: Event) -> None:
+                seen.append(tracing.current_traceparent())
+                await bus.publish("u", 2)
+
+            await bus.subscribe("t", "g", handler)
+            async with bus.consume("u", "g2") as downstream:
+                unsampled = f"00-{CLIENT_TRACE}-{CLIENT_PARENT}-00"
+                await bus.publish("t", 1, extensions={"traceparent": unsampled})
+                second = await anext(downstream)
+                ack = await bus.publish("t", 3)  # a new trace, left out by the ratio
+                third = await anext(downstream)
+        assert exporter.get_finished_spans() == ()
+        assert seen[0] == unsampled and second.traceparent == unsampled
+        assert third.traceparent is not None and third.traceparent.endswith("-00")
+        assert CLIENT_TRACE not in third.traceparent and ack.id
+    finally:
+        tracing.disable_tracing()
+
+
+def test_sample_ratio_is_checked() -> None:
+    with pytest.raises(ConfigError, match="sample_ratio"):
+        tracing.enable_tracing(InMemorySpanExporter(), sample_ratio=1.5)
