@@ -89,7 +89,7 @@ def observe_gateway(gateway: Any, *, metrics: _metrics.Metrics | None = None) ->
             return
         series = cache.get((route, service))
         if series is None:
-            series = cache[(route, service)] = m.route(service, label)
+            series = cache[(route, service)] = m.route(service, label, "gateway")
         series.in_flight += 1
         exchange.series = series
 
@@ -102,8 +102,8 @@ def observe_gateway(gateway: Any, *, metrics: _metrics.Metrics | None = None) ->
         if m is None:
             return None
         if request.raw_path.startswith(b"/events/"):
-            return m.route("gateway", EVENTS_ROUTE)
-        return m.route("gateway", "unmatched")
+            return m.route("gateway", EVENTS_ROUTE, "gateway")
+        return m.route("gateway", "unmatched", "gateway")
 
     return _observed(handle, "gateway", fallback)
 

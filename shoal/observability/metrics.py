@@ -125,11 +125,12 @@ class LatencyHistogram:
 class RouteSeries:
     """Requests of one (service, route): status counts, durations, in flight."""
 
-    __slots__ = ("codes", "duration", "in_flight", "route", "service")
+    __slots__ = ("codes", "duration", "in_flight", "origin", "route", "service")
 
-    def __init__(self, service: str, route: str) -> None:
+    def __init__(self, service: str, route: str, origin: str = "service") -> None:
         self.service = service
         self.route = route
+        self.origin = origin  # who measured: "gateway" or "service" (not a label)
         self.codes: dict[int, int] = {}
         self.duration = LatencyHistogram(REQUEST_BUCKETS)
         self.in_flight = 0
@@ -220,10 +221,11 @@ class Metrics:
                     series = table[key] = make(key)
             return series
 
-    def route(self, service: str, route: str) -> RouteSeries:
-        """The series of requests to ``service`` through ``route`` (a name or template)."""
-        return self._bounded(self.routes, (service, route), lambda k: RouteSeries(*k),
-                             (OTHER, OTHER))
+    def route(self, service: str, route: str, origin: str = "service") -> RouteSeries:
+        """The series of requests to ``service`` through ``route`` (a name or template),
+        measured by ``origin`` (``gateway`` or ``service``)."""
+        return self._bounded(self.routes, (service, route),
+                             lambda k: RouteSeries(k[0], k[1], origin), (OTHER, OTHER))
 
     def topic(self, topic: str) -> TopicSeries:
         """The series of events published to ``topic``."""
