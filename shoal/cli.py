@@ -26,6 +26,7 @@ from typing import Annotated, Any, NoReturn, TypeVar
 import msgspec
 import typer
 
+from shoal.commands.top import top
 from shoal.errors import ConfigError, InvalidEvent, ShoalError, TopicError
 from shoal.events.bus import EventBus, Message
 from shoal.events.dlq import REPLAY_GROUP, replay_dead_letters
@@ -702,6 +703,9 @@ def _print_dead_letters(
         body.append(_printable(ext.get("dlqreason", "")), style="red")
         console.print(head)
         console.print(body)
+
+
+app.command()(top)  # shoal top (shoal/commands/top.py)
 
 
 def main() -> None:
