@@ -78,20 +78,27 @@ def observe_gateway(gateway: Any, *, metrics: _metrics.Metrics | None = None) ->
     """``gateway.handle`` with request metrics and a server span per request."""
     m = metrics or _metrics.active()
     cache: dict[tuple[Any, str], _metrics.RouteSeries] = {}
+    labels: dict[Any, str] = {}  # route -> its label (routes hash by identity)
+
+    def label_of(route: Any) -> str:
+        label = labels.get(route)
+        if label is None:
+            label = labels[route] = route.name or f"routes[{route.index}]"
+        return label
 
     def on_route(route: Any, service: str) -> None:
         exchange = _exchange.get()
         if exchange is None:
             return
-        label = route.name or f"routes[{route.index}]"
-        exchange.route = label
         if m is None:
+            exchange.route = label_of(route)
             return
         series = cache.get((route, service))
         if series is None:
-            series = cache[(route, service)] = m.route(service, label, "gateway")
+            series = cache[(route, service)] = m.route(service, label_of(route), "gateway")
         series.in_flight += 1
         exchange.series = series
+        exchange.route = series.route
 
     gateway.on_route = on_route
     handle = gateway.handle
