@@ -1,7 +1,7 @@
-"""What metrics and tracing cost: the gateway and the bus with them off and on, in one run.
+"""What metrics and tracing cost: gateway, mesh client and bus with them off and on, in one run.
 
     python bench/observability.py [--duration 3] [--connections 32] [--events 50000]
-                                  [--rounds 3] [--only gateway|bus]
+                                  [--requests 20000] [--rounds 3] [--only gateway|mesh|bus]
 
 Modes, each measured in every round (interleaved, medians kept, because this 2-core
 machine is shared):
@@ -16,7 +16,10 @@ Gateway: ``HttpServer`` + ``Gateway`` (one route, ``observe_gateway`` when a mod
 in a subprocess, forwarding to the raw asyncio responder of ``bench/balancers.py`` in
 another; ``wrk -t1 -cN`` drives it. Figures: requests/s and the gateway process's CPU per
 request (from /proc; the steadier figure on a shared box).
-Bus: in this process, SQLite in a temporary directory: ``publish_many`` of 1,000-event
+Mesh client: ``MeshClient.get`` (the whole call stack, client span when traced) in a
+child process per mode against the same responder, ``--connections`` closed-loop workers
+(``bench/_measure.py``, as ``bench/mesh_overhead.py``): requests/s and client CPU/request.
+Bus: in a child process per mode, SQLite in a temporary directory: ``publish_many`` of 1,000-event
 batches, then a subscription consuming them all (events/s).
 The last line is one JSON object with every figure and each mode's ratio to ``off``.
 """
@@ -115,6 +118,51 @@ def measure_gateway(mode: str, backend: int, wrk: str, script: str,
         proc.wait()
 
 
+# -- mesh client (a child process per mode) -------------------------------------------
+async def mesh_round(backend: int, n: int, concurrency: int) -> dict[str, float]:
+    from _measure import closed_loop
+
+    from shoal.mesh.client import MeshClient
+    from shoal.mesh.registry import EndpointCache, Instance, Registry
+    from shoal.store import connect_store
+
+    store = await connect_store("memory://mesh-bench")
+    registry = Registry(store)
+    await registry.register(Instance(id="echo-1", service="echo",
+                                     address=f"127.0.0.1:{backend}"))
+    cache = await EndpointCache(store).start()
+    await cache.wait_for("echo", lambda eps: len(eps) >= 1, timeout=5)
+    mesh = MeshClient(cache)
+    first = await mesh.get("http://echo/")
+    expect = await first.aread()
+
+    async def get() -> bytes:
+        resp = await mesh.get("http://echo/")
+        return await resp.aread()
+
+    try:
+        await closed_loop(get, n // 4, concurrency, expect)  # warm-up
+        return await closed_loop(get, n, concurrency, expect)
+    finally:
+        await mesh.aclose()
+        await registry.close()
+        await store.close()
+
+
+def mesh_child(mode: str, backend: int, n: int, concurrency: int) -> None:
+    switch_on(mode)
+    print(json.dumps(uvloop.run(mesh_round(backend, n, concurrency))))
+
+
+def measure_mesh(mode: str, backend: int, args: argparse.Namespace) -> dict[str, float]:
+    out = subprocess.run([sys.executable, __file__, "--mesh-child", mode, "--backend",
+                          str(backend), "--requests", str(args.requests), "--connections",
+                          str(args.connections)],
+                         env=dict(os.environ, PYTHONPATH=ROOT), check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 # -- bus (in process, one mode at a time) ---------------------------------------------
 async def bus_round(directory: str, n: int) -> dict[str, float]:
     from shoal.events import EventBus, Message
@@ -166,7 +214,9 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--events", type=int, default=50_000)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--only", choices=("gateway", "bus"))
+    ap.add_argument("--requests", type=int, default=20_000)
+    ap.add_argument("--only", choices=("gateway", "mesh", "bus"))
+    ap.add_argument("--mesh-child", choices=MODES, help=argparse.SUPPRESS)
     ap.add_argument("--serve-gateway", choices=MODES, help=argparse.SUPPRESS)
     ap.add_argument("--bus-child", choices=MODES, help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -175,17 +225,21 @@ def main() -> None:
     if args.serve_gateway:
         serve_gateway(args.serve_gateway, args.port, args.backend)
         return
+    if args.mesh_child:
+        mesh_child(args.mesh_child, args.backend, args.requests, args.connections)
+        return
     if args.bus_child:
         bus_child(args.bus_child, args.events)
         return
 
     result: dict[str, Any] = {"bench": "observability", "rounds": args.rounds}
-    if args.only in (None, "gateway"):
+    if args.only in (None, "gateway", "mesh"):
         wrk = ensure_wrk()
         with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
             f.write(WRK_SCRIPT)
             script = f.name
         gw: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
+        ms: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
 
         async def run_gateway() -> None:
             backends = await BackendProcess.start(1, 0.0, 0.0)
@@ -196,6 +250,11 @@ def main() -> None:
                                                     wrk, script, args)
                         gw[mode].append(r)
                         print(f"  gateway {mode:12} {r}", file=sys.stderr)
+                        if args.only is None or args.only == "mesh":
+                            r = await asyncio.to_thread(measure_mesh, mode,
+                                                        backends.ports[0], args)
+                            ms[mode].append(r)
+                            print(f"  mesh    {mode:12} {r}", file=sys.stderr)
             finally:
                 await backends.stop()
 
@@ -215,6 +274,17 @@ def main() -> None:
               f"{args.rounds} rounds")
         for m, f in figures.items():
             print(f"  {m:12} {f['rps']:>9.0f} req/s {f['cpu_us_per_req']:>8} us CPU/req")
+        if ms["off"]:
+            mfig = {m: {"rps": median(v, "rps"), "cpu_us": median(v, "cpu_us")}
+                    for m, v in ms.items()}
+            result["mesh"] = mfig
+            result["mesh_ratios"] = {
+                m: {"rps": round(f["rps"] / mfig["off"]["rps"], 3),
+                    "cpu_per_req": round(f["cpu_us"] / mfig["off"]["cpu_us"], 3)}
+                for m, f in mfig.items() if m != "off"}
+            print(f"\nmesh client, {args.requests} GETs by {args.connections} workers")
+            for m, f in mfig.items():
+                print(f"  {m:12} {f['rps']:>9.0f} req/s {f['cpu_us']:>8} us CPU/req")
     if args.only in (None, "bus"):
         bus: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
         for _ in range(args.rounds):

@@ -205,3 +205,23 @@ async def test_browser_sees_the_shop_and_a_rate_change(fresh_metrics: Metrics,
                 assert problems == []
             finally:
                 await browser.close()
+
+
+async def test_closing_the_hub_ends_live_streams(fresh_metrics: Metrics) -> None:
+    from starlette.applications import Starlette
+
+    from shoal.control.dashboard import mount_dashboard
+
+    app = Starlette()
+    hub = mount_dashboard(app, ControlSource(metrics=fresh_metrics), interval=0.05)
+    async with serving(app) as base, httpx.AsyncClient(base_url=base) as http:
+        frames = 0
+        async with http.stream("GET", "/api/stream") as stream:
+            async for line in stream.aiter_lines():
+                if line.startswith("data: "):
+                    frames += 1
+                    if frames == 1:
+                        await hub.close()
+        # the stream ended by itself: the server can stop without waiting for the browser
+        assert frames >= 1
+        assert (await http.get("/api/stream")).status_code == 503

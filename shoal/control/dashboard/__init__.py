@@ -55,8 +55,9 @@ class SnapshotHub:
         self.source = source
         self.interval = interval
         self.latest: bytes | None = None
-        self._listeners: set[asyncio.Queue[bytes]] = set()
+        self._listeners: set[asyncio.Queue[bytes | None]] = set()
         self._task: asyncio.Task[None] | None = None
+        self.closed = False
 
     async def current(self) -> bytes:
         """The latest snapshot (computed now if nobody is listening)."""
@@ -65,11 +66,14 @@ class SnapshotHub:
         return self.latest
 
     @contextlib.asynccontextmanager
-    async def listen(self) -> AsyncIterator[asyncio.Queue[bytes]]:
-        """A queue receiving each new snapshot while the block runs."""
+    async def listen(self) -> AsyncIterator[asyncio.Queue[bytes | None]]:
+        """A queue receiving each new snapshot while the block runs (``None``: the hub
+        closed, stop)."""
+        if self.closed:
+            raise ShoalError("dashboard: shutting down")
         if len(self._listeners) >= MAX_LISTENERS:
             raise ShoalError(f"dashboard: at most {MAX_LISTENERS} live listeners")
-        queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=2)
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=2)
         self._listeners.add(queue)
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run())
@@ -85,6 +89,14 @@ class SnapshotHub:
                     await self._task
                 self._task = None
 
+    async def close(self) -> None:
+        """End every live stream (a server shutting down must not wait for browsers)."""
+        self.closed = True
+        for queue in list(self._listeners):
+            while queue.full():
+                queue.get_nowait()
+            queue.put_nowait(None)
+
     async def _run(self) -> None:
         while True:
             try:
@@ -92,6 +104,8 @@ class SnapshotHub:
             except Exception as exc:  # shown on the page; the next tick may work
                 self.latest = msgspec.json.encode({"errors": [f"snapshot: {exc!r}"[:300]]})
             for queue in list(self._listeners):
+                if self.closed:
+                    return
                 if queue.full():  # a slow reader skips a frame rather than growing memory
                     with contextlib.suppress(asyncio.QueueEmpty):
                         queue.get_nowait()
@@ -134,6 +148,8 @@ def mount_dashboard(app: Any, source: DashboardSource, *, interval: float = 1.0
                     except TimeoutError:
                         yield b": keep-alive\n\n"
                         continue
+                    if data is None:
+                        return
                     yield b"event: snapshot\ndata: " + data + b"\n\n"
             finally:
                 await listening.__aexit__(None, None, None)
