@@ -188,3 +188,19 @@ async def test_traces_left_out_are_carried_on_without_spans() -> None:
 def test_sample_ratio_is_checked() -> None:
     with pytest.raises(ConfigError, match="sample_ratio"):
         tracing.enable_tracing(InMemorySpanExporter(), sample_ratio=1.5)
+
+
+async def test_tracing_off_adds_nothing() -> None:
+    """Off: no traceparent is invented, a caller's own is kept as it is, handlers see none."""
+    assert tracing.tracer is None
+    seen: list[str | None] = []
+    async with EventBus.connect("memory://trace-off") as bus:
+        await bus.subscribe("t", "g", lambda e: seen.append(tracing.current_traceparent()))
+        async with bus.consume("t", "g2") as events:
+            await bus.publish("t", 1)
+            mine = f"00-{CLIENT_TRACE}-{CLIENT_PARENT}-01"
+            await bus.publish("t", 2, extensions={"traceparent": mine})
+            first, second = await anext(events), await anext(events)
+        await eventually(lambda: len(seen) == 2, what="both handled")
+    assert first.traceparent is None and second.traceparent == mine
+    assert seen == [None, None]
