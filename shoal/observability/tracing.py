@@ -138,8 +138,22 @@ def disable_tracing() -> None:
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 
 
+_last_valid: tuple[Any, tuple[str, re.Match[str]] | None] = (None, None)
+
+
 def _valid(value: Any) -> tuple[str, re.Match[str]] | None:
-    """``value`` as text and its match if it is a well-formed ``traceparent``."""
+    """``value`` as text and its match if it is a well-formed ``traceparent``. The last
+    answer is kept: the events of one batch share their producer's ``traceparent``."""
+    global _last_valid
+    last = _last_valid
+    if value is last[0] or (value == last[0] and value is not None):
+        return last[1]
+    answer = _check(value)
+    _last_valid = (value, answer)
+    return answer
+
+
+def _check(value: Any) -> tuple[str, re.Match[str]] | None:
     if not value or len(value) > MAX_TRACEPARENT:
         return None
     if isinstance(value, bytes):
