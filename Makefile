@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test lint bench servers clean
+.PHONY: demo demo-bus test lint bench servers clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -14,8 +14,12 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
-## demo: a producer and two consumers of one group, in separate processes
+## demo: the shop (examples/shop): shoal up, a few orders through the gateway, settled, down
 demo: $(STAMP)
+	$(BIN)/python examples/shop/demo.py
+
+## demo-bus: a producer and two consumers of one group, in separate processes
+demo-bus: $(STAMP)
 	$(BIN)/python -m shoal.demo
 
 ## servers: Debian's nats-server and redis-server, when missing and we are root
@@ -37,6 +41,7 @@ lint: $(STAMP)
 ## bench: every benchmark (prints figures and ratios against peers)
 bench: $(STAMP) servers
 	$(BIN)/python bench/bus.py
+	$(BIN)/python bench/shop.py
 
 clean:
 	rm -rf $(VENV) .shoal .pytest_cache build *.egg-info

@@ -331,7 +331,8 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as d, redis_server() as rurl, nats_server() as nurl:
         rounds: dict[str, list[dict[str, float]]] = {"shoal": [], "redis": [], "nats": []}
         for r in range(args.rounds):  # interleaved rounds; each figure is the median
-            rounds["shoal"].append(await shoal_throughput(f"sqlite:///{d}/events{r}.db", n))
+            os.mkdir(f"{d}/round{r}")  # a fresh log and store: group offsets start at zero
+            rounds["shoal"].append(await shoal_throughput(f"sqlite:///{d}/round{r}/events.db", n))
             if rurl:
                 rounds["redis"].append(await redis_throughput(rurl, n, tag=str(r)))
             if nurl:

@@ -27,6 +27,7 @@ import msgspec
 import typer
 
 from shoal.commands.top import top
+from shoal.commands.up import register as register_runtime_commands
 from shoal.errors import ConfigError, InvalidEvent, ShoalError, TopicError
 from shoal.events.bus import EventBus, Message
 from shoal.events.dlq import REPLAY_GROUP, replay_dead_letters
@@ -705,6 +706,11 @@ def _print_dead_letters(
         console.print(body)
 
 
+from shoal.commands.validate import validate as validate_command  # noqa: E402
+
+app.command("validate")(validate_command)
+
+register_runtime_commands(app)  # shoal up / ps / scale
 app.command()(top)  # shoal top (shoal/commands/top.py)
 
 

@@ -19,10 +19,9 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
-
+from shoal import config
 from shoal.errors import ConfigError
 from shoal.events.brokers.connect import DEFAULT_BROKER_URL
 from shoal.events.bus import default_store_for
@@ -106,76 +105,42 @@ def resolve(
     )
 
 
-_KINDS = {bool: "a boolean", int: "an integer", float: "a number", list: "a list",
-          dict: "a mapping"}
+def _connections(manifest: config.Manifest, path: Path) -> Manifest:
+    """The connection view of a validated manifest: what it says, where, if it says it."""
+    given = manifest.model_fields_set
+    return Manifest(
+        path,
+        manifest.broker if "broker" in given else None,
+        manifest.store if "store" in given else None,
+        manifest.line_of("broker") if "broker" in given else None,
+        manifest.line_of("store") if "store" in given else None,
+    )
 
 
-def _kind(value: Any) -> str:
-    if value is None:
-        return "empty (null)"
-    if isinstance(value, str):
-        return "an empty string"
-    return _KINDS.get(type(value), f"a {type(value).__name__}")
+def _one_line(error: config.ManifestError) -> ConfigError:
+    """The first problem of a manifest, for commands whose errors are one line."""
+    more = len(error.issues) - 1
+    tail = f" (and {more} more problem(s): run `shoal validate`)" if more > 0 else ""
+    return ConfigError(f"{error.issues[0]}{tail}")
 
 
 def parse_manifest(text: str, path: Path) -> Manifest:
-    """The ``broker:`` and ``store:`` of a manifest's text; ``ConfigError`` naming the file
-    and line if it is not YAML, not a mapping, or either value is not a non-empty string.
-    Other top-level keys are left to the manifest schema (``shoal.config``)."""
+    """The ``broker:`` and ``store:`` of a manifest's text, after validating all of it with
+    the manifest schema (``shoal.config``); ``ConfigError`` naming the file and line."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"{path}, line {mark.line + 1}" if mark is not None else str(path)
-        problem = exc.problem or exc.context or "invalid YAML"
-        raise ConfigError(f"{where}: not valid YAML: {problem}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if data is None:
-        return Manifest(path)
-    if not isinstance(data, dict) or not isinstance(node, yaml.MappingNode):
-        raise ConfigError(
-            f"{path}, line 1: the manifest must be a mapping (keys like broker: and store:),"
-            f" not {_kind(data)}"
-        )
-    lines: dict[str, int] = {}
-    for key_node, value_node in node.value:
-        if isinstance(key_node, yaml.ScalarNode) and key_node.value in ("broker", "store"):
-            lines[key_node.value] = value_node.start_mark.line + 1
-    values: dict[str, str | None] = {}
-    for name in ("broker", "store"):
-        if name not in data:
-            values[name] = None
-            continue
-        value = data[name]
-        if not isinstance(value, str) or not value.strip():
-            raise ConfigError(
-                f"{path}, line {lines.get(name, 1)}: {name} must be a URL string"
-                f" like sqlite:///.shoal/events.db, not {_kind(value)}"
-            )
-        values[name] = value.strip()
-    return Manifest(
-        path, values["broker"], values["store"], lines.get("broker"), lines.get("store")
-    )
+        return _connections(config.parse_manifest(text, path), path)
+    except config.ManifestError as e:
+        raise _one_line(e) from None
 
 
 def load_manifest(path: Path) -> Manifest | None:
     """The manifest at ``path``, or None if there is no such file."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
+    if not path.exists() and not path.is_symlink():
         return None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a directory, not a manifest file") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot be read: {exc.strerror}") from None
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise ConfigError(f"{path}, line {line}: not valid UTF-8") from None
-    return parse_manifest(text, path)
+        return _connections(config.load_manifest(path), path)
+    except config.ManifestError as e:
+        raise _one_line(e) from None
 
 
 def load_settings(

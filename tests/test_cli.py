@@ -379,8 +379,8 @@ HOSTILE: list[tuple[str, list[str], str | None, list[str]]] = [
     ("manifest not a mapping", ["publish", "t"], "- broker\n- store\n",
      ["shoal.yaml, line 1", "must be a mapping", "not a list"]),
     ("manifest broker not a string", ["publish", "t"], "# hi\nbroker: 42\n",
-     ["shoal.yaml, line 2", "broker must be a URL string", "not an integer"]),
-    ("manifest store empty", ["publish", "t"], "store:\n", ["store must be a URL", "null"]),
+     ["shoal.yaml, line 2", "broker: must be a URL string", "not an integer"]),
+    ("manifest store empty", ["publish", "t"], "store:\n", ["store: must be a URL", "null"]),
     ("manifest bad scheme", ["publish", "t"], "\n\nbroker: nats://x\n",
      ["unsupported scheme", "from shoal.yaml, line 3"]),
     ("--lines with --data", ["publish", "t", "--lines", "--data", "1"], None,
@@ -436,7 +436,7 @@ def test_resolve_store_and_its_default_beside_the_broker():
 
 
 def test_parse_manifest_values_and_lines():
-    m = parse_manifest("# comment\nservices: {a: 1}\nbroker:  sqlite:///b.db \n"
+    m = parse_manifest("# comment\nservices: {}\nbroker:  sqlite:///b.db \n"
                        "store: memory://s\n", Path("shoal.yaml"))
     assert (m.broker, m.store, m.broker_line, m.store_line) == (
         "sqlite:///b.db", "memory://s", 3, 4)
@@ -449,10 +449,11 @@ def test_parse_manifest_values_and_lines():
     ("a: 1\n  b: 2\nc: [\n", "shoal.yaml, line 2: not valid YAML"),
     ("just a string", "line 1: the manifest must be a mapping"),
     ("[1, 2]", "not a list"),
-    ("broker: true\n", "line 1: broker must be a URL string like"),
-    ("\nstore: [a]\n", "line 2: store must be a URL string"),
+    ("broker: true\n", "line 1: broker: must be a URL string like"),
+    ("\nstore: [a]\n", "line 2: store: must be a URL string"),
     ("broker: ''\n", "not an empty string"),
-    ("broker: !!python/object:os.system x\n", "not valid YAML"),
+    ("broker: !!python/object:os.system x\n", "line 1: tag 'tag:yaml.org,2002:python/object"),
+    ("services: {a: 1}\n", "line 1: services.a: expected a mapping"),
     ("a: 1\n---\nb: 2\n", "not valid YAML"),
 ])
 def test_parse_manifest_errors_name_the_file_and_line(text: str, message: str):

@@ -1,0 +1,1 @@
+"""Subcommands of the ``shoal`` command line, one module each."""

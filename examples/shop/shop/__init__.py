@@ -1,0 +1,1 @@
+"""The shop: Shoal's reference application (see examples/shop/README.md)."""

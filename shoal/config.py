@@ -1,0 +1,619 @@
+"""The ``shoal.yaml`` manifest: schema, loading, and errors that say file, line and key.
+
+::
+
+    broker: sqlite:///.shoal/events.db        # default
+    store: sqlite:///.shoal/store.db          # default: beside the broker
+    admin: {listen: 127.0.0.1:8081}
+    gateway:
+      listen: 127.0.0.1:8080
+      routes:
+        - {name: orders, match: {path: {prefix: /orders}}, service: orders}
+    security: {mtls: off}                     # strict | permissive | off
+    services:
+      orders:
+        app: shop.orders:svc                  # module:attribute of a shoal.Service
+        replicas: 2
+        autoscale: {min: 1, max: 5, target_inflight: 10, cooldown: 30s}
+        load_balancer: peak_ewma              # or {policy: peak_ewma, ...}
+        policy: {timeouts: {request: 2s}, retries: {attempts: 2}}
+        labels: {tier: front}
+        env: {LOG_LEVEL: info}
+
+``load_manifest(path)`` reads and validates it; every problem found is reported at once
+as a ``ManifestError`` whose lines read ``shoal.yaml, line 12: services.orders.replicas:
+expected an integer >= 0, got 'two'``. Unknown keys are refused, with "did you mean".
+
+Top-level keys starting with ``x-`` are ignored (a place for YAML anchors to reuse, as in
+Compose files: ``x-defaults: &defaults {...}`` then ``<<: *defaults``).
+
+Hostile input is refused before it costs anything: files over ``MAX_MANIFEST_BYTES``,
+YAML whose aliases expand past ``MAX_NODES`` nodes (the "billion laughs"), nesting
+deeper than ``MAX_FLOW_DEPTH`` brackets or the parser's stack, duplicate keys, and any
+tag outside plain YAML (``!!python/object`` and friends: the safe loader constructs
+nothing else).
+
+Relative ``sqlite:///`` paths are relative to the working directory, as everywhere in
+Shoal; ``Manifest.directory`` is the manifest's directory, from which the control plane
+runs the services (so ``app: shop.orders:svc`` imports from there).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from shoal.errors import ConfigError
+from shoal.events.brokers.connect import DEFAULT_BROKER_URL
+from shoal.events.bus import default_store_for
+from shoal.mesh.registry import check_service_name
+from shoal.mesh.resilience import TrafficPolicy, load_traffic_policy
+from shoal.units import parse_duration
+
+MANIFEST_NAME = "shoal.yaml"
+MAX_MANIFEST_BYTES = 1 << 20  # 1 MiB: a manifest is a page of settings, not a data file
+MAX_NODES = 100_000  # YAML nodes after alias expansion
+MAX_ERRORS = 50
+MAX_FLOW_DEPTH = 64  # [ and { nesting
+DEFAULT_GATEWAY_LISTEN = "127.0.0.1:8080"
+DEFAULT_ADMIN_LISTEN = "127.0.0.1:8081"
+_APP = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*"
+                  r":[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
+_LISTEN = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_LABEL_KEY = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._/-]{0,61}[A-Za-z0-9])?")
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestIssue:
+    """One problem in a manifest: where (file, line, key path) and what was expected."""
+
+    path: Path
+    line: int | None
+    key: str  # dotted key path, e.g. "services.orders.replicas"; "" for the whole file
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.path}, line {self.line}" if self.line else str(self.path)
+        return f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
+
+
+class ManifestError(ConfigError):
+    """A manifest is invalid; ``issues`` lists every problem found, each on its own line."""
+
+    def __init__(self, issues: list[ManifestIssue]) -> None:
+        super().__init__("\n".join(str(i) for i in issues))
+        self.issues = issues
+
+
+# -- value types ------------------------------------------------------------------------
+def _duration(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration like '250ms', '2s' or '1m', got {value!r}")
+    try:
+        seconds = parse_duration(value, name="duration")
+    except ConfigError as e:
+        raise ValueError(str(e).removeprefix("duration: ")) from None
+    if seconds is None:
+        raise ValueError("expected a duration like '250ms', '2s' or '1m'")
+    return seconds
+
+
+def _listen(value: Any) -> str:
+    if not isinstance(value, str) or len(value) > 300 or not _LISTEN.fullmatch(value):
+        raise ValueError(f"expected HOST:PORT like 127.0.0.1:8080, got {value!r}")
+    if int(value.rpartition(":")[2]) > 65535:
+        raise ValueError(f"port must be 0..65535, got {value!r}")
+    return value
+
+
+def _url(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("must be a URL string like sqlite:///.shoal/events.db, not "
+                         f"{_kind(value) if value != '' else 'an empty string'}")
+    if "://" not in value or len(value) > 4096:
+        raise ValueError(f"must be a URL like sqlite:///.shoal/events.db, got {value!r}")
+    return value.strip()
+
+
+def _service_name(value: Any) -> str:
+    try:
+        return check_service_name(value)
+    except ConfigError as e:
+        raise ValueError(str(e)) from None
+
+
+Duration = Annotated[float, BeforeValidator(_duration)]
+ServiceName = Annotated[str, AfterValidator(_service_name)]
+Listen = Annotated[str, BeforeValidator(_listen)]
+Url = Annotated[str, BeforeValidator(_url)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False,
+                              arbitrary_types_allowed=True)
+
+
+class AdminConfig(_Section):
+    """``admin:``: where the control plane's admin API and dashboard listen."""
+
+    listen: Listen = DEFAULT_ADMIN_LISTEN
+
+
+class GatewayConfig(_Section):
+    """``gateway:``: the ingress listen address and its routes (see shoal.gateway.routes)."""
+
+    listen: Listen = DEFAULT_GATEWAY_LISTEN
+    routes: list[Any] = Field(default_factory=list, max_length=10_000)
+    _table: Any = PrivateAttr(default=None)
+
+    @field_validator("routes")
+    @classmethod
+    def _routes_valid(cls, value: list[Any]) -> list[Any]:
+        from shoal.gateway.routes import RouteTable
+
+        RouteTable.from_config(value, where="routes")
+        return value
+
+    def model_post_init(self, context: Any) -> None:
+        from shoal.gateway.routes import RouteTable
+
+        self._table = RouteTable.from_config(self.routes, where="routes")
+
+    @property
+    def route_table(self) -> Any:
+        """The validated ``shoal.gateway.routes.RouteTable``."""
+        return self._table
+
+
+class SecurityConfig(_Section):
+    """``security:``: mutual TLS between services (more to come)."""
+
+    mtls: Literal["strict", "permissive", "off"] = "off"
+
+    @field_validator("mtls", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
+
+
+class AutoscaleConfig(_Section):
+    """``autoscale:``: replicas between ``min`` and ``max`` on load per instance."""
+
+    min: int = Field(1, ge=0, le=1000)
+    max: int = Field(1, ge=1, le=1000)
+    target_inflight: float | None = Field(None, gt=0)  # in-flight requests per instance
+    target_lag: int | None = Field(None, gt=0)  # consumer lag (events) per instance
+    cooldown: Duration = 30.0
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscaleConfig:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) must not exceed max ({self.max})")
+        if self.target_inflight is None and self.target_lag is None:
+            raise ValueError("give target_inflight or target_lag (or both): what to scale on")
+        return self
+
+
+class ServiceConfig(_Section):
+    """One entry of ``services:``."""
+
+    app: str
+    replicas: int = Field(1, ge=0, le=1000)
+    autoscale: AutoscaleConfig | None = None
+    load_balancer: str | dict[str, Any] | None = None
+    policy: dict[str, Any] | None = None
+    labels: dict[str, str] = Field(default_factory=dict, max_length=64)
+    env: dict[str, str] = Field(default_factory=dict, max_length=1000)
+    _traffic_policy: TrafficPolicy = PrivateAttr(default_factory=TrafficPolicy)
+
+    @field_validator("app")
+    @classmethod
+    def _app(cls, value: str) -> str:
+        if len(value) > 512 or not _APP.fullmatch(value):
+            raise ValueError(f"expected module:attribute like shop.orders:svc, got {value!r}")
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, value: dict[str, str]) -> dict[str, str]:
+        for k, v in value.items():
+            if not _LABEL_KEY.fullmatch(k):
+                raise ValueError(f"label key {k!r}: use letters, digits, '.', '_', '/', '-'")
+            if len(v) > 256:
+                raise ValueError(f"label {k!r}: value longer than 256 characters")
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value: dict[str, str]) -> dict[str, str]:
+        for k in value:
+            if not _ENV_NAME.fullmatch(k):
+                raise ValueError(f"environment variable name {k!r} is invalid")
+        return value
+
+    @model_validator(mode="after")
+    def _policy(self) -> ServiceConfig:
+        self._traffic_policy = load_traffic_policy(self.policy_config(), where="policy")
+        return self
+
+    def policy_config(self) -> dict[str, Any]:
+        """``policy`` with ``load_balancer`` folded in: a ``TrafficPolicy``-shaped dict (what
+        ``shoal.gateway.routes.merge_policy`` takes as a service's settings)."""
+        data = dict(self.policy or {})
+        if "load_balancer" in data and self.load_balancer is not None:
+            raise ValueError("give load_balancer or policy.load_balancer, not both")
+        lb = self.load_balancer
+        if isinstance(lb, str):
+            lb = {"policy": lb}
+        if lb is not None:
+            data["load_balancer"] = lb
+        return data
+
+    @property
+    def traffic_policy(self) -> TrafficPolicy:
+        """The resilience stack's config for calls to this service."""
+        return self._traffic_policy
+
+
+class Manifest(_Section):
+    """A whole ``shoal.yaml``, validated."""
+
+    broker: Url = DEFAULT_BROKER_URL
+    store: Url | None = None  # default: beside the broker
+    admin: AdminConfig = Field(default_factory=AdminConfig)
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    security: SecurityConfig = Field(default_factory=SecurityConfig)
+    services: dict[ServiceName, ServiceConfig] = Field(default_factory=dict, max_length=1000)
+    _path: Path | None = PrivateAttr(default=None)
+    _lines: dict[str, int] = PrivateAttr(default_factory=dict)
+
+    @field_validator("store", mode="before")
+    @classmethod
+    def _store_given(cls, value: Any) -> Any:
+        return _url(value)  # written but empty is a mistake, not "the default"
+
+    @property
+    def store_url(self) -> str:
+        """The Store URL: ``store``, else the one beside the broker."""
+        return self.store or default_store_for(self.broker)
+
+    @property
+    def path(self) -> Path | None:
+        """The file this manifest was read from (None when built in code)."""
+        return self._path
+
+    @property
+    def directory(self) -> Path:
+        """The manifest's directory (the working directory of its services)."""
+        return self.path.parent if self.path is not None else Path.cwd()
+
+    def line_of(self, key: str) -> int | None:
+        """The line where the dotted ``key`` (e.g. ``"broker"``) is written, if it is."""
+        return self._lines.get(key)
+
+
+# -- loading ----------------------------------------------------------------------------
+def load_manifest(path: str | Path) -> Manifest:
+    """Read and validate the manifest at ``path``; ``ManifestError`` lists every problem."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
+    except FileNotFoundError:
+        raise ManifestError([ManifestIssue(path, None, "", "no such file")]) from None
+    except IsADirectoryError:
+        raise ManifestError([ManifestIssue(path, None, "",
+                                           "is a directory, not a manifest file")]) from None
+    except OSError as e:
+        raise ManifestError([ManifestIssue(path, None, "",
+                                           f"cannot be read: {e.strerror}")]) from None
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise ManifestError([ManifestIssue(
+            path, None, "", f"larger than {MAX_MANIFEST_BYTES // 1024} KiB: not a manifest")])
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ManifestError([ManifestIssue(path, line, "", "not valid UTF-8")]) from None
+    return parse_manifest(text, path)
+
+
+def parse_manifest(text: str, path: str | Path = MANIFEST_NAME) -> Manifest:
+    """Validate a manifest's text; ``path`` is only used in messages."""
+    path = Path(path)
+    if len(text) > MAX_MANIFEST_BYTES:
+        raise ManifestError([ManifestIssue(
+            path, None, "", f"larger than {MAX_MANIFEST_BYTES // 1024} KiB: not a manifest")])
+    _check_flow_depth(text, path)
+    node = _compose(text, path)
+    lines: dict[tuple[Any, ...], int] = {}
+    if node is not None:
+        _check_tree(node, path)
+        _index_lines(node, (), lines)
+    try:
+        data = yaml.load(text, Loader=_SafeLoader)  # _SafeLoader: plain YAML only
+    except yaml.YAMLError as e:  # constructor errors (tags composed but not constructible)
+        raise ManifestError([_yaml_issue(e, path)]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ManifestError([ManifestIssue(
+            path, 1, "", f"the manifest must be a mapping (keys like broker:, services:), "
+                         f"not {_kind(data)}")])
+    data = {k: v for k, v in data.items() if not (isinstance(k, str) and k.startswith("x-"))}
+    try:
+        manifest = Manifest.model_validate(data)
+    except ValidationError as e:
+        raise ManifestError(_issues(e, path, lines, data)) from None
+    manifest._path = path
+    manifest._lines = {_dotted(key): line for key, line in lines.items()}
+    return manifest
+
+
+_FLOW = re.compile(r"[\[\]{}]")
+
+
+def _check_flow_depth(text: str, path: Path) -> None:
+    """Refuse ``[[[[...`` before PyYAML sees it: its scanner is quadratic in flow depth.
+
+    Brackets inside quoted strings count too: a manifest with more than
+    ``MAX_FLOW_DEPTH`` unclosed ones there is not a manifest either.
+    """
+    depth = 0
+    for m in _FLOW.finditer(text):
+        if m.group() in "[{":
+            depth += 1
+            if depth > MAX_FLOW_DEPTH:
+                line = text.count("\n", 0, m.start()) + 1
+                raise ManifestError([ManifestIssue(
+                    path, line, "", f"nested more than {MAX_FLOW_DEPTH} levels deep: "
+                                    "not a manifest")])
+        elif depth:
+            depth -= 1
+
+
+class _SafeLoader(yaml.SafeLoader):
+    """The safe loader (no Python objects)."""
+
+
+def _compose(text: str, path: Path) -> yaml.Node | None:
+    try:
+        return yaml.compose(text, Loader=_SafeLoader)
+    except yaml.YAMLError as e:
+        raise ManifestError([_yaml_issue(e, path)]) from None
+    except RecursionError:
+        raise ManifestError([ManifestIssue(path, None, "",
+                                           "nested too deeply to be a manifest")]) from None
+
+
+def _yaml_issue(error: yaml.YAMLError, path: Path) -> ManifestIssue:
+    if isinstance(error, yaml.MarkedYAMLError):
+        mark = error.problem_mark or error.context_mark
+        problem = error.problem or error.context or "invalid YAML"
+        if isinstance(error, yaml.constructor.ConstructorError) and "tag" in problem:
+            problem = f"{problem} (only plain YAML is accepted: no !!python or custom tags)"
+        return ManifestIssue(path, mark.line + 1 if mark else None, "",
+                             f"not valid YAML: {problem}")
+    return ManifestIssue(path, None, "", f"not valid YAML: {error}")
+
+
+_PLAIN_TAGS = {"tag:yaml.org,2002:" + t for t in (
+    "str", "int", "float", "bool", "null", "map", "seq", "merge", "timestamp", "binary",
+    "omap", "pairs", "set")}
+
+
+def _check_tree(root: yaml.Node, path: Path) -> None:
+    """Refuse alias bombs, foreign tags and duplicate keys, before constructing anything."""
+    sizes: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:  # post-order without recursion: expanded size of every node, memoized
+        node, children_done = stack.pop()
+        if id(node) in sizes:
+            continue
+        if node.tag not in _PLAIN_TAGS:
+            raise ManifestError([ManifestIssue(
+                path, node.start_mark.line + 1, "",
+                f"tag {node.tag!r} is not allowed (only plain YAML: no !!python or custom "
+                "tags)")])
+        children = _children(node)
+        if not children_done:
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if id(c) not in sizes)
+            continue
+        total = 1 + sum(sizes.get(id(c), 0) for c in children)
+        if total > MAX_NODES:
+            raise ManifestError([ManifestIssue(
+                path, node.start_mark.line + 1, "",
+                f"expands to more than {MAX_NODES} YAML nodes (aliases of aliases?): "
+                "refused")])
+        sizes[id(node)] = total
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for key, _ in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                    line = key.start_mark.line + 1
+                    if key.value in seen:
+                        raise ManifestError([ManifestIssue(
+                            path, line, "", f"duplicate key {key.value!r} "
+                                            f"(first on line {seen[key.value]})")])
+                    seen[key.value] = line
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _index_lines(node: yaml.Node, key: tuple[Any, ...], out: dict[tuple[Any, ...], int],
+                 depth: int = 0) -> None:
+    """The line of every key path (value lines for list items), aliases not followed."""
+    if depth > 64 or len(out) > MAX_NODES:
+        return
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            if isinstance(k, yaml.ScalarNode):
+                child = (*key, k.value)
+                out.setdefault(child, k.start_mark.line + 1)
+                _index_lines(v, child, out, depth + 1)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            child = (*key, i)
+            out.setdefault(child, item.start_mark.line + 1)
+            _index_lines(item, child, out, depth + 1)
+
+
+_KINDS = {bool: "a boolean", int: "an integer", float: "a number", list: "a list",
+          dict: "a mapping", str: "a string"}
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "empty (null)"
+    return _KINDS.get(type(value), f"a {type(value).__name__}")
+
+
+_KEY_PREFIX = re.compile(r"([A-Za-z_][A-Za-z0-9_]*(?:(?:\.|\[)[A-Za-z0-9_\]]+)*): ")
+
+
+_ROUTE_PREFIX = re.compile(r"(?:route '[^']*' \(routes\[(\d+)\]\)|routes\[(\d+)\]): ")
+
+
+def _issues(error: ValidationError, path: Path, lines: dict[tuple[Any, ...], int],
+            data: Any) -> list[ManifestIssue]:
+    issues = []
+    for item in error.errors(include_url=False)[:MAX_ERRORS]:
+        loc = _clean_loc(item["loc"])
+        message = _message(item, loc, data)
+        key_loc = loc
+        m = _KEY_PREFIX.match(message)  # "policy.retries.attempts: ..." from a sub-loader
+        if m and item["type"] == "value_error":
+            sub = tuple(int(p) if p.isdigit() else p
+                        for p in re.split(r"\.|\[|\]\.?", m.group(1)) if p)
+            if sub and sub[0] in ("policy", "routes") and len(loc) >= 1:
+                base = loc[:-1] if loc and loc[-1] in ("policy", "routes") else loc
+                key_loc = (*base, *sub)
+                if sub[0] == "policy" and key_loc not in lines:
+                    key_loc = (*base, *sub[1:])  # load_balancer folded into the policy
+                message = message[m.end():]
+            route = _ROUTE_PREFIX.match(message)  # "route 'x' (routes[2]): match: ..."
+            if route and key_loc and key_loc[-1] == "routes":
+                index = int(route.group(1) or route.group(2))
+                key_loc = (*key_loc, index)
+                inner = _KEY_PREFIX.match(message[route.end():])
+                if inner and (*key_loc, inner.group(1).split(".")[0]) in lines:
+                    key_loc = (*key_loc, inner.group(1).split(".")[0])
+        issues.append(ManifestIssue(path, _line_for(key_loc, lines), _dotted(key_loc),
+                                    message))
+    return sorted(issues, key=lambda i: i.line or 0)  # in the order a reader meets them
+
+
+def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Pydantic's loc without its union/function markers (``str``, ``dict[str,any]``...)."""
+    out = []
+    for part in loc:
+        if isinstance(part, str) and ("[" in part or part in (
+                "str", "dict", "int", "float", "function-after", "function-before")):
+            continue
+        out.append(part)
+    return tuple(out)
+
+
+def _line_for(loc: tuple[Any, ...], lines: dict[tuple[Any, ...], int]) -> int | None:
+    for n in range(len(loc), 0, -1):
+        line = lines.get(loc[:n])
+        if line is not None:
+            return line
+    return 1 if lines else None
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _lookup(data: Any, loc: tuple[Any, ...]) -> Any:
+    for part in loc:
+        if isinstance(data, Mapping) and part in data:
+            data = data[part]
+        elif isinstance(data, list) and isinstance(part, int) and part < len(data):
+            data = data[part]
+        else:
+            return None
+    return data
+
+
+def _model_at(parent: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The model whose keys live at ``parent`` (for "did you mean")."""
+    if not parent:
+        return Manifest
+    if len(parent) == 1:
+        return {"admin": AdminConfig, "gateway": GatewayConfig,
+                "security": SecurityConfig}.get(str(parent[0]))
+    if parent[0] == "services" and len(parent) == 2:
+        return ServiceConfig
+    if parent[0] == "services" and len(parent) == 3 and parent[2] == "autoscale":
+        return AutoscaleConfig
+    return None
+
+
+def _message(item: Mapping[str, Any], loc: tuple[Any, ...], data: Any) -> str:
+    kind = item["type"]
+    given = item.get("input")
+    if kind == "extra_forbidden":
+        model = _model_at(loc[:-1])
+        known = sorted(model.model_fields) if model else []
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"unknown key{hint}; expected one of {', '.join(known)}"
+    if kind == "missing":
+        return "required, but missing"
+    if kind in ("int_type", "int_parsing", "int_from_float"):
+        return f"expected an integer, got {given!r}"
+    if kind in ("float_type", "float_parsing"):
+        return f"expected a number, got {given!r}"
+    if kind in ("dict_type", "model_type", "model_attributes_type"):
+        return f"expected a mapping, got {_kind(given)}"
+    if kind == "list_type":
+        return f"expected a list, got {_kind(given)}"
+    if kind in ("string_type",):
+        return f"expected a string, got {_kind(given)}"
+    if kind == "literal_error":
+        return f"expected {item['ctx']['expected']}, got {given!r}"
+    if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
+        return f"{item['msg'].lower()}, got {given!r}"
+    if kind in ("too_long",):
+        return f"too many entries: {item['msg'].lower()}"
+    if kind == "value_error":
+        return str(item["ctx"]["error"]) if "ctx" in item else item["msg"]
+    return f"{item['msg']}, got {given!r}" if given is not None else item["msg"]
+
+
+def load_manifest_if_exists(path: str | Path) -> Manifest | None:
+    """``load_manifest(path)``, or None when there is no file there."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    return load_manifest(path)

@@ -1,0 +1,84 @@
+"""The current W3C trace context, carried from a request or event to what it causes.
+
+A service continues the trace of what it is handling: an incoming ``traceparent`` (HTTP
+header or the event's ``traceparent`` extension) keeps its trace id and gets a new span
+id for this hop; without one (or with a malformed one) a new trace starts. Whatever runs
+under it (``Service.publish``, ``Service.call``) sends that context on. A contextvar
+holds it, so concurrent requests and events never see each other's context.
+
+Pure functions (``parse_traceparent``, ``child_of``) plus the contextvar; no I/O.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import random
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_ZERO_TRACE = "0" * 32
+_ZERO_SPAN = "0" * 16
+
+# Ids need to be unique, not secret (W3C: "randomly generated"); the Mersenne Twister is
+# seeded from os.urandom and costs a fraction of a syscall per id.
+_random = random.Random()
+os.register_at_fork(after_in_child=_random.seed)  # a forked child must not repeat our ids
+
+current_traceparent: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "shoal_traceparent", default=None)
+
+
+def parse_traceparent(value: object) -> tuple[str, str, str] | None:
+    """``(trace_id, parent_id, flags)`` of a valid version-00 ``traceparent``, else None.
+
+    Invalid per W3C: not 55 lowercase-hex characters in four fields, version ``ff``,
+    an all-zero trace id or parent id. Higher versions are read by their first four
+    fields, as the spec asks.
+    """
+    if not isinstance(value, str) or len(value) < 55 or len(value) > 512:
+        return None
+    value = value.strip()
+    m = _TRACEPARENT.match(value)
+    if m is None:
+        return None
+    version, trace_id, parent_id, flags = m.groups()
+    if version == "ff" or trace_id == _ZERO_TRACE or parent_id == _ZERO_SPAN:
+        return None
+    if version == "00" and len(value) != 55:
+        return None
+    if version != "00" and len(value) > 55 and value[55] != "-":
+        return None
+    return trace_id, parent_id, flags
+
+
+def new_span_id() -> str:
+    """A random, non-zero 8-byte span id in hex."""
+    return f"{_random.getrandbits(64) or 1:016x}"
+
+
+def new_traceparent(*, sampled: bool = True) -> str:
+    """The context of a new trace (a root span)."""
+    return f"00-{_random.getrandbits(128) or 1:032x}-{new_span_id()}-{'01' if sampled else '00'}"
+
+
+def child_of(parent: str | None) -> str:
+    """This hop's context: the parent's trace and flags with a new span id, or a new trace."""
+    parsed = parse_traceparent(parent)
+    if parsed is None:
+        return new_traceparent()
+    trace_id, _, flags = parsed
+    return f"00-{trace_id}-{new_span_id()}-{flags}"
+
+
+@contextmanager
+def continue_trace(parent: str | None) -> Iterator[str]:
+    """Run a block under ``child_of(parent)``; yields that traceparent."""
+    traceparent = child_of(parent)
+    token = current_traceparent.set(traceparent)
+    try:
+        yield traceparent
+    finally:
+        current_traceparent.reset(token)

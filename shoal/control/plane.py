@@ -1,0 +1,335 @@
+"""The control plane of ``shoal up``: instances, health, autoscaling, gateway, admin API.
+
+``ControlPlane(plan)`` runs, in this process: the ``Supervisor`` (every instance its own
+process), the ``HealthMonitor`` (active checks feeding the registry's state machine,
+transitions on ``shoal.instances``), the ``AutoscalerLoop``, the gateway (``HttpServer``
+with the ``Gateway`` handler over the monitor's endpoint cache) and the admin API
+(``admin_app`` served by uvicorn). ``start`` returns when every instance said it is
+ready and is registered; ``close`` stops taking requests at the gateway, then stops the
+instances (SIGTERM: each drains and commits), then the rest. Events an instance had not
+acknowledged stay in the log for the next run: nothing acknowledged is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from shoal.control.admin import UnknownService, admin_app
+from shoal.control.autoscaler import ScalePolicy
+from shoal.control.cleanup import release_group_memberships
+from shoal.control.restart import RestartPolicy
+from shoal.control.scaling import AutoscalerLoop
+from shoal.control.supervisor import Launch, Output, Supervisor, _print_line
+from shoal.errors import ConfigError
+from shoal.events.bus import EventBus
+from shoal.gateway.proxy import Gateway
+from shoal.gateway.routes import RouteTable
+from shoal.gateway.server import HttpServer
+from shoal.mesh.health import HealthCheckConfig
+from shoal.mesh.registry import HealthMonitor, check_address
+
+CONTROL_SOURCE = "/shoal/control"
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePlan:
+    """One service as the control plane runs it."""
+
+    name: str
+    app: str  # module:attribute
+    replicas: int = 1
+    autoscale: ScalePolicy | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=dict)
+    traffic: Mapping[str, Any] = field(default_factory=dict)  # the gateway's policy for it
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What ``shoal up`` runs (built from a manifest by ``shoal.control.plan``)."""
+
+    broker: str
+    store: str
+    services: Mapping[str, ServicePlan]
+    base_dir: Path = Path(".")  # instances run here (their apps import from it)
+    gateway_listen: str | None = "127.0.0.1:8080"
+    routes: Sequence[Mapping[str, Any]] = ()
+    admin_listen: str = "127.0.0.1:8081"
+    health: HealthCheckConfig = field(
+        default_factory=lambda: HealthCheckConfig(interval="2s", timeout="1s",
+                                                  jitter="200ms", unhealthy_threshold=2))
+    restart: RestartPolicy = field(default_factory=RestartPolicy)
+    autoscale_interval: float = 1.0
+    grace: float = 10.0  # SIGTERM -> SIGKILL
+    manifest_path: Path | None = None  # given to instances: their calls use its policies
+
+
+def instance_argv(plan: Plan, service: ServicePlan, instance_id: str, port: int,
+                  python: str = sys.executable) -> list[str]:
+    """The command that runs one instance (the Service SDK's instance runner)."""
+    argv = [python, "-m", "shoal.instance", "--app", service.app,
+            "--listen", f"127.0.0.1:{port}", "--broker", plan.broker, "--store", plan.store,
+            "--instance-id", instance_id]
+    for key, value in service.labels.items():
+        argv += ["--label", f"{key}={value}"]
+    if plan.manifest_path is not None:
+        argv += ["--manifest", str(plan.manifest_path)]
+    return argv
+
+
+def _listen_socket(address: str, what: str) -> socket.socket:
+    """A listening socket on ``host:port`` (port 0: any free port)."""
+    host, sep, port = address.rpartition(":") if isinstance(address, str) else ("", "", "")
+    if not sep or not port.isdigit() or int(port) > 65535 or not host:
+        raise ConfigError(f"{what} {address!r}: expected 'host:port' with a port 0-65535 "
+                          "(0: any free port)")
+    if port != "0":
+        check_address(address, what=what)
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # TCP_NODELAY
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # inherited by accepted ones
+    try:
+        sock.bind((host, int(port)))
+    except (OSError, UnicodeError) as e:
+        sock.close()
+        why = getattr(e, "strerror", None) or str(e)
+        raise ConfigError(f"{what} {address}: cannot listen there: {why}") from None
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def _url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+
+class _AdminServer(uvicorn.Server):
+    """uvicorn without its own signal handling: ``shoal up`` owns SIGINT and SIGTERM."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Any:
+        yield
+
+
+class ControlPlane:
+    """Everything ``shoal up`` runs in its own process, around the instance processes."""
+
+    def __init__(self, plan: Plan, *, output: Output | None = _print_line,
+                 launch: Launch | None = None) -> None:
+        self.plan = plan
+        self.output = output
+        self.started_at = time.monotonic()
+        self.ready_after: float | None = None
+        self.gateway_url: str | None = None
+        self.admin_url: str | None = None
+        self.bus: EventBus | None = None
+        self.monitor: HealthMonitor | None = None
+        self.autoscaler: AutoscalerLoop | None = None
+        self.routes_table = RouteTable.from_config(list(plan.routes) or None)
+        env = {**os.environ, "PYTHONPATH": _pythonpath(plan.base_dir), "PYTHONUNBUFFERED": "1"}
+
+        def default_launch(service: str, instance_id: str, port: int) -> list[str]:
+            return instance_argv(plan, plan.services[service], instance_id, port)
+
+        self.supervisor = Supervisor(launch or default_launch, policy=plan.restart,
+                                     output=output, grace=plan.grace, env=env,
+                                     cwd=str(plan.base_dir),
+                                     env_for=lambda name: plan.services[name].env)
+        self._gateway_server: HttpServer | None = None
+        self._gateway: Gateway | None = None
+        self._admin: _AdminServer | None = None
+        self._admin_task: asyncio.Task[None] | None = None
+        self._sockets: list[socket.socket] = []
+        self._closed = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self, ready_timeout: float = 60.0) -> None:
+        """Start everything; return when every instance is ready and registered."""
+        plan = self.plan
+        try:
+            admin_sock = _listen_socket(plan.admin_listen, "admin.listen")
+            self._sockets.append(admin_sock)
+            gateway_sock = None
+            if plan.gateway_listen is not None:
+                gateway_sock = _listen_socket(plan.gateway_listen, "gateway.listen")
+                self._sockets.append(gateway_sock)
+            # Instances first: their start (mostly imports) overlaps the plane's own.
+            for name, service in plan.services.items():
+                await self.supervisor.scale(name, service.replicas)
+            self.bus = await EventBus.connect(plan.broker, store=plan.store,
+                                              source=CONTROL_SOURCE)
+            self.monitor = await HealthMonitor(
+                self.bus.store, self.bus, config=plan.health).start()
+            self.supervisor.exit_hooks.append(self._release_dead)
+            if gateway_sock is not None:
+                self._gateway = Gateway(self.routes_table, self.monitor.cache, self.bus,
+                                        services={n: s.traffic for n, s in plan.services.items()})
+                self._gateway_server = HttpServer(self._gateway.handle)
+                await self._gateway_server.start(sock=gateway_sock)
+                self.gateway_url = _url(gateway_sock)
+            await self._start_admin(admin_sock)
+            policies = {n: s.autoscale for n, s in plan.services.items() if s.autoscale}
+            self.autoscaler = await AutoscalerLoop(
+                self.bus, policies, replicas=self.supervisor.replicas, scale=self.scale_to,
+                live=lambda name: {i.id for i in self.supervisor.of(name)},
+                interval=plan.autoscale_interval).start()
+            self.monitor.cache.on_instance(lambda change: self._wake_autoscaler())
+            await self.supervisor.wait_ready(ready_timeout)
+            await self._wait_registered(ready_timeout)
+            self.ready_after = time.monotonic() - self.started_at
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _start_admin(self, sock: socket.socket) -> None:
+        config = uvicorn.Config(admin_app(self), log_level="warning", lifespan="off",
+                                access_log=False)
+        self._admin = _AdminServer(config)
+        self._admin_task = asyncio.get_running_loop().create_task(
+            self._admin.serve(sockets=[sock]), name="shoal-admin")
+        while not self._admin.started:
+            if self._admin_task.done():
+                self._admin_task.result()
+                raise ConfigError("admin API: the server stopped while starting")
+            await asyncio.sleep(0.005)
+        self.admin_url = _url(sock)
+
+    async def _wait_registered(self, timeout: float) -> None:
+        assert self.monitor is not None
+        cache = self.monitor.cache
+        for name in self.plan.services:
+            wanted = {i.id for i in self.supervisor.of(name)}
+            await cache.wait_for(
+                name, lambda endpoints, w=wanted: w <= {e.instance_id for e in endpoints},
+                timeout=timeout)
+
+    async def _release_dead(self, inst: Any, pid: int) -> None:
+        """A supervised process died: hand its partitions over now (``shoal.control.cleanup``)."""
+        assert self.bus is not None
+        released = await release_group_memberships(self.bus.store, pid)
+        if self.autoscaler is not None:
+            self.autoscaler.figures.forget(inst.id)
+        if released and self.output is not None:
+            self.output(f"[{inst.id}] supervisor: released {released} consumer-group key(s) "
+                        f"of dead pid {pid}")
+
+    def _wake_autoscaler(self) -> None:
+        if self.autoscaler is not None:
+            self.autoscaler.wake.set()
+
+    async def close(self) -> None:
+        """Stop taking requests, stop the instances (they drain), then the rest."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._gateway_server is not None:
+            await self._gateway_server.shutdown(grace=5.0)
+        if self.autoscaler is not None:
+            await self.autoscaler.close()
+        await self.supervisor.close()
+        if self._admin is not None and self._admin_task is not None:
+            self._admin.should_exit = True
+            with contextlib.suppress(Exception):
+                await self._admin_task
+        if self.monitor is not None:
+            await self.monitor.close()
+        if self.bus is not None:
+            await self.bus.close()
+        for sock in self._sockets:
+            sock.close()
+
+    async def __aenter__(self) -> ControlPlane:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- what the admin API shows --------------------------------------------------------------
+    async def scale_to(self, service: str, replicas: int) -> None:
+        """Run ``replicas`` instances of ``service``."""
+        if service not in self.plan.services:
+            known = ", ".join(sorted(self.plan.services)) or "none"
+            raise UnknownService(f"service {service!r}: not in the manifest (services: {known})")
+        await self.supervisor.scale(service, replicas)
+
+    async def scale(self, service: str, replicas: int) -> dict[str, Any]:
+        """``POST /api/services/{name}/scale``."""
+        before = self.supervisor.replicas(service) if service in self.plan.services else 0
+        await self.scale_to(service, replicas)
+        return {"service": service, "from": before, "replicas": replicas}
+
+    async def services(self) -> list[dict[str, Any]]:
+        """``GET /api/services``."""
+        states: dict[str, dict[str, int]] = {}
+        for inst in await self.instances():
+            counts = states.setdefault(inst["service"], {})
+            counts[inst["state"]] = counts.get(inst["state"], 0) + 1
+        out = []
+        for name, service in self.plan.services.items():
+            scale = service.autoscale
+            out.append({
+                "name": name, "app": service.app,
+                "replicas": self.supervisor.replicas(name),
+                "states": states.get(name, {}),
+                "autoscale": None if scale is None else {
+                    "min": scale.min, "max": scale.max,
+                    "target_inflight": scale.target_inflight, "target_lag": scale.target_lag,
+                    "cooldown": scale.cooldown},
+            })
+        return out
+
+    async def instances(self) -> list[dict[str, Any]]:
+        """``GET /api/instances``: process state (supervisor) and health state (registry)."""
+        cache = self.monitor.cache if self.monitor is not None else None
+        out = []
+        for name in self.plan.services:
+            for inst in self.supervisor.of(name):
+                view = inst.describe()
+                record = cache.get(name, inst.id) if cache is not None else None
+                view["state"] = record.state.value if record is not None else "unregistered"
+                view["health_reason"] = record.reason if record is not None else ""
+                out.append(view)
+        return out
+
+    def routes(self) -> list[dict[str, Any]]:
+        """``GET /api/routes``: the gateway's routes as configured, in match order."""
+        return [{"index": i, **dict(route)} for i, route in enumerate(self.plan.routes)]
+
+    async def topics(self) -> list[dict[str, Any]]:
+        """``GET /api/topics``: partitions, events, lag per group, dead letters."""
+        assert self.bus is not None
+        infos = await self.bus.topics()
+        sizes = {info.spec.name: info.events for info in infos}
+        out = []
+        for info in infos:
+            name = info.spec.name
+            if name.endswith(".dlq"):
+                continue
+            lag = {group: sum((await self.bus.lag(name, group)).values())
+                   for group in await self.bus.groups(name)}
+            out.append({"name": name, "partitions": info.spec.partitions,
+                        "events": info.events, "size_bytes": info.size_bytes, "lag": lag,
+                        "dead_letters": sizes.get(f"{name}.dlq", 0)})
+        return out
+
+
+def _pythonpath(base: Path) -> str:
+    here = str(base.resolve())
+    rest = os.environ.get("PYTHONPATH")
+    return here if not rest else f"{here}{os.pathsep}{rest}"
+

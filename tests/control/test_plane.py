@@ -1,0 +1,174 @@
+"""The control plane with real processes (stand-in instances), the gateway and the admin API."""
+
+import asyncio
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import msgspec
+import pytest
+
+from shoal.control.autoscaler import ScalePolicy
+from shoal.control.plane import ControlPlane, Plan, ServicePlan
+from shoal.control.restart import RestartPolicy
+from shoal.errors import ConfigError
+from shoal.load import LOAD_TOPIC, LoadReport
+
+FAKE = str(Path(__file__).with_name("fake_service.py"))
+
+
+def make_plan(tmp_path: Path, **kw) -> Plan:
+    services = kw.pop("services", {"echo": ServicePlan("echo", "unused:app", replicas=2)})
+    return Plan(broker=f"sqlite:///{tmp_path}/events.db", store=f"sqlite:///{tmp_path}/store.db",
+                services=services, base_dir=tmp_path, gateway_listen="127.0.0.1:0",
+                admin_listen="127.0.0.1:0",
+                routes=[{"name": "echo", "match": {"path": {"prefix": "/echo"}},
+                         "service": "echo"}],
+                restart=RestartPolicy(initial_backoff="50ms", jitter=0.0),
+                autoscale_interval=0.2, grace=5.0, **kw)
+
+
+def plane_for(plan: Plan, lines: list[str]) -> ControlPlane:
+    def launch(service: str, instance_id: str, port: int) -> list[str]:
+        return [sys.executable, FAKE, service, instance_id, str(port), plan.store]
+    return ControlPlane(plan, output=lines.append, launch=launch)
+
+
+async def test_up_routes_through_the_gateway_and_the_admin_api_scales(tmp_path):
+    lines: list[str] = []
+    plane = plane_for(make_plan(tmp_path), lines)
+    await plane.start(ready_timeout=20)
+    try:
+        async with httpx.AsyncClient(timeout=5) as client:
+            seen = set()
+            for _ in range(6):
+                r = await client.get(f"{plane.gateway_url}/echo/x")
+                assert r.status_code == 200
+                seen.add(r.json()["instance"])
+            assert seen == {"echo-1", "echo-2"}
+            admin = plane.admin_url
+            services = (await client.get(f"{admin}/api/services")).json()
+            assert services[0]["name"] == "echo" and services[0]["replicas"] == 2
+            instances = (await client.get(f"{admin}/api/instances")).json()
+            assert {(i["id"], i["state"], i["process"]) for i in instances} == {
+                ("echo-1", "serving", "running"), ("echo-2", "serving", "running")}
+            routes = (await client.get(f"{admin}/api/routes")).json()
+            assert routes[0]["name"] == "echo"
+            r = await client.post(f"{admin}/api/services/echo/scale", json={"replicas": 3})
+            assert r.json() == {"service": "echo", "from": 2, "replicas": 3}
+            await plane.supervisor.wait_ready(10)
+            await plane.monitor.cache.wait_for("echo", lambda e: len(e) == 3, timeout=10)
+            r = await client.post(f"{admin}/api/services/echo/scale", json={"replicas": 1})
+            assert r.status_code == 200
+            assert [i.id for i in plane.supervisor.of("echo")] == ["echo-1"]
+            # hostile and malformed requests: clear errors naming what is wrong
+            bad = [(b"{", 400, "not JSON"), (b"[]", 400, "expected a JSON object"),
+                   (b'{"replicas": "3"}', 400, "replicas: expected an integer"),
+                   (b'{"replicas": 1000}', 400, "replicas: expected an integer 0..64"),
+                   (b'{"replicas": true}', 400, "replicas"),
+                   (b'{"replicas": 1, "x": 2}', 400, "unknown key(s) 'x'"),
+                   (b"\xff\xfe", 400, "not JSON"),
+                   (b" " * 70000, 413, "at most 65536 bytes")]
+            for body, status, message in bad:
+                r = await client.post(f"{admin}/api/services/echo/scale", content=body)
+                assert r.status_code == status, body[:20]
+                assert message in r.json()["error"]
+            r = await client.post(f"{admin}/api/services/nope/scale", json={"replicas": 1})
+            assert r.status_code == 404 and "'nope': not in the manifest" in r.json()["error"]
+            topics = (await client.get(f"{admin}/api/topics")).json()
+            assert any(t["name"] == "shoal.instances" for t in topics)
+    finally:
+        await plane.close()
+    assert plane.supervisor.instances == {}
+
+
+async def test_autoscaler_scales_on_lag_and_publishes_its_decisions(tmp_path):
+    policy = ScalePolicy(min=1, max=3, target_lag=10, cooldown="500ms")
+    plan = make_plan(tmp_path, services={
+        "worker": ServicePlan("worker", "unused:app", replicas=1, autoscale=policy)})
+    lines: list[str] = []
+    plane = plane_for(plan, lines)
+    await plane.start(ready_timeout=20)
+    try:
+        bus = plane.bus
+        await bus.publish_many("jobs", [{"n": i} for i in range(25)])
+        async with bus.consume("jobs", "worker") as stream:  # the group exists, lag 25
+            async for _ in stream:
+                break  # one handled and acknowledged: lag 24
+        for _ in range(100):
+            if plane.supervisor.replicas("worker") == 3:
+                break
+            await asyncio.sleep(0.05)
+        assert plane.supervisor.replicas("worker") == 3
+        await bus.seek("jobs", "worker", "latest")  # the backlog is handled
+        for _ in range(100):
+            if plane.supervisor.replicas("worker") == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert plane.supervisor.replicas("worker") == 1
+        events = []
+        async with bus.consume("shoal.autoscaler", "test", start="earliest") as stream:
+            async for event in stream:
+                events.append(event.data)
+                if len(events) == 2:
+                    break
+        assert [(e["from"], e["to"], e["direction"]) for e in events] == [
+            (1, 3, "up"), (3, 1, "down")]
+        assert "lag 24 / target 10 per instance -> 3" in events[0]["reason"]
+    finally:
+        await plane.close()
+
+
+@pytest.mark.parametrize("listen, match", [
+    ("nohost", "expected 'host:port'"), ("127.0.0.1:99999", "expected 'host:port'"),
+    (":80", "expected 'host:port'"), ("256.1.1.1:0", "cannot listen there"),
+    ("in_use", "cannot listen there"),
+])
+async def test_bad_or_busy_listen_addresses_are_config_errors(tmp_path, listen, match):
+    import socket
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    if listen == "in_use":
+        listen = f"127.0.0.1:{busy.getsockname()[1]}"
+    plan = make_plan(tmp_path)
+    plan = Plan(broker=plan.broker, store=plan.store, services=plan.services,
+                admin_listen=listen, gateway_listen=None)
+    try:
+        with pytest.raises(ConfigError, match=f"admin.listen .*{match}"):
+            await plane_for(plan, []).start()
+    finally:
+        busy.close()
+
+
+async def test_autoscaler_scales_on_reported_inflight_requests(tmp_path):
+    policy = ScalePolicy(min=1, max=4, target_inflight=5, cooldown="300ms")
+    plan = make_plan(tmp_path, services={
+        "api": ServicePlan("api", "unused:app", replicas=1, autoscale=policy)})
+    plane = plane_for(plan, [])
+    await plane.start(ready_timeout=20)
+    try:
+        def load(peak: int) -> dict:
+            return msgspec.to_builtins(LoadReport(
+                service="api", instance="api-1", inflight_requests=peak,
+                peak_inflight_requests=peak, inflight_events=0, peak_inflight_events=0,
+                requests=0, events=0, interval=1.0, at=time.time()))
+
+        await plane.bus.publish(LOAD_TOPIC, load(17), key="api-1", type="shoal.load")
+        for _ in range(100):
+            if plane.supervisor.replicas("api") == 4:
+                break
+            await asyncio.sleep(0.05)
+        assert plane.supervisor.replicas("api") == 4  # ceil(17 / 5)
+        assert "in-flight 17 / target 5 per instance -> 4" in plane.autoscaler.decisions[0].reason
+        await plane.bus.publish(LOAD_TOPIC, {"bad": "report"}, key="x", type="shoal.load")
+        await plane.bus.publish(LOAD_TOPIC, load(0), key="api-1", type="shoal.load")
+        for _ in range(100):
+            if plane.supervisor.replicas("api") == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert plane.supervisor.replicas("api") == 1
+    finally:
+        await plane.close()
