@@ -30,6 +30,7 @@ import signal
 import sys
 from typing import Any
 
+from shoal.control.load import LoadReporter
 from shoal.errors import ConfigError, ShoalError
 from shoal.service import Service
 
@@ -121,7 +122,13 @@ async def run(svc: Service, args: argparse.Namespace) -> int:
                 "listen": svc.address, "pid": os.getpid()}
         sys.stdout.write(json.dumps(line) + "\n")
         sys.stdout.flush()
+        reporter = None
+        if svc.store is not None and svc.registration is not None:  # for the autoscaler
+            reporter = await LoadReporter(svc.store, svc.name, svc.instance_id or "",
+                                          lambda: svc.load.take_peaks()[0]).start()
         await stopping.wait()
+        if reporter is not None:
+            await reporter.close()
         await svc.stop(grace=args.drain_grace)
         return 0
     finally:

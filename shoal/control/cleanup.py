@@ -14,9 +14,18 @@ from __future__ import annotations
 
 import socket
 
+from shoal.control.load import load_key
 from shoal.errors import StoreError
 from shoal.events.group import GROUPS
 from shoal.store.base import Store
+
+
+async def forget_load(store: Store, service: str, instance_id: str) -> None:
+    """Delete the load report of a dead instance (its figure no longer counts)."""
+    try:
+        await store.delete(load_key(service, instance_id))
+    except StoreError:
+        pass  # it expires with its lease anyway
 
 
 def member_prefix(pid: int, hostname: str | None = None) -> str:

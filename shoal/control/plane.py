@@ -27,7 +27,7 @@ import uvicorn
 
 from shoal.control.admin import UnknownService, admin_app
 from shoal.control.autoscaler import ScalePolicy
-from shoal.control.cleanup import release_group_memberships
+from shoal.control.cleanup import forget_load, release_group_memberships
 from shoal.control.restart import RestartPolicy
 from shoal.control.scaling import AutoscalerLoop
 from shoal.control.supervisor import Launch, Output, Supervisor, _print_line
@@ -183,9 +183,8 @@ class ControlPlane:
                 self.gateway_url = _url(gateway_sock)
             await self._start_admin(admin_sock)
             policies = {n: s.autoscale for n, s in plan.services.items() if s.autoscale}
-            self.autoscaler = await AutoscalerLoop(
+            self.autoscaler = AutoscalerLoop(
                 self.bus, policies, replicas=self.supervisor.replicas, scale=self.scale_to,
-                live=lambda name: {i.id for i in self.supervisor.of(name)},
                 interval=plan.autoscale_interval).start()
             self.monitor.cache.on_instance(lambda change: self._wake_autoscaler())
             await self.supervisor.wait_ready(ready_timeout)
@@ -219,10 +218,10 @@ class ControlPlane:
 
     async def _release_dead(self, inst: Any, pid: int) -> None:
         """A supervised process died: hand its partitions over now (``shoal.control.cleanup``)."""
-        assert self.bus is not None
+        if self.bus is None:
+            return
         released = await release_group_memberships(self.bus.store, pid)
-        if self.autoscaler is not None:
-            self.autoscaler.figures.forget(inst.id)
+        await forget_load(self.bus.store, inst.service, inst.id)
         if released and self.output is not None:
             self.output(f"[{inst.id}] supervisor: released {released} consumer-group key(s) "
                         f"of dead pid {pid}")

@@ -1,14 +1,16 @@
-"""The manifest -> Plan adapter, and the load figures the autoscaler keeps."""
+"""The manifest -> Plan adapter, and load reports (leased Store keys)."""
 
+import asyncio
 from pathlib import Path
 
 import pytest
 
 from shoal.config import parse_manifest
+from shoal.control.load import LOAD_PREFIX, LoadReporter, load_key, read_inflight
 from shoal.control.plan import absolute_url, plan_from_manifest
 from shoal.control.plane import instance_argv
-from shoal.control.scaling import LoadFigures
-from shoal.load import LoadReport
+from shoal.errors import ConfigError
+from shoal.store.memory import MemoryStore
 
 
 @pytest.mark.parametrize("url, expected", [
@@ -60,21 +62,43 @@ services:
     assert b.autoscale.cooldown == 5.0 and b.autoscale.stabilization == 5.0
 
 
-def report(instance: str, service: str = "a", peak: int = 0, at: float = 100.0) -> LoadReport:
-    return LoadReport(service=service, instance=instance, inflight_requests=0,
-                      peak_inflight_requests=peak, inflight_events=0, peak_inflight_events=0,
-                      requests=0, events=0, interval=1.0, at=at)
+async def test_reports_sum_per_service_and_vanish_with_their_lease():
+    store = MemoryStore()
+    load = {"a1": 3, "a2": 4, "b1": 0}
+    reporters = [await LoadReporter(store, service, instance, lambda i=instance: load[i],
+                                    interval=0.05, ttl=0.5).start()
+                 for service, instance in (("a", "a1"), ("a", "a2"), ("b", "b1"))]
+    try:
+        assert await read_inflight(store) == {"a": 7, "b": 0}
+        load["a1"] = 10
+        await asyncio.sleep(0.15)
+        assert await read_inflight(store) == {"a": 14, "b": 0}
+        assert [r.writes for r in reporters] == [2, 1, 1]  # unchanged figures not rewritten
+        await asyncio.sleep(0.6)  # past the ttl: the lease was renewed, the figures stay
+        assert await read_inflight(store) == {"a": 14, "b": 0}
+        await reporters[0].close()
+        assert await read_inflight(store) == {"a": 4, "b": 0}
+    finally:
+        for reporter in reporters:
+            await reporter.close()
+    assert await store.list(LOAD_PREFIX) == []
 
 
-def test_load_figures_sum_fresh_peaks_of_live_instances():
-    figures = LoadFigures(max_age=5)
-    assert figures.inflight("a", {"a1"}, 100) is None  # no report: unknown, not zero
-    figures.observe(report("a1", peak=3))
-    figures.observe(report("a2", peak=4))
-    figures.observe(report("b1", "b", peak=50))
-    figures.observe(report("a1", peak=9, at=99))  # older than the one held: ignored
-    assert figures.inflight("a", {"a1", "a2"}, 101) == 7
-    assert figures.inflight("a", {"a1"}, 101) == 3  # a2 is not a live instance
-    assert figures.inflight("a", {"a1", "a2"}, 106) is None  # every report too old
-    figures.forget("a1")
-    assert figures.inflight("a", {"a1", "a2"}, 101) == 4
+async def test_malformed_or_mismatched_reports_are_skipped():
+    store = MemoryStore()
+    await store.put(f"{LOAD_PREFIX}a/a1", b"{not json")
+    await store.put(f"{LOAD_PREFIX}a/a2", b'{"service": "b", "instance": "x", "inflight": 99}')
+    await store.put(f"{LOAD_PREFIX}a/a3", b'{"service": "a", "instance": "a3", "inflight": -5}')
+    await store.put(f"{LOAD_PREFIX}a/a4", b'{"service": "a", "instance": "a4", "inflight": 2}')
+    assert await read_inflight(store) == {"a": 2}
+
+
+def test_reporter_refuses_a_ttl_not_above_the_interval():
+    with pytest.raises(ConfigError, match="ttl above it"):
+        LoadReporter(MemoryStore(), "a", "a1", lambda: 0, interval=1, ttl=1)
+
+
+@pytest.mark.parametrize("service, instance", [("Bad", "x"), ("a", "x/y"), ("a", "")])
+def test_load_keys_refuse_bad_names(service, instance):
+    with pytest.raises(ConfigError):
+        load_key(service, instance)

@@ -10,10 +10,10 @@ import msgspec
 import pytest
 
 from shoal.control.autoscaler import ScalePolicy
+from shoal.control.load import LoadReport, load_key
 from shoal.control.plane import ControlPlane, Plan, ServicePlan
 from shoal.control.restart import RestartPolicy
 from shoal.errors import ConfigError
-from shoal.load import LOAD_TOPIC, LoadReport
 
 FAKE = str(Path(__file__).with_name("fake_service.py"))
 
@@ -150,21 +150,21 @@ async def test_autoscaler_scales_on_reported_inflight_requests(tmp_path):
     plane = plane_for(plan, [])
     await plane.start(ready_timeout=20)
     try:
-        def load(peak: int) -> dict:
-            return msgspec.to_builtins(LoadReport(
-                service="api", instance="api-1", inflight_requests=peak,
-                peak_inflight_requests=peak, inflight_events=0, peak_inflight_events=0,
-                requests=0, events=0, interval=1.0, at=time.time()))
+        key = load_key("api", "api-1")
 
-        await plane.bus.publish(LOAD_TOPIC, load(17), key="api-1", type="shoal.load")
+        def load(peak: int) -> bytes:
+            return msgspec.json.encode(LoadReport(service="api", instance="api-1",
+                                                  inflight=peak, at=time.time()))
+
+        await plane.bus.store.put(key, load(17))  # as the instance's LoadReporter writes
         for _ in range(100):
             if plane.supervisor.replicas("api") == 4:
                 break
             await asyncio.sleep(0.05)
         assert plane.supervisor.replicas("api") == 4  # ceil(17 / 5)
         assert "in-flight 17 / target 5 per instance -> 4" in plane.autoscaler.decisions[0].reason
-        await plane.bus.publish(LOAD_TOPIC, {"bad": "report"}, key="x", type="shoal.load")
-        await plane.bus.publish(LOAD_TOPIC, load(0), key="api-1", type="shoal.load")
+        await plane.bus.store.put(load_key("api", "api-2"), b"{not json")
+        await plane.bus.store.put(key, load(0))
         for _ in range(100):
             if plane.supervisor.replicas("api") == 1:
                 break
