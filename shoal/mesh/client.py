@@ -97,7 +97,8 @@ class MeshClient:
             wanted = upstream.policy.load_balancer.hash_header.lower()
             hash_key = next((v for k, v in pairs if k.lower() == wanted), None)
         if _tracing.tracer is not None:  # a client span; its context goes in traceparent
-            with _tracing.client_span(service, method, target) as scope:
+            given = next((v for k, v in pairs if k.lower() == "traceparent"), None)
+            with _tracing.client_span(service, method, target, given) as scope:
                 pairs = [(k, v) for k, v in pairs if k.lower() != "traceparent"]
                 pairs.append(("traceparent", scope.traceparent))
                 resp = await upstream.send(method, target, pairs, content, hash_key=hash_key)

@@ -194,15 +194,26 @@ class ObservedASGI:
     """An ASGI app with request metrics (route = the matched Starlette template) and a
     server span per request continuing ``traceparent``."""
 
-    def __init__(self, app: Any, service: str, *, metrics: _metrics.Metrics | None = None
-                 ) -> None:
+    def __init__(self, app: Any, service: str, *, metrics: _metrics.Metrics | None = None,
+                 metrics_path: str | None = "/metrics",
+                 skip: tuple[str, ...] = ("/healthz", "/readyz")) -> None:
         self.app = app
         self.service = service
         self.metrics = metrics or _metrics.active()
+        self.metrics_path = metrics_path
+        self.skip = skip  # probes: neither counted nor traced
         self._series: dict[str, _metrics.RouteSeries] = {}
+        self._exposition = MetricsASGI(self.metrics)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http" or (self.metrics is None and _tracing.tracer is None):
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path")
+        if path == self.metrics_path and self.metrics is not None:
+            await self._exposition(scope, receive, send)
+            return
+        if path in self.skip:
             await self.app(scope, receive, send)
             return
         status = 500

@@ -340,9 +340,11 @@ def consumer_span(topic: str, group: str, event: Any, partition: int, offset: in
         "messaging.operation.type": "process", "shoal.offset": offset}, link_parent=True)
 
 
-def client_span(service: str, method: str, target: str) -> Scope:
-    """A ``CLIENT`` span around a mesh call; send its ``traceparent``."""
-    return Scope(f"{method} {service}", SpanKind.CLIENT, _IN_PROCESS, lambda: {
+def client_span(service: str, method: str, target: str, traceparent: Any = None) -> Scope:
+    """A ``CLIENT`` span around a mesh call; send its ``traceparent``. A ``traceparent`` the
+    caller gave is the parent, else the current span."""
+    parent = _IN_PROCESS if traceparent is None else traceparent
+    return Scope(f"{method} {service}", SpanKind.CLIENT, parent, lambda: {
         "http.request.method": method, "server.address": service,
         "url.path": target.split("?", 1)[0][:256], "shoal.service": service})
 
@@ -353,6 +355,18 @@ def server_span(service: str, method: str, path: str, traceparent: bytes | str |
     return Scope(f"{method} {service}", SpanKind.SERVER, traceparent,
                  lambda: {"http.request.method": method, "url.path": path[:256],
                           "shoal.service": service})
+
+
+def hop(parent: str | None) -> str:
+    """The ``traceparent`` a service's handler runs under: with tracing on, the current
+    span's (the server or consumer span around it), else ``shoal.context.child_of``."""
+    if tracer is not None:
+        current = current_traceparent()
+        if current is not None:
+            return current
+    from shoal.context import child_of
+
+    return child_of(parent)
 
 
 def set_status(s: Span, status: int) -> None:
