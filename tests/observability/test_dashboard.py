@@ -225,3 +225,41 @@ async def test_closing_the_hub_ends_live_streams(fresh_metrics: Metrics) -> None
         # the stream ended by itself: the server can stop without waiting for the browser
         assert frames >= 1
         assert (await http.get("/api/stream")).status_code == 503
+
+
+async def test_instances_metrics_are_scraped_and_summed() -> None:
+    from shoal.control.dashboard.scrape import InstanceScraper, Scraped, add_exposition
+    from shoal.gateway import HttpServer
+    from shoal.gateway.server import Response
+    from shoal.observability.http import metrics_text, with_metrics
+
+    one, two = Metrics(), Metrics()
+    for m, n in ((one, 3), (two, 5)):
+        series = m.route("payments", "/payments")
+        for _ in range(n):
+            series.finished(200, 0.004)
+        series.finished(503, 0.2)
+        m.topic("payments").published += n
+        m.consumer("payments", "view").success += n
+    servers = []
+    for m in (one, two):
+        server = HttpServer(with_metrics(lambda r: Response(b"no"), metrics=m))
+        await server.start("127.0.0.1", 0)
+        servers.append(server)
+    scraper = InstanceScraper()
+    try:
+        got = await scraper.scrape([f"127.0.0.1:{s.port}" for s in servers] + ["127.0.0.1:9"])
+    finally:
+        await scraper.aclose()
+        for s in servers:
+            await s.shutdown(1)
+    assert got.failures == 1  # nothing listens on port 9: skipped, counted
+    payments = got.services["payments"]
+    assert payments.requests == 10 and payments.errors == 2
+    assert sum(payments.buckets) == 10 and payments.buckets[-1] == 0
+    assert got.published == {"payments": 8} and got.delivered == {("payments", "view"): 8}
+    for hostile in ("garbage {{{", "shoal_requests_total{service=\"x\" 1", "\x00" * 10):
+        with pytest.raises((ValueError, TypeError, KeyError)):
+            add_exposition(hostile, Scraped())
+    text = metrics_text(one).decode()
+    add_exposition(text, Scraped())  # the real thing parses

@@ -227,10 +227,11 @@ async def check_dashboard(client: httpx.AsyncClient, gateway: str, admin: str,
 
             load = asyncio.ensure_future(traffic())
             try:
-                await page.wait_for_function(
-                    "() => parseFloat(document.querySelector("
-                    "\"tr[data-service='orders'] [data-rps]\").dataset.rps) > 1",
-                    timeout=30_000)
+                for name in ("orders", "payments"):  # payments: from its instance's /metrics
+                    await page.wait_for_function(
+                        "name => parseFloat(document.querySelector("
+                        "`tr[data-service='${name}'] [data-rps]`).dataset.rps) > 1",
+                        arg=name, timeout=30_000)
             finally:
                 stop.set()
                 await load

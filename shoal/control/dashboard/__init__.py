@@ -90,12 +90,16 @@ class SnapshotHub:
                 self._task = None
 
     async def close(self) -> None:
-        """End every live stream (a server shutting down must not wait for browsers)."""
+        """End every live stream (a server shutting down must not wait for browsers), and
+        close the source's connections."""
         self.closed = True
         for queue in list(self._listeners):
             while queue.full():
                 queue.get_nowait()
             queue.put_nowait(None)
+        closing = getattr(self.source, "aclose", None)
+        if closing is not None:
+            await closing()
 
     async def _run(self) -> None:
         while True:

@@ -25,7 +25,8 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from shoal.control.dashboard.golden import GoldenWindow, service_readings
+from shoal.control.dashboard.golden import GoldenWindow, Reading, service_readings
+from shoal.control.dashboard.scrape import InstanceScraper, Scraped
 from shoal.errors import ShoalError, TopicError
 from shoal.events.bus import EventBus
 from shoal.events.dlq import replay_dead_letters
@@ -49,9 +50,10 @@ class ControlSource:
     """Snapshots from a control plane (optional), a bus (optional) and metrics."""
 
     def __init__(self, control: Any = None, *, bus: EventBus | None = None,
-                 metrics: Metrics | None = None,
+                 metrics: Metrics | None = None, scrape: bool = True,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.control = control
+        self.scraper = InstanceScraper() if scrape else None
         self.bus = bus if bus is not None else getattr(control, "bus", None)
         self.metrics = metrics
         self.clock = clock
@@ -65,8 +67,12 @@ class ControlSource:
         topics = await self._read("topics", errors)
         if topics is None:
             topics = await self._bus_topics(errors)
-        golden = self.window.update(now, service_readings(self.metrics)) if self.metrics \
-            else {}
+        scraped = Scraped()
+        if self.scraper is not None:
+            scraped = await self.scraper.scrape(
+                str(i["address"]) for i in instances if i.get("address")
+                and i.get("state") not in ("stopped", "unregistered", "crashed"))
+        golden = self.window.update(now, self._readings(scraped))
         by_service: dict[str, list[dict[str, Any]]] = {}
         for inst in instances:
             by_service.setdefault(str(inst.get("service", "?")), []).append(inst)
@@ -86,11 +92,28 @@ class ControlSource:
         edges = [{"from": "gateway", "to": name, "kind": "call", "rate": g.rps}
                  for name, g in golden.items()
                  if name in via_gateway and name not in ("gateway", "other")]
-        out_topics = self._topics(topics, now, edges)
+        out_topics = self._topics(topics, now, edges, scraped)
         events, decisions = await self._tail(errors)
         return {"time": time.time(), "services": out_services, "edges": edges,
                 "topics": out_topics, "events": events, "autoscaler": decisions,
-                "errors": errors}
+                "errors": errors, "scrape_failures": scraped.failures}
+
+    def _readings(self, scraped: Scraped) -> dict[str, Reading]:
+        """Per service: the gateway's view when it measured the service here, else the
+        instances' own figures, else what this process measured itself."""
+        local = service_readings(self.metrics) if self.metrics is not None else {}
+        via_gateway = {r.service for r in list(self.metrics.routes.values())
+                       if r.origin == "gateway"} if self.metrics is not None else set()
+        out = dict(scraped.services)
+        for name, reading in local.items():
+            if name in via_gateway or name not in out:
+                out[name] = reading
+        return out
+
+    async def aclose(self) -> None:
+        """Close the scraper's connections."""
+        if self.scraper is not None:
+            await self.scraper.aclose()
 
     async def replay(self, topic: str) -> dict[str, Any]:
         """Replay ``topic``'s dead letters (``TopicError`` if it does not exist)."""
@@ -133,13 +156,16 @@ class ControlSource:
             return []
 
     def _topics(self, topics: list[dict[str, Any]], now: float,
-                edges: list[dict[str, Any]]) -> list[dict[str, Any]]:
+                edges: list[dict[str, Any]], scraped: Scraped) -> list[dict[str, Any]]:
         m = self.metrics
-        published = {t.topic: t.published for t in list(m.topics.values())} if m else {}
-        delivered: dict[tuple[str, str], int] = {}
+        published = dict(scraped.published)
+        delivered = dict(scraped.delivered)
         if m is not None:
+            for t in list(m.topics.values()):
+                published[t.topic] = published.get(t.topic, 0) + t.published
             for c in list(m.consumers.values()):
-                delivered[(c.topic, c.group)] = c.success + c.dead_letter + c.drop
+                key = (c.topic, c.group)
+                delivered[key] = delivered.get(key, 0) + c.success + c.dead_letter + c.drop
         out = []
         for t in topics:
             name = t["name"]
