@@ -29,12 +29,16 @@ import typer
 from shoal.commands.gateway import gateway as gateway_command
 from shoal.commands.routes import routes_app
 from shoal.commands.sidecar import sidecar as sidecar_command
+from shoal.commands.top import top
 from shoal.commands.up import register as register_runtime_commands
 from shoal.commands.validate import validate as validate_command
 from shoal.errors import ConfigError, InvalidEvent, ShoalError, TopicError
 from shoal.events.bus import EventBus, Message
-from shoal.events.event import Event, decode_record
-from shoal.events.group import group_prefix, offset_key
+from shoal.events.dlq import REPLAY_GROUP, replay_dead_letters
+from shoal.events.dlq import as_replay as _as_replay
+from shoal.events.dlq import dead_letters as _dead_letters
+from shoal.events.event import Event
+from shoal.events.group import group_prefix
 from shoal.events.partitioning import check_group_name, check_topic_name
 from shoal.settings import Settings, load_settings
 
@@ -43,9 +47,6 @@ T = TypeVar("T")
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
 LINES_BATCH = 4096
-REPLAY_GROUP = "shoal-replay"  # its committed offsets on TOPIC.dlq mark what was replayed
-_DLQ_EXTENSIONS = ("dlqreason", "dlqattempts", "dlqtopic", "dlqpartition", "dlqoffset",
-                   "dlqgroup")
 
 app = typer.Typer(
     name="shoal",
@@ -618,30 +619,6 @@ def topics(
 # -- dlq ---------------------------------------------------------------------------------
 
 
-async def _dead_letters(bus: EventBus, dlq: str) -> list[tuple[int, int, Event]]:
-    """Every dead letter kept in ``dlq``: (partition, offset, event), partition by partition."""
-    if await bus.broker.get_topic(dlq) is None:
-        return []
-    out = []
-    for p, rng in enumerate(await bus.broker.ranges(dlq)):
-        offset = rng.start
-        while offset < rng.end:
-            records = await bus.broker.read(dlq, p, offset, 1024)
-            if not records:
-                break
-            out.extend((r.partition, r.offset, decode_record(r.value)) for r in records)
-            offset = records[-1].offset + 1
-    return out
-
-
-def _as_replay(dead: Event) -> Event:
-    """The event as first published: dead-letter attributes off, original id back."""
-    group = dead.extensions.get("dlqgroup")
-    ext = {k: v for k, v in dead.extensions.items() if k not in _DLQ_EXTENSIONS}
-    original_id = dead.id.removesuffix(f".dlq.{group}") if group else dead.id
-    return msgspec.structs.replace(dead, id=original_id or dead.id, extensions=ext)
-
-
 @app.command()
 def dlq(
     topic: Annotated[str, typer.Argument(help="The topic whose dead letters to show.")],
@@ -672,19 +649,7 @@ def dlq(
             counts = {"replayed": 0, "duplicates": 0, "skipped": 0}
             if not replay:
                 return letters, done, counts
-            for p, offset, dead in letters:
-                if offset < done.get(p, 0):
-                    counts["skipped"] += 1
-                    continue
-                ack = await bus.publish_event(
-                    topic, _as_replay(dead), dedup_id=f"replay/{p}/{offset}"
-                )
-                counts["duplicates" if ack.duplicate else "replayed"] += 1
-                # a crash between the publish and this is covered by the dedup id
-                await bus.store.put(
-                    offset_key(dlq_topic, REPLAY_GROUP, p), str(offset + 1).encode()
-                )
-            return letters, done, counts
+            return letters, done, await replay_dead_letters(bus, topic, letters)
 
     try:
         letters, done, counts = _run(main())
@@ -750,6 +715,7 @@ app.command("sidecar")(sidecar_command)
 app.add_typer(routes_app)
 app.command("validate")(validate_command)
 register_runtime_commands(app)  # shoal up / ps / scale
+app.command()(top)  # shoal top (shoal/commands/top.py)
 
 
 def main() -> None:

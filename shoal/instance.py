@@ -151,6 +151,11 @@ def main(argv: list[str] | None = None) -> int:
             args.policies = {name: spec.traffic_policy
                              for name, spec in manifest.services.items()}
         svc = load_app(args.app)
+        from shoal.observability import enable_metrics
+        from shoal.observability.tracing import enable_tracing_from_env
+
+        enable_metrics()  # served on the instance's /metrics
+        enable_tracing_from_env(svc.name)  # OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set
     except ConfigError as e:
         print(f"shoal.instance: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_USAGE

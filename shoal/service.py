@@ -50,7 +50,7 @@ import msgspec
 from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.routing import BaseRoute, Mount, Route, Router
 
-from shoal.context import child_of, current_traceparent
+from shoal.context import current_traceparent
 from shoal.errors import ConfigError, ShoalError
 from shoal.events.brokers.connect import DEFAULT_BROKER_URL
 from shoal.events.bus import EventBus, PublishAck, default_store_for
@@ -72,6 +72,7 @@ from shoal.mesh.registry import (
     check_service_name,
 )
 from shoal.mesh.resilience import TrafficPolicy
+from shoal.observability import tracing as _tracing
 from shoal.store.base import Store
 from shoal.store.connect import connect_store
 from shoal.units import parse_duration, parse_size
@@ -307,7 +308,7 @@ class Service:
                 break
         if self._lifespan_state:  # what mounted apps' lifespans left for their requests
             scope["state"] = {**self._lifespan_state, **scope.get("state", {})}
-        token = current_traceparent.set(child_of(parent))
+        token = current_traceparent.set(_tracing.hop(parent))  # the server span's, if traced
         load = self.load
         load.request_started()
         started = False
@@ -439,7 +440,7 @@ class Service:
                 getattr(handler, "__call__", None)):  # noqa: B004 - async callable objects
 
             async def run_async(event: Event) -> Any:
-                token = current_traceparent.set(child_of(event.traceparent))
+                token = current_traceparent.set(_tracing.hop(event.traceparent))
                 load.event_started()
                 try:
                     return await handler(event)
@@ -452,7 +453,7 @@ class Service:
         loop = asyncio.get_running_loop()
 
         def run_sync(event: Event) -> Any:  # runs in the subscription's thread pool
-            token = current_traceparent.set(child_of(event.traceparent))
+            token = current_traceparent.set(_tracing.hop(event.traceparent))
             loop.call_soon_threadsafe(load.event_started)
             try:
                 return handler(event)
@@ -655,10 +656,12 @@ class _UvicornServer:
     def __init__(self, service: Service, sock: socket.socket) -> None:
         import uvicorn
 
-        config = uvicorn.Config(
-            service, loop="none", http="httptools", lifespan="off", log_level="warning",
-            access_log=False, server_header=False, date_header=False,
-            timeout_graceful_shutdown=None,
+        from shoal.observability.http import ObservedASGI
+
+        config = uvicorn.Config(  # metrics (and /metrics), server spans: when switched on
+            ObservedASGI(service, service.name), loop="none", http="httptools",
+            lifespan="off", log_level="warning", access_log=False, server_header=False,
+            date_header=False, timeout_graceful_shutdown=None,
         )
         self._server = _uvicorn_server_class()(config)
         self._sock = sock

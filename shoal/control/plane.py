@@ -24,10 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
+from starlette.routing import Route
 
 from shoal.control.admin import UnknownService, admin_app
 from shoal.control.autoscaler import ScalePolicy
 from shoal.control.cleanup import forget_load, release_group_memberships
+from shoal.control.dashboard import ControlSource, SnapshotHub, mount_dashboard
 from shoal.control.restart import RestartPolicy
 from shoal.control.scaling import AutoscalerLoop
 from shoal.control.supervisor import Launch, Output, Supervisor, _print_line
@@ -38,6 +40,10 @@ from shoal.gateway.routes import RouteTable
 from shoal.gateway.server import HttpServer
 from shoal.mesh.health import HealthCheckConfig
 from shoal.mesh.registry import HealthMonitor, InstanceChange, check_address
+from shoal.observability.http import metrics_asgi, observe_gateway
+from shoal.observability.metrics import Metrics, enable_metrics
+from shoal.observability.sampling import Sampler
+from shoal.observability.tracing import enable_tracing_from_env
 
 CONTROL_SOURCE = "/shoal/control"
 
@@ -155,11 +161,15 @@ class ControlPlane:
         self._admin_task: asyncio.Task[None] | None = None
         self._sockets: list[socket.socket] = []
         self._closed = False
+        self._sampler: Sampler | None = None
+        self._dashboard: SnapshotHub | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self, ready_timeout: float = 60.0) -> None:
         """Start everything; return when every instance is ready and registered."""
         plan = self.plan
+        metrics = enable_metrics()  # before the bus, gateway and clients take their series
+        enable_tracing_from_env("shoal-control")
         try:
             admin_sock = _listen_socket(plan.admin_listen, "admin.listen")
             self._sockets.append(admin_sock)
@@ -178,10 +188,12 @@ class ControlPlane:
             if gateway_sock is not None:
                 self._gateway = Gateway(self.routes_table, self.monitor.cache, self.bus,
                                         services={n: s.traffic for n, s in plan.services.items()})
-                self._gateway_server = HttpServer(self._gateway.handle)
+                self._gateway_server = HttpServer(observe_gateway(self._gateway))
                 await self._gateway_server.start(sock=gateway_sock)
                 self.gateway_url = _url(gateway_sock)
-            await self._start_admin(admin_sock)
+            self._sampler = Sampler(metrics, bus=self.bus, interval=5.0,
+                                    instances=self.monitor.cache.instances).start()
+            await self._start_admin(admin_sock, metrics)
             policies = {n: s.autoscale for n, s in plan.services.items() if s.autoscale}
             self.autoscaler = AutoscalerLoop(
                 self.bus, policies, replicas=self.supervisor.replicas, scale=self.scale_to,
@@ -194,8 +206,11 @@ class ControlPlane:
             await self.close()
             raise
 
-    async def _start_admin(self, sock: socket.socket) -> None:
-        config = uvicorn.Config(admin_app(self), log_level="warning", lifespan="off",
+    async def _start_admin(self, sock: socket.socket, metrics: Metrics) -> None:
+        app = admin_app(self)  # + the dashboard, its stream, and /metrics
+        self._dashboard = mount_dashboard(app, ControlSource(self, bus=self.bus, metrics=metrics))
+        app.router.routes.append(Route("/metrics", metrics_asgi(metrics)))
+        config = uvicorn.Config(app, log_level="warning", lifespan="off",
                                 access_log=False)
         self._admin = _AdminServer(config)
         self._admin_task = asyncio.get_running_loop().create_task(
@@ -242,6 +257,10 @@ class ControlPlane:
             await self._gateway_server.shutdown(grace=5.0)
         if self.autoscaler is not None:
             await self.autoscaler.close()
+        if self._sampler is not None:
+            await self._sampler.aclose()
+        if self._dashboard is not None:
+            await self._dashboard.close()  # live dashboard streams end: admin can stop
         await self.supervisor.close()
         if self._admin is not None and self._admin_task is not None:
             self._admin.should_exit = True

@@ -22,6 +22,7 @@ from shoal.control.autoscaler import ScaleDecision, ScalePolicy, ServiceScaler
 from shoal.control.load import read_inflight
 from shoal.errors import ShoalError
 from shoal.events.bus import EventBus
+from shoal.observability import metrics as _metrics
 
 log = logging.getLogger("shoal.control")
 
@@ -90,6 +91,8 @@ class AutoscalerLoop:
             await self.scale(name, decision.desired)
             self.decisions.append(decision)
             made.append(decision)
+            if (m := _metrics.active()) is not None:
+                m.autoscaler_decision(name, decision.direction, decision.desired)
             await self.bus.publish(AUTOSCALER_TOPIC, {
                 "service": name, "from": decision.current, "to": decision.desired,
                 "direction": decision.direction, "reason": decision.reason,

@@ -25,6 +25,7 @@ from shoal.events.group import GROUPS, group_prefix, offset_key
 from shoal.events.partitioning import check_group_name, check_topic_name, partition_for
 from shoal.events.publisher import AppendQueue
 from shoal.events.retry import RetryPolicy
+from shoal.observability import tracing as _tracing
 from shoal.store.base import Store
 from shoal.store.connect import connect_store
 from shoal.units import parse_duration, parse_size
@@ -244,6 +245,21 @@ class EventBus:
         extensions: Mapping[str, Any] | None = None,
     ) -> PublishAck:
         """Append one event; returns once it is durable. A repeated ``id`` is not re-added."""
+        if _tracing.tracer is not None:  # a producer span; its context travels in the event
+            with _tracing.producer_span(topic, (extensions or {}).get("traceparent")) as scope:
+                traced = {**(extensions or {}), "traceparent": scope.traceparent}
+                return await self._publish(topic, data, key, type, id, traced)
+        return await self._publish(topic, data, key, type, id, extensions)
+
+    async def _publish(
+        self,
+        topic: str,
+        data: Any,
+        key: str | None,
+        type: str | None,
+        id: str | None,
+        extensions: Mapping[str, Any] | None,
+    ) -> PublishAck:
         spec = self._topics.get(topic) or await self._spec(topic)
         t = time.time()
         event, append = self._prepare(
@@ -254,18 +270,27 @@ class EventBus:
 
     async def publish_many(self, topic: str, messages: Iterable[Message | Any]) -> list[PublishAck]:
         """Append many events in one batch; each item is a ``Message`` or plain data."""
+        if _tracing.tracer is not None:  # one producer span for the batch
+            with _tracing.producer_span(topic) as scope:
+                return await self._publish_many(topic, messages, scope.traceparent)
+        return await self._publish_many(topic, messages)
+
+    async def _publish_many(self, topic: str, messages: Iterable[Message | Any],
+                            traceparent: str | None = None) -> list[PublishAck]:
         spec = self._topics.get(topic) or await self._spec(topic)
         t = time.time()
         when, ts_ms = datetime.fromtimestamp(t, UTC), int(t * 1000)
         events, appends = [], []
         prepare = self._prepare
+        traced = None if traceparent is None else {"traceparent": traceparent}
         for m in messages:
             if isinstance(m, Message):
-                event, append = prepare(
-                    spec, m.data, m.key, m.type, m.id, m.extensions, when, ts_ms
-                )
+                ext = m.extensions
+                if traced is not None and not (ext and "traceparent" in ext):
+                    ext = {**ext, **traced} if ext else traced
+                event, append = prepare(spec, m.data, m.key, m.type, m.id, ext, when, ts_ms)
             else:
-                event, append = prepare(spec, m, None, None, None, None, when, ts_ms)
+                event, append = prepare(spec, m, None, None, None, traced, when, ts_ms)
             events.append(event)
             appends.append(append)
         if not appends:

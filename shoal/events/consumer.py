@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import logging
 import random
@@ -19,6 +20,8 @@ from shoal.events.event import Event, decode_record
 from shoal.events.group import GroupMember, offset_key
 from shoal.events.retry import Drop, RetryPolicy
 from shoal.events.tracker import OffsetTracker
+from shoal.observability import metrics as _metrics
+from shoal.observability import tracing as _tracing
 
 if TYPE_CHECKING:
     from shoal.events.brokers.base import Record
@@ -77,6 +80,8 @@ class Subscription:
         self.concurrency = concurrency
         self.start_position = start
         self.stats = SubscriptionStats()
+        m = _metrics.active()
+        self._series = m.consumer(topic, group) if m is not None else None
         self._is_async = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
             getattr(handler, "__call__", None)  # noqa: B004 - async callable objects
         )
@@ -127,19 +132,34 @@ class Subscription:
         if self._is_async:
             return await self.handler(event)  # type: ignore[misc]
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._threads, self.handler, event)
+        call = contextvars.copy_context().run  # the handler's thread sees the current span
+        return await loop.run_in_executor(self._threads, call, self.handler, event)
+
+    async def _traced_call(self, record: Record, event: Event) -> Any:
+        with _tracing.consumer_span(self.topic, self.group, event, record.partition,
+                                    record.offset):
+            return await self._call(event)
 
     async def handle(self, record: Record, event: Event) -> None:
         """Run the handler with retries; dead-letter or drop as it says. Never raises."""
         attempt = 0
+        series = self._series
         while True:
             attempt += 1
             try:
-                await self._call(event)
+                if _tracing.tracer is None:
+                    await self._call(event)
+                else:
+                    await self._traced_call(record, event)
                 self.stats.handled += 1
+                if series is not None:
+                    series.success += 1
+                    series.latency.observe(time.time() - record.timestamp_ms / 1000)
                 return
             except Drop as exc:
                 self.stats.dropped += 1
+                if series is not None:
+                    series.drop += 1
                 log.info("dropped %s/%s@%s: %s", self.topic, record.partition, record.offset, exc)
                 return
             except asyncio.CancelledError:
@@ -147,8 +167,12 @@ class Subscription:
             except Exception as exc:
                 if attempt >= self.retry.attempts:
                     await self._dead_letter(record, event, exc, attempt)
+                    if series is not None:
+                        series.dead_letter += 1
                     return
                 self.stats.retried += 1
+                if series is not None:
+                    series.retry += 1
                 await asyncio.sleep(self.retry.backoff(attempt, self._rng))
 
     async def _dead_letter(

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from shoal.errors import PublishError, ShoalError
 from shoal.events.brokers.base import Append, Appended, Broker
+from shoal.observability import metrics as _metrics
 
 MAX_BATCH = 4096
 
@@ -25,6 +26,8 @@ class AppendQueue:
         self._pending: list[tuple[Sequence[Append], asyncio.Future[list[Appended]]]] = []
         self._count = 0
         self._flusher: asyncio.Task[None] | None = None
+        m = _metrics.active()
+        self._series = m.topic(topic) if m is not None else None
 
     def submit(self, records: Sequence[Append]) -> asyncio.Future[list[Appended]]:
         """Queue ``records``; the future resolves to their acknowledgements."""
@@ -60,6 +63,8 @@ class AppendQueue:
                         if not fut.done():
                             fut.set_exception(err)
                     continue
+                if self._series is not None:
+                    self._series.published += sum(not a.duplicate for a in acks)
                 pos = 0
                 for records, fut in group:
                     n = len(records)

@@ -139,6 +139,7 @@ class Gateway:
         self.rng = rng or random.Random()
         self._upstreams: dict[tuple[Route, str, tuple[tuple[str, str], ...]], Upstream] = {}
         self._mirrors: set[asyncio.Task[None]] = set()
+        self.on_route: Callable[[Route, str], None] | None = None  # observability's hook
 
     # -- the handler -----------------------------------------------------------------------
     async def handle(self, request: Request) -> Any:
@@ -156,6 +157,8 @@ class Gateway:
                                   f"{host}{request.path}", layer="router")
         rng = self.rng
         destination = m.choose_destination(rng)
+        if self.on_route is not None:
+            self.on_route(m.route, destination.service)
         fault = m.fault_decision(rng)
         if fault.delay:
             await asyncio.sleep(fault.delay)

@@ -21,6 +21,7 @@ from shoal.mesh.http1 import Body, Response
 from shoal.mesh.registry import EndpointCache
 from shoal.mesh.resilience import TrafficPolicy
 from shoal.mesh.upstream import Upstream
+from shoal.observability import tracing as _tracing
 from shoal.store.base import Store
 from shoal.store.connect import connect_store
 
@@ -100,6 +101,14 @@ class MeshClient:
         if hash_key is None and upstream.policy.load_balancer.hash_header:
             wanted = upstream.policy.load_balancer.hash_header.lower()
             hash_key = next((v for k, v in pairs if k.lower() == wanted), None)
+        if _tracing.tracer is not None:  # a client span; its context goes in traceparent
+            given = next((v for k, v in pairs if k.lower() == "traceparent"), None)
+            with _tracing.client_span(service, method, target, given) as scope:
+                pairs = [(k, v) for k, v in pairs if k.lower() != "traceparent"]
+                pairs.append(("traceparent", scope.traceparent))
+                resp = await upstream.send(method, target, pairs, content, hash_key=hash_key)
+                scope.set_status(resp.status)
+                return resp
         return await upstream.send(method, target, pairs, content, hash_key=hash_key)
 
     async def get(self, url: str, **kwargs: Any) -> Response:

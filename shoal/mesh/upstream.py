@@ -49,6 +49,7 @@ from shoal.mesh.resilience import (
     TrafficPolicy,
     classify,
 )
+from shoal.observability import metrics as _metrics
 
 EndpointSource = Callable[[], Sequence[Endpoint]]
 HealthCheck = Callable[[Endpoint], bool]
@@ -101,6 +102,8 @@ class Upstream:
         self._healthy: Sequence[Endpoint] | None = None  # its healthy subset (None: not yet)
         self._deadlines: Deadlines | None = None  # per-try timeouts (made on first use)
         self._next_evaluation = clock() + self.policy.outlier_detection.interval  # type: ignore[operator]
+        m = _metrics.active()  # metrics read ``stats`` and the breaker when scraped
+        self._series = m.upstream(self) if m is not None else None
 
     # -- the stack ---------------------------------------------------------------------
     async def send(
@@ -225,6 +228,8 @@ class Upstream:
     ) -> tuple[Outcome, Response | None, BaseException | None]:
         """One try on one endpoint; feeds balancer, breaker and outlier detection."""
         self.stats.tries += 1
+        if self._series is not None:
+            self._series.picked(endpoint.instance_id)
         pool = self._pools.get(endpoint.address)
         if pool is None:
             pool = self._pools[endpoint.address] = ConnectionPool(

@@ -1,0 +1,274 @@
+"""Metrics and traces for HTTP servers: the gateway, ``HttpServer`` handlers, ASGI apps,
+and the ``/metrics`` endpoint for each.
+
+* ``observe_gateway(gateway)``: an ``HttpServer`` handler that runs ``gateway.handle`` with
+  a server span and counts each request under its route (the route's name, else
+  ``routes[i]``: bounded, never the raw path) and destination service.
+* ``observe_handler(handler, service, route_of=...)``: the same for any ``HttpServer``
+  handler; ``route_of(request)`` must return a template (default ``"*"``).
+* ``ObservedASGI(app, service)``: the same for an ASGI app; the route label is the matched
+  Starlette route's path template (``/orders/{id}``), else ``"unmatched"``.
+* ``with_metrics(handler)`` / ``metrics_asgi()``: answer ``GET /metrics`` in Prometheus'
+  text format and pass everything else on.
+
+Durations run until the handler returned the response head (a streamed body's transfer
+is not included): the time the service took to answer, not the client's download.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from shoal.gateway.server import Request, Response
+from shoal.observability import metrics as _metrics
+from shoal.observability import tracing as _tracing
+
+__all__ = ["MetricsASGI", "ObservedASGI", "metrics_asgi", "observe_gateway", "observe_handler",
+           "with_metrics"]
+
+Handler = Callable[[Request], Any]
+METRICS_PATH = b"/metrics"
+EVENTS_ROUTE = "/events/{topic}"
+
+
+def metrics_text(metrics: _metrics.Metrics | None = None) -> bytes:
+    """The Prometheus text exposition of ``metrics`` (default: the process's)."""
+    m = metrics or _metrics.active()
+    if m is None:
+        return b"# shoal metrics are off (shoal.observability.enable_metrics())\n"
+    return generate_latest(m.registry)
+
+
+def metrics_response(metrics: _metrics.Metrics | None = None) -> Response:
+    """``metrics_text`` as an ``HttpServer`` response."""
+    return Response(metrics_text(metrics), 200, [(b"content-type", CONTENT_TYPE_LATEST.encode())])
+
+
+def with_metrics(handler: Handler, *, metrics: _metrics.Metrics | None = None,
+                 path: bytes = METRICS_PATH) -> Handler:
+    """``handler`` that also answers ``GET path`` with the metrics."""
+
+    def answer(request: Request) -> Any:
+        if request.raw_path == path and request.method in ("GET", "HEAD"):
+            return metrics_response(metrics)
+        return handler(request)
+
+    return answer
+
+
+class _Exchange:
+    """What one request turned out to be, filled in as the handler learns it."""
+
+    __slots__ = ("route", "series")
+
+    def __init__(self) -> None:
+        self.route: str | None = None
+        self.series: _metrics.RouteSeries | None = None
+
+
+_exchange: ContextVar[_Exchange | None] = ContextVar("shoal_exchange", default=None)
+
+
+def observe_gateway(gateway: Any, *, metrics: _metrics.Metrics | None = None) -> Handler:
+    """``gateway.handle`` with request metrics and a server span per request."""
+    m = metrics or _metrics.active()
+    cache: dict[tuple[Any, str], _metrics.RouteSeries] = {}
+    labels: dict[Any, str] = {}  # route -> its label (routes hash by identity)
+
+    def label_of(route: Any) -> str:
+        label = labels.get(route)
+        if label is None:
+            label = labels[route] = route.name or f"routes[{route.index}]"
+        return label
+
+    def on_route(route: Any, service: str) -> None:
+        exchange = _exchange.get()
+        if exchange is None:
+            return
+        if m is None:
+            exchange.route = label_of(route)
+            return
+        series = cache.get((route, service))
+        if series is None:
+            series = cache[(route, service)] = m.route(service, label_of(route), "gateway")
+        series.in_flight += 1
+        exchange.series = series
+        exchange.route = series.route
+
+    gateway.on_route = on_route
+    handle = gateway.handle
+    if m is None and _tracing.tracer is None:
+        return handle  # nothing to observe: no cost
+
+    def fallback(request: Request) -> _metrics.RouteSeries | None:
+        if m is None:
+            return None
+        if request.raw_path.startswith(b"/events/"):
+            return m.route("gateway", EVENTS_ROUTE, "gateway")
+        return m.route("gateway", "unmatched", "gateway")
+
+    return _observed(handle, "gateway", fallback)
+
+
+def observe_handler(handler: Handler, service: str, *,
+                    route_of: Callable[[Request], str] | None = None,
+                    metrics: _metrics.Metrics | None = None) -> Handler:
+    """``handler`` with request metrics (``service``, ``route_of(request)``) and spans."""
+    m = metrics or _metrics.active()
+    table: dict[str, _metrics.RouteSeries] = {}
+
+    async def call(request: Request) -> Any:
+        exchange = _exchange.get()
+        if exchange is not None and exchange.route is None:
+            exchange.route = route = route_of(request) if route_of is not None else "*"
+            if m is not None:
+                series = table.get(route)
+                if series is None:
+                    series = table[route] = m.route(service, route)
+                series.in_flight += 1
+                exchange.series = series
+        resp = handler(request)
+        if isinstance(resp, Awaitable):
+            resp = await resp
+        return resp
+
+    return _observed(call, service, None)
+
+
+def _observed(handle: Callable[[Request], Awaitable[Any]], service: str,
+              fallback: Callable[[Request], _metrics.RouteSeries | None] | None) -> Handler:
+    async def observed(request: Request) -> Any:
+        exchange = _Exchange()
+        token = _exchange.set(exchange)
+        tracer = _tracing.tracer
+        start = time.perf_counter()
+        status = 500
+        try:
+            if tracer is None:
+                resp = await handle(request)
+            else:
+                resp = await _traced(handle, request, service)
+            status = resp.status
+            return resp
+        finally:
+            _exchange.reset(token)
+            series = exchange.series
+            if series is not None:
+                series.in_flight -= 1
+            elif fallback is not None:
+                series = fallback(request)
+            if series is not None:
+                series.finished(status, time.perf_counter() - start)
+
+    return observed
+
+
+async def _traced(handle: Callable[[Request], Awaitable[Any]], request: Request,
+                  service: str) -> Any:
+    """Run ``handle`` in a server span continuing the request's ``traceparent``; the
+    request's ``traceparent`` header is replaced by the span's (the next hop's parent)."""
+    headers = request.headers
+    with _tracing.server_span(service, request.method, request.path,
+                              headers.get(b"traceparent")) as scope:
+        own = scope.traceparent.encode()
+        for i, (name, _) in enumerate(headers):
+            if name.lower() == b"traceparent":
+                headers[i] = (name, own)
+                break
+        else:
+            headers.append((b"traceparent", own))
+        resp = await handle(request)
+        exchange = _exchange.get()
+        if exchange is not None and exchange.route is not None:
+            scope.rename(f"{request.method} {exchange.route}", exchange.route)
+        scope.set_status(resp.status)
+        return resp
+
+
+class ObservedASGI:
+    """An ASGI app with request metrics (route = the matched Starlette template) and a
+    server span per request continuing ``traceparent``."""
+
+    def __init__(self, app: Any, service: str, *, metrics: _metrics.Metrics | None = None,
+                 metrics_path: str | None = "/metrics",
+                 skip: tuple[str, ...] = ("/healthz", "/readyz")) -> None:
+        self.app = app
+        self.service = service
+        self.metrics = metrics or _metrics.active()
+        self.metrics_path = metrics_path
+        self.skip = skip  # probes: neither counted nor traced
+        self._series: dict[str, _metrics.RouteSeries] = {}
+        self._exposition = MetricsASGI(self.metrics)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or (self.metrics is None and _tracing.tracer is None):
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path")
+        if path == self.metrics_path and self.metrics is not None:
+            await self._exposition(scope, receive, send)
+            return
+        if path in self.skip:
+            await self.app(scope, receive, send)
+            return
+        status = 500
+        start = time.perf_counter()
+
+        async def sending(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            if _tracing.tracer is None:
+                await self.app(scope, receive, sending)
+            else:
+                await self._traced(scope, receive, sending, lambda: status)
+        finally:
+            if self.metrics is not None:
+                route = getattr(scope.get("route"), "path", None) or "unmatched"
+                series = self._series.get(route)
+                if series is None:
+                    series = self._series[route] = self.metrics.route(self.service, route)
+                series.finished(status, time.perf_counter() - start)
+
+    async def _traced(self, scope: dict[str, Any], receive: Any, send: Any,
+                      status: Callable[[], int]) -> None:
+        traceparent = next((v for k, v in scope.get("headers", ())
+                            if k.lower() == b"traceparent"), None)
+        method = scope.get("method", "GET")
+        with _tracing.server_span(self.service, method, str(scope.get("path", "")),
+                                  traceparent) as span:
+            await self.app(scope, receive, send)
+            route = getattr(scope.get("route"), "path", None)
+            if route:
+                span.rename(f"{method} {route}", route)
+            span.set_status(status())
+
+
+class MetricsASGI:
+    """An ASGI app answering every HTTP request with the metrics (route or mount it at
+    ``/metrics``; an object, not a function, so Starlette routes treat it as an app)."""
+
+    def __init__(self, metrics: _metrics.Metrics | None = None) -> None:
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        body = metrics_text(self.metrics)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", CONTENT_TYPE_LATEST.encode()),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def metrics_asgi(metrics: _metrics.Metrics | None = None) -> MetricsASGI:
+    """The ``/metrics`` ASGI app for ``metrics`` (default: the process's)."""
+    return MetricsASGI(metrics)
