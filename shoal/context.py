@@ -31,27 +31,39 @@ current_traceparent: contextvars.ContextVar[str | None] = contextvars.ContextVar
     "shoal_traceparent", default=None)
 
 
-def parse_traceparent(value: object) -> tuple[str, str, str] | None:
-    """``(trace_id, parent_id, flags)`` of a valid version-00 ``traceparent``, else None.
+MAX_TRACEPARENT = 512  # a longer value is not a traceparent: ignored, not parsed
+
+
+def match_traceparent(value: object) -> re.Match[str] | None:
+    """The match (groups: version, trace id, parent id, flags) of a valid ``traceparent``
+    (str or bytes), else None. The one W3C check of the project.
 
     Invalid per W3C: not 55 lowercase-hex characters in four fields, version ``ff``,
     an all-zero trace id or parent id. Higher versions are read by their first four
-    fields, as the spec asks.
+    fields, as the spec asks. Over ``MAX_TRACEPARENT`` characters: not parsed.
     """
-    if not isinstance(value, str) or len(value) < 55 or len(value) > 512:
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    if not isinstance(value, str) or len(value) < 55 or len(value) > MAX_TRACEPARENT:
         return None
     value = value.strip()
     m = _TRACEPARENT.match(value)
     if m is None:
         return None
-    version, trace_id, parent_id, flags = m.groups()
+    version, trace_id, parent_id, _ = m.groups()
     if version == "ff" or trace_id == _ZERO_TRACE or parent_id == _ZERO_SPAN:
         return None
     if version == "00" and len(value) != 55:
         return None
     if version != "00" and len(value) > 55 and value[55] != "-":
         return None
-    return trace_id, parent_id, flags
+    return m
+
+
+def parse_traceparent(value: object) -> tuple[str, str, str] | None:
+    """``(trace_id, parent_id, flags)`` of a valid ``traceparent``, else None."""
+    m = match_traceparent(value)
+    return None if m is None else (m.group(2), m.group(3), m.group(4))
 
 
 def new_span_id() -> str:

@@ -51,6 +51,7 @@ from opentelemetry.trace import (
     TraceState,
 )
 
+from shoal.context import MAX_TRACEPARENT, child_of, match_traceparent
 from shoal.errors import ConfigError
 
 __all__ = [
@@ -69,7 +70,6 @@ provider: TracerProvider | None = None
 """The provider behind ``tracer`` (flush it with ``provider.force_flush()``)."""
 
 _root_ratio = 1.0  # share of new traces recorded (``sample_ratio``)
-MAX_TRACEPARENT = 512  # a longer header is not a traceparent: ignored, not parsed
 
 
 def enable_tracing(
@@ -135,9 +135,6 @@ def disable_tracing() -> None:
 
 
 # -- propagation ------------------------------------------------------------------------
-_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
-
-
 _last_valid: tuple[Any, tuple[str, re.Match[str]] | None] = (None, None)
 
 
@@ -154,22 +151,8 @@ def _valid(value: Any) -> tuple[str, re.Match[str]] | None:
 
 
 def _check(value: Any) -> tuple[str, re.Match[str]] | None:
-    if not value or len(value) > MAX_TRACEPARENT:
-        return None
-    if isinstance(value, bytes):
-        value = value.decode("latin-1")
-    elif not isinstance(value, str):
-        return None
-    m = _TRACEPARENT.match(value)
-    if m is None:
-        return None
-    version = m.group(1)
-    if version == "ff" or (version == "00" and len(value) != 55) or (
-            len(value) > 55 and value[55] != "-"):
-        return None
-    if m.group(2) == "0" * 32 or m.group(3) == "0" * 16:
-        return None
-    return value, m
+    m = match_traceparent(value)
+    return None if m is None else (m.string, m)
 
 
 def parse_traceparent(value: str | bytes | None) -> SpanContext | None:
@@ -364,8 +347,6 @@ def hop(parent: str | None) -> str:
         current = current_traceparent()
         if current is not None:
             return current
-    from shoal.context import child_of
-
     return child_of(parent)
 
 
