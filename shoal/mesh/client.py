@@ -19,6 +19,7 @@ from shoal.errors import ConfigError
 from shoal.mesh.http1 import Body, Response
 from shoal.mesh.registry import EndpointCache
 from shoal.mesh.resilience import TrafficPolicy
+from shoal.mesh.security.tls import MeshTLS
 from shoal.mesh.upstream import Upstream
 from shoal.store.base import Store
 from shoal.store.connect import connect_store
@@ -36,8 +37,10 @@ class MeshClient:
         policies: Mapping[str, TrafficPolicy] | None = None,
         default_policy: TrafficPolicy | None = None,
         store: Store | None = None,
+        tls: MeshTLS | None = None,
     ) -> None:
         self.cache = cache
+        self.tls = tls  # mutual TLS to every service (strict/permissive mTLS), else plaintext
         self.policies = dict(policies or {})
         self.default_policy = default_policy or TrafficPolicy()
         self._upstreams: dict[str, Upstream] = {}
@@ -62,6 +65,8 @@ class MeshClient:
                 lambda: cache.endpoints(service),
                 self.policies.get(service, self.default_policy),
                 is_healthy=cache.is_healthy,
+                pool_options=None if self.tls is None else
+                {"ssl": self.tls.client_context(service)},  # type: ignore[dict-item]
             )
         return upstream
 

@@ -1,0 +1,1 @@
+"""Subcommands of ``shoal``, one module each (registered in ``shoal.cli``)."""
