@@ -24,7 +24,7 @@ _SERVICE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,62}[a-z0-9])?$")
 
 def check_trust_domain(value: object, *, what: str = "trust domain") -> str:
     """``value`` if it is a valid trust domain (lowercase DNS-like name), else an error."""
-    if not isinstance(value, str) or not _TRUST_DOMAIN.match(value) or ".." in value:
+    if not isinstance(value, str) or not _TRUST_DOMAIN.fullmatch(value) or ".." in value:
         raise CertificateError(
             f"{what}: expected a lowercase name like 'shoal.local' (letters, digits, '.', "
             f"'-', '_'), got {_short(value)}")
@@ -33,7 +33,7 @@ def check_trust_domain(value: object, *, what: str = "trust domain") -> str:
 
 def check_service_name(value: object, *, what: str = "service name") -> str:
     """``value`` if it is a valid service name (lowercase, 1-64 characters), else an error."""
-    if not isinstance(value, str) or not _SERVICE.match(value) or ".." in value:
+    if not isinstance(value, str) or not _SERVICE.fullmatch(value) or ".." in value:
         raise CertificateError(
             f"{what}: expected a lowercase name like 'billing' (letters, digits, '.', "
             f"'-', '_'; at most 64), got {_short(value)}")

@@ -25,6 +25,7 @@ clients always use it; ``permissive`` - servers accept mTLS and plaintext on one
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 import logging
@@ -107,6 +108,7 @@ class MeshTLS:
     def __init__(self, identity: Identity) -> None:
         self.identity = identity
         self.generation = 0
+        self.refused: collections.Counter[str] = collections.Counter()  # handshakes, by why
         self._server: ssl.SSLContext | None = None
         self._clients: dict[str, ssl.SSLContext] = {}
         self._current_server = self._build_server()
@@ -129,6 +131,23 @@ class MeshTLS:
             return None
 
         ctx.sni_callback = swap
+        refused = self.refused
+
+        class _CountingObject(ssl.SSLObject):
+            """Counts (and logs) handshakes this server refused, by reason."""
+
+            def do_handshake(self) -> None:
+                try:
+                    super().do_handshake()
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    raise
+                except ssl.SSLError as exc:
+                    why = getattr(exc, "verify_message", None) or exc.reason or repr(exc)
+                    refused[why] += 1
+                    log.debug("mTLS handshake refused: %s", why)
+                    raise
+
+        ctx.sslobject_class = _CountingObject
         return ctx
 
     # -- client ------------------------------------------------------------------------
