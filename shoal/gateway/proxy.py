@@ -132,13 +132,13 @@ class Gateway:
                                   request.raw_query)
         except InvalidPath as exc:
             return Response.error(exc.status, "invalid-path", str(exc), layer="router")
+        if self.edge is not None:
+            refusal = self.edge.check(request, None if m is None else m.route)
+            if refusal is not None:
+                return refusal
         if m is None:
             return Response.error(404, "no-route", f"no route for {request.method} "
                                   f"{host}{request.path}", layer="router")
-        if self.edge is not None:
-            refusal = self.edge.check(request, m.route)
-            if refusal is not None:
-                return refusal
         rng = self.rng
         destination = m.choose_destination(rng)
         fault = m.fault_decision(rng)
