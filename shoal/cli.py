@@ -26,6 +26,7 @@ from typing import Annotated, Any, NoReturn, TypeVar
 import msgspec
 import typer
 
+from shoal.commands.certs import certs as certs_command
 from shoal.errors import ConfigError, InvalidEvent, ShoalError, TopicError
 from shoal.events.bus import EventBus, Message
 from shoal.events.event import Event, decode_record
@@ -49,6 +50,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_show_locals=False,
 )
+app.add_typer(certs_command, name="certs")
 
 BrokerOption = Annotated[
     str | None,
