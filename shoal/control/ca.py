@@ -420,12 +420,15 @@ class CertificateSigner:
         every ``bundle_check`` seconds (a root rotated or retired by another process)."""
         await self.publish_bundle()
         after = await self.store.revision()
-        for entry in await self.store.list(CSR_PREFIX):
+        listed = {}
+        for entry in await self.store.list(CSR_PREFIX):  # may include puts after ``after``
+            listed[entry.key] = entry.revision
             await self._answer_safely(entry.key, entry.value, entry.revision)
         ticker = asyncio.get_running_loop().create_task(self._refresh_bundle(bundle_check))
         try:
             async for change in self.store.watch(CSR_PREFIX, after_revision=after):
-                if change.kind == "put" and change.value is not None:
+                if change.kind == "put" and change.value is not None and \
+                        listed.pop(change.key, None) != change.revision:
                     await self._answer_safely(change.key, change.value, change.revision)
         finally:
             ticker.cancel()

@@ -60,6 +60,7 @@ async def raw_exchange(port: int, context: ssl.SSLContext | None, data: bytes) -
 
     def run() -> bytes:
         with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+            sock = raw
             try:
                 sock = raw if context is None else context.wrap_socket(raw)
                 sock.sendall(data)
@@ -69,6 +70,8 @@ async def raw_exchange(port: int, context: ssl.SSLContext | None, data: bytes) -
                 return b"".join(chunks)
             except (ssl.SSLError, ConnectionError) as exc:
                 return f"refused: {exc!r}".encode()
+            finally:
+                sock.close()
 
     return await asyncio.to_thread(run)
 
