@@ -1503,7 +1503,7 @@ class HttpServer:
 
     async def adopt(self, sock: socket.socket, *, ssl: _ssl.SSLContext | None = None) -> None:
         """Serve one connection accepted elsewhere (TLS with ``ssl``): the hook of
-        ``shoal.mesh.security.PermissiveListener``)."""
+        ``shoal.mesh.security.PermissiveListener``."""
         if self._shutting:
             raise RuntimeError("the server was shut down")
         self._loop = asyncio.get_running_loop()
