@@ -15,6 +15,17 @@ from CSRs like an instance's.
 Figures per mode: ``--concurrency`` closed-loop workers (req/s, p50, client CPU per
 request) and sequential calls (p50). Headline: throughput ratio mtls/plain (the target:
 at least 0.85, i.e. at most 15% lower). The last line is one JSON object.
+
+Measured so far (2 shared CPUs under heavy load from other jobs, 10000 requests, 3
+rounds): concurrent ratio 0.21 and 0.26, sequential 0.39 and 0.58 - the target is NOT
+met. Where it goes: OpenSSL's own work is about 6 us per exchange (both sides, memory
+BIOs, measured alone); a bare uvloop echo over TLS costs about 30 us more CPU per
+exchange than over TCP, and the full HTTP path 35-100 us more (worse with 32 connections
+than with one). That is the event loop's memory-BIO TLS machinery (a Python-level
+``SSLObject`` call per record, a 256 KiB read buffer per call), not the mesh's code: the
+SNI swap and SPIFFE check run once per handshake, and plain ``ssl.SSLContext`` objects
+measure no better. Closing the gap needs TLS below Python (kernel TLS, which asyncio's
+memory BIOs cannot use, or a native terminator).
 """
 
 from __future__ import annotations
