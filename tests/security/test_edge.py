@@ -3,7 +3,9 @@ whole path on real sockets (client -TLS-> gateway -mTLS-> service)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import json
 import ssl
 import time
@@ -35,6 +37,7 @@ from shoal.mesh.http1 import ConnectionPool
 from shoal.mesh.registry import EndpointCache, Instance, Registry
 from shoal.mesh.security import MeshTLS
 from shoal.store import connect_store
+from tests.helpers import eventually
 from tests.security.conftest import issue
 
 ISSUER, AUDIENCE = "https://id.example", "shop"
@@ -307,3 +310,36 @@ async def test_per_client_limit_answers_429_with_retry_after(store: Any) -> None
         await front.shutdown()
         await gateway.aclose()
         await cache.close()
+
+
+async def test_jwks_url_keys_are_fetched_off_the_request_path(tmp_path: Path) -> None:
+    from aiohttp import web
+
+    jwks = {"keys": [{**json.loads(jwt.algorithms.ECAlgorithm.to_jwk(KEY.public_key())),
+                      "kid": "k1"}]}
+    async def serve_jwks(request: web.Request) -> web.Response:
+        return web.json_response(jwks)
+
+    app = web.Application()
+    app.router.add_get("/jwks.json", serve_jwks)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    edge = EdgePolicy.from_config({"routes": {"orders": {"jwt": {
+        "issuer": ISSUER, "audience": AUDIENCE,
+        "jwks_url": f"http://127.0.0.1:{port}/jwks.json"}}}})
+    validator = edge.routes["orders"].jwt
+    assert validator is not None
+    with pytest.raises(JwtRejected, match="no key"):  # not fetched yet: refused, not blocked
+        validator.validate(token(headers={"kid": "k1"}))
+    task = asyncio.get_running_loop().create_task(edge.refresh_keys())
+    try:
+        await eventually(lambda: "k1" in validator.keys, what="JWKS fetched")
+        assert validator.validate(token(headers={"kid": "k1"}))["sub"] == "alice"
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await runner.cleanup()

@@ -289,3 +289,23 @@ async def test_permissive_mode_serves_mtls_and_plaintext_on_one_port(
 def test_mtls_mode_names_the_allowed_values(value: object) -> None:
     with pytest.raises(ShoalError, match="strict, permissive or off"):
         MtlsMode.parse(value)
+
+
+async def test_permissive_listener_drops_silent_and_garbage_connections(
+        ca: CertificateAuthority) -> None:
+    backend = Backend()
+    server = HttpServer(backend.handle)
+    listener = PermissiveListener(server, MeshTLS(issue(ca, "billing")).server_context,
+                                  sniff_timeout=0.2)
+    await listener.start()
+    try:
+        silent = await raw_exchange(listener.port, None, b"")  # says nothing: closed
+        assert silent == b""
+        garbage = await raw_exchange(listener.port, None, b"\x16\x03\x01\x00\x05hello")
+        assert b"HTTP/1.1" not in garbage  # looks like TLS, is not: handshake fails
+        plain = await raw_exchange(listener.port, None, b"GET / HTTP/1.1\r\nHost: x\r\n"
+                                   b"Connection: close\r\n\r\n")
+        assert plain.startswith(b"HTTP/1.1 200") and backend.calls == 1
+    finally:
+        await listener.aclose()
+        await server.shutdown()
