@@ -115,7 +115,9 @@ async def test_rotation_loop_renews_and_follows_root_rotation(
         ca.rotate_root()
         files.save(ca)
         await signer.publish_bundle()
-        await eventually(lambda: tls.identity.bundle_pem == ca.bundle_pem(), what="bundle")
+        stored = (await store.get(BUNDLE_KEY)).value
+        assert stored == ca.bundle_pem()
+        await eventually(lambda: tls.identity.bundle_pem == stored, what="bundle")
         assert tls.identity.bundle_pem.count(b"BEGIN CERTIFICATE") == 2
     finally:
         task.cancel()

@@ -194,17 +194,23 @@ async def rotate_forever(tls: MeshTLS, store: Any, instance: str, *,
     """Renew ``tls``'s certificate at two thirds of its life and follow the trust bundle
     in the Store, until cancelled (failures are logged and retried)."""
 
+    latest: list[bytes | None] = [None]  # the newest bundle seen in the Store
+
+    def apply(bundle: bytes) -> None:
+        try:
+            tls.update_bundle(bundle)
+            latest[0] = bundle
+        except CertificateError as exc:
+            log.error("trust bundle update refused: %s", exc)
+
     async def follow_bundle() -> None:
+        after = await store.revision()  # first: a put between these two is still watched
         entry = await store.get(BUNDLE_KEY)
-        after = await store.revision()
         if entry is not None:
-            tls.update_bundle(entry.value)
+            apply(entry.value)
         async for change in store.watch(BUNDLE_KEY, after_revision=after):
             if change.kind == "put" and change.value:
-                try:
-                    tls.update_bundle(change.value)
-                except CertificateError as exc:
-                    log.error("trust bundle update refused: %s", exc)
+                apply(change.value)
 
     follower = asyncio.get_running_loop().create_task(follow_bundle())
     try:
@@ -212,8 +218,12 @@ async def rotate_forever(tls: MeshTLS, store: Any, instance: str, *,
             await asyncio.sleep(max(tls.identity.renew_at - clock(), 0.0))
             spiffe = tls.identity.spiffe_id
             try:
-                tls.update(await request_identity(store, spiffe.service, instance,
-                                                  trust_domain=spiffe.trust_domain))
+                renewed = await request_identity(store, spiffe.service, instance,
+                                                 trust_domain=spiffe.trust_domain)
+                if latest[0] is not None and latest[0] != renewed.bundle_pem:
+                    # the answer may carry an older bundle than the one followed since
+                    renewed = renewed.with_bundle(latest[0])
+                tls.update(renewed)
             except ShoalError as exc:
                 log.error("certificate renewal for %s failed: %s; retrying in %gs",
                           spiffe, exc, retry_every)
