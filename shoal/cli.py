@@ -26,6 +26,7 @@ from typing import Annotated, Any, NoReturn, TypeVar
 import msgspec
 import typer
 
+from shoal.commands.certs import certs as certs_command
 from shoal.commands.gateway import gateway as gateway_command
 from shoal.commands.routes import routes_app
 from shoal.commands.sidecar import sidecar as sidecar_command
@@ -55,6 +56,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_show_locals=False,
 )
+app.add_typer(certs_command, name="certs")
 
 BrokerOption = Annotated[
     str | None,

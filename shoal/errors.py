@@ -35,6 +35,24 @@ class LeaseExpired(StoreError):
     """A lease ran out (or was revoked) before it was kept alive."""
 
 
+class SecurityError(ShoalError):
+    """An identity, certificate or authorization problem; the message names which."""
+
+
+class CertificateError(SecurityError):
+    """A certificate, key, CSR or trust bundle is malformed, expired or not acceptable."""
+
+
+class Forbidden(SecurityError):
+    """An authorization policy refused an action; ``rule`` names the rule that decided."""
+
+    status = 403
+
+    def __init__(self, message: str, *, rule: str) -> None:
+        super().__init__(message)
+        self.rule = rule
+
+
 class TransportError(ShoalError):
     """A call to an endpoint failed below HTTP semantics; ``address`` names the endpoint."""
 

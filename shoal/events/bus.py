@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncIterator, Coroutine, Generator, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -29,6 +29,9 @@ from shoal.observability import tracing as _tracing
 from shoal.store.base import Store
 from shoal.store.connect import connect_store
 from shoal.units import parse_duration, parse_size
+
+if TYPE_CHECKING:  # shoal.mesh imports the bus: the policy module is loaded on use
+    from shoal.mesh.security.topics import TopicGuard, TopicPolicy
 
 DEFAULT_PARTITIONS = 8
 
@@ -91,6 +94,7 @@ class EventBus:
         self._round_robin = itertools.count()
         self._member_ids = itertools.count()
         self._closed = False
+        self.topic_guard: TopicGuard | None = None  # who this client is, what it may do
 
     @classmethod
     def connect(
@@ -101,6 +105,8 @@ class EventBus:
         source: str | None = None,
         dedup_window: str | float = "2m",
         fsync: bool = False,
+        topic_policy: TopicPolicy | None = None,
+        identity: str | None = None,
     ) -> _Connecting:
         """Open the bus at ``url`` (default ``sqlite:///.shoal/events.db``).
 
@@ -109,12 +115,18 @@ class EventBus:
         ``memory://`` bus uses an in-process store and ``sqlite:///DIR/events.db`` uses
         ``sqlite:///DIR/store.db`` beside it. ``fsync=True`` makes an acknowledged publish
         survive power loss too, not only a crash of any process (the SQLite broker's
-        ``?fsync=1``; see the README for what it costs).
+        ``?fsync=1``; see the README for what it costs). With ``topic_policy``, this client
+        (``identity``: its SPIFFE id) may publish and subscribe only where the policy says.
         """
         if fsync:
             url = url or os.environ.get("SHOAL_BROKER") or DEFAULT_BROKER_URL
             url += ("&" if "?" in url else "?") + "fsync=1"
-        return _Connecting(cls._open(url, store, source, dedup_window))
+        opening = cls._open(url, store, source, dedup_window)
+        if topic_policy is not None:
+            from shoal.mesh.security.topics import TopicGuard
+
+            opening = _guarded(opening, TopicGuard(topic_policy, identity))
+        return _Connecting(opening)
 
     @classmethod
     async def _open(
@@ -177,6 +189,8 @@ class EventBus:
             if spec is None:
                 if not create:
                     raise TopicError(f"topic {topic!r} does not exist")
+                if self.topic_guard is not None:
+                    self.topic_guard.check_create(topic)
                 spec = await self.broker.create_topic(TopicSpec(topic, DEFAULT_PARTITIONS))
             self._topics[topic] = spec
         return spec
@@ -229,6 +243,8 @@ class EventBus:
         return Append(partition, key, ts_ms, encode_record(event), dedup_id)
 
     def _queue(self, topic: str) -> AppendQueue:
+        if self.topic_guard is not None:  # every publish path passes here before appending
+            self.topic_guard.check("publish", topic)
         queue = self._queues.get(topic)
         if queue is None:
             queue = self._queues[topic] = AppendQueue(self.broker, topic)
@@ -334,6 +350,8 @@ class EventBus:
         ``<topic>.dlq``; raising ``Drop`` drops the event on purpose.
         """
         check_group_name(group)
+        if self.topic_guard is not None:
+            self.topic_guard.check("subscribe", topic)
         if not isinstance(concurrency, int) or concurrency < 1:
             raise ConfigError(f"concurrency must be a positive integer, got {concurrency!r}")
         spec = await self._spec(topic)
@@ -367,6 +385,8 @@ class EventBus:
         for`` works too; after a ``break`` the group is left when the iterator is
         garbage-collected rather than at once.)
         """
+        if self.topic_guard is not None:
+            self.topic_guard.check("subscribe", topic)
         outcome = _StreamOutcome()
         return EventStream(self._pull(topic, group, start, session_timeout, outcome), outcome)
 
@@ -535,6 +555,12 @@ class _Connecting:
     async def __aexit__(self, *exc: object) -> None:
         if self._bus is not None:
             await self._bus.close()
+
+
+async def _guarded(opening: Coroutine[Any, Any, EventBus], guard: TopicGuard) -> EventBus:
+    bus = await opening
+    bus.topic_guard = guard
+    return bus
 
 
 def default_store_for(broker_url: str) -> str:

@@ -50,12 +50,14 @@ from shoal.errors import InvalidEvent, MeshError, ShoalError, TopicError, Transp
 from shoal.events.bus import EventBus
 from shoal.events.codec import MAX_EVENT_SIZE, from_http
 from shoal.events.partitioning import check_topic_name
+from shoal.gateway.edge import EdgePolicy
 from shoal.gateway.routes import Destination, InvalidPath, Route, RouteMatch, RouteTable
 from shoal.gateway.server import Request, Response
 from shoal.mesh.ejections import EjectionReporter
 from shoal.mesh.endpoint import Endpoint
 from shoal.mesh.http1 import Body
 from shoal.mesh.registry import EndpointCache
+from shoal.mesh.security.tls import MeshTLS
 from shoal.mesh.upstream import Upstream
 
 __all__ = ["BUFFER_MAX", "EVENTS_PREFIX", "HOP_BY_HOP", "MAX_MIRRORS", "Gateway"]
@@ -129,9 +131,12 @@ class Gateway:
 
     def __init__(self, routes: RouteTable, cache: EndpointCache, bus: EventBus | None = None,
                  *, services: Mapping[str, Mapping[str, Any]] | None = None,
-                 rng: random.Random | None = None,
+                 rng: random.Random | None = None, tls: MeshTLS | None = None,
+                 edge: EdgePolicy | None = None,
                  ejections: EjectionReporter | None = None) -> None:
         self.routes = routes
+        self.tls = tls  # mutual TLS to services (the gateway's own mesh identity)
+        self.edge = edge  # JWT and rate limits per route (shoal.gateway.edge)
         self.cache = cache
         self.ejections = ejections  # shares outlier ejections with the registry
         self.bus = bus
@@ -145,13 +150,18 @@ class Gateway:
     async def handle(self, request: Request) -> Any:
         """Answer one request: an event publish, a proxied call, or a JSON error."""
         if request.method == "POST" and request.raw_path.startswith(EVENTS_PREFIX):
-            return await self._publish(request)
+            refusal = None if self.edge is None else self.edge.check(request, None)
+            return refusal or await self._publish(request)
         host = request.host or ""
         try:
             m = self.routes.match(request.method, host, request.raw_path, request.headers,
                                   request.raw_query)
         except InvalidPath as exc:
             return Response.error(exc.status, "invalid-path", str(exc), layer="router")
+        if self.edge is not None:
+            refusal = self.edge.check(request, None if m is None else m.route)
+            if refusal is not None:
+                return refusal
         if m is None:
             return Response.error(404, "no-route", f"no route for {request.method} "
                                   f"{host}{request.path}", layer="router")
@@ -206,7 +216,9 @@ class Gateway:
         policy = m.route.policy_for(self.services.get(service))
         upstream = Upstream(service, self._source(service, destination.subset), policy,
                             is_healthy=self.cache.is_healthy,
-                            on_ejection=None if self.ejections is None else self.ejections.report)
+                            on_ejection=None if self.ejections is None else self.ejections.report,
+                            pool_options=None if self.tls is None else
+                            {"ssl": self.tls.client_context(service)})  # type: ignore[dict-item]
         self._upstreams[key] = upstream
         return upstream
 

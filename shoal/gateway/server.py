@@ -76,6 +76,7 @@ import logging
 import math
 import os
 import socket
+import ssl as _ssl
 import stat
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -89,6 +90,7 @@ import httptools
 import msgspec
 
 from shoal.errors import ShoalError
+from shoal.mesh.security.identity import spiffe_id_of_peercert
 from shoal.units import parse_duration, parse_size
 
 __all__ = [
@@ -410,6 +412,11 @@ class Request:
         value = self.headers.get(b"host")
         return None if value is None else value.decode("latin-1")
 
+    @property
+    def peer_identity(self) -> str | None:
+        """The client's verified SPIFFE id (mutual TLS), else None."""
+        return self._conn.peer_identity
+
     def header(self, name: str | bytes, default: bytes | None = None) -> bytes | None:
         """The first value of header ``name`` (case-insensitive), or ``default``."""
         return self.headers.get(name, default)
@@ -636,6 +643,7 @@ class _ServerConnection(asyncio.Protocol):
         "_write_deadline",
         "_write_paused",
         "client",
+        "peer_identity",
     )
 
     def __init__(self, server: HttpServer) -> None:
@@ -686,6 +694,7 @@ class _ServerConnection(asyncio.Protocol):
         server = self._server
         server._conns.add(self)
         self.client = transport.get_extra_info("peername")
+        self.peer_identity = spiffe_id_of_peercert(transport.get_extra_info("peercert"))
         self._arm_read(_HEAD)
         if len(server._conns) > self._limits.max_connections:
             server.refused_connections += 1
@@ -1420,8 +1429,10 @@ def _remove_stale_socket(path: str) -> None:
 class HttpServer:
     """An HTTP/1.1 server: ``handler(request)`` answers each request that passed the checks."""
 
-    def __init__(self, handler: Handler, *, limits: ServerLimits | None = None) -> None:
+    def __init__(self, handler: Handler, *, limits: ServerLimits | None = None,
+                 ssl: _ssl.SSLContext | None = None) -> None:
         self.handler = handler
+        self.ssl = ssl  # TLS on every listener (shoal.mesh.security builds mesh contexts)
         self.limits = limits if limits is not None else ServerLimits()
         self.refused_connections = 0
         self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
@@ -1466,25 +1477,42 @@ class HttpServer:
         if self._shutting:
             raise RuntimeError("the server was shut down")
         loop = self._loop = asyncio.get_running_loop()
-
-        def factory() -> _ServerConnection:
-            return _ServerConnection(self)
+        factory = self._factory
+        tls: dict[str, Any] = {}
+        if self.ssl is not None:
+            tls = {"ssl": self.ssl, "ssl_handshake_timeout": self.limits.header_timeout or None}
 
         if path is not None:
             _remove_stale_socket(path)
-            srv = await loop.create_unix_server(factory, path, backlog=backlog)
+            srv = await loop.create_unix_server(factory, path, backlog=backlog, **tls)
             self._unix_paths.append(path)
         elif sock is not None:
             if sock.family == socket.AF_UNIX:
-                srv = await loop.create_unix_server(factory, sock=sock, backlog=backlog)
+                srv = await loop.create_unix_server(factory, sock=sock, backlog=backlog, **tls)
             else:
-                srv = await loop.create_server(factory, sock=sock, backlog=backlog)
+                srv = await loop.create_server(factory, sock=sock, backlog=backlog, **tls)
         else:
             srv = await loop.create_server(factory, host, port, backlog=backlog,
-                                           reuse_port=reuse_port or None)
+                                           reuse_port=reuse_port or None, **tls)
         self._servers.append(srv)
         if self._sweep_handle is None:
             self._sweep_handle = loop.call_later(self._tick, self._sweep)
+
+    def _factory(self) -> _ServerConnection:
+        return _ServerConnection(self)
+
+    async def adopt(self, sock: socket.socket, *, ssl: _ssl.SSLContext | None = None) -> None:
+        """Serve one connection accepted elsewhere (TLS with ``ssl``): the hook of
+        ``shoal.mesh.security.PermissiveListener``."""
+        if self._shutting:
+            raise RuntimeError("the server was shut down")
+        self._loop = asyncio.get_running_loop()
+        if self._sweep_handle is None:
+            self._sweep_handle = self._loop.call_later(self._tick, self._sweep)
+        extra: dict[str, Any] = {}
+        if ssl is not None:
+            extra["ssl_handshake_timeout"] = self.limits.header_timeout or None
+        await self._loop.connect_accepted_socket(self._factory, sock, ssl=ssl, **extra)
 
     async def shutdown(self, grace: float = 10.0) -> None:
         """Stop accepting, close idle connections, let requests in progress finish within

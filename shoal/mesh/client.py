@@ -20,6 +20,7 @@ from shoal.mesh.ejections import EjectionReporter
 from shoal.mesh.http1 import Body, Response
 from shoal.mesh.registry import EndpointCache
 from shoal.mesh.resilience import TrafficPolicy
+from shoal.mesh.security.tls import MeshTLS
 from shoal.mesh.upstream import Upstream
 from shoal.observability import tracing as _tracing
 from shoal.store.base import Store
@@ -39,9 +40,11 @@ class MeshClient:
         default_policy: TrafficPolicy | None = None,
         store: Store | None = None,
         ejections: EjectionReporter | None = None,
+        tls: MeshTLS | None = None,
     ) -> None:
         self.cache = cache
         self.ejections = ejections  # shares this client's outlier ejections with the registry
+        self.tls = tls  # mutual TLS to every service (strict/permissive mTLS), else plaintext
         self.policies = dict(policies or {})
         self.default_policy = default_policy or TrafficPolicy()
         self._upstreams: dict[str, Upstream] = {}
@@ -68,6 +71,8 @@ class MeshClient:
                 self.policies.get(service, self.default_policy),
                 is_healthy=cache.is_healthy,
                 on_ejection=None if self.ejections is None else self.ejections.report,
+                pool_options=None if self.tls is None else
+                {"ssl": self.tls.client_context(service)},  # type: ignore[dict-item]
             )
         return upstream
 

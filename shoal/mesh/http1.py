@@ -53,8 +53,9 @@ import asyncio
 import collections
 import contextlib
 import select
+import ssl as _ssl
 import weakref
-from collections.abc import AsyncIterable, Iterable
+from collections.abc import AsyncIterable, Callable, Iterable
 from types import TracebackType
 from typing import Any
 
@@ -88,6 +89,8 @@ Address = str | tuple[str, int]
 """``"host:port"``, ``"http://host:port"``, ``("host", port)``, ``"unix:/path"`` or ``"/path"``."""
 HeaderList = Iterable[tuple[str | bytes, str | bytes]]
 Body = bytes | bytearray | memoryview | AsyncIterable[bytes] | None
+TLSContext = _ssl.SSLContext | Callable[[], _ssl.SSLContext] | None
+"""A context for TLS, or a provider of the current one (read per new connection)."""
 
 _BYTES_LIKE = (bytes, bytearray, memoryview)
 _EMPTY_BODY_METHODS = frozenset((b"POST", b"PUT", b"PATCH"))
@@ -372,16 +375,19 @@ class Http1Connection(asyncio.Protocol):
 
     @classmethod
     async def open(cls, address: Address, *, connect_timeout: float = 10.0,
-                   owner: ConnectionPool | None = None) -> Http1Connection:
-        """Connect to ``address``; ``ConnectError`` if refused, unreachable or too slow."""
+                   owner: ConnectionPool | None = None,
+                   ssl: _ssl.SSLContext | None = None) -> Http1Connection:
+        """Connect to ``address`` (over TLS with ``ssl``); ``ConnectError`` if refused,
+        unreachable, too slow, or the TLS handshake or peer verification failed."""
         conn = cls(address, owner=owner)
         loop, target = conn._loop, conn.target
         try:
             async with asyncio.timeout(connect_timeout):
                 if isinstance(target, str):
-                    await loop.create_unix_connection(lambda: conn, target)
+                    await loop.create_unix_connection(lambda: conn, target, ssl=ssl,
+                                                      server_hostname="" if ssl else None)
                 else:
-                    await loop.create_connection(lambda: conn, target[0], target[1])
+                    await loop.create_connection(lambda: conn, target[0], target[1], ssl=ssl)
         except TimeoutError:
             raise ConnectError(
                 conn.label, f"timed out after {connect_timeout}s connecting to {conn.label}"
@@ -831,7 +837,8 @@ class ConnectionPool:
     """Keep-alive HTTP/1.1 connections to one endpoint: LIFO idle stack, bounded size."""
 
     def __init__(self, address: Address, *, max_connections: int = 100, max_idle: int = 32,
-                 idle_timeout: float = 30.0, connect_timeout: float = 10.0) -> None:
+                 idle_timeout: float = 30.0, connect_timeout: float = 10.0,
+                 ssl: TLSContext = None) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be >= 1")
         self.address = address
@@ -840,6 +847,7 @@ class ConnectionPool:
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout
+        self.ssl = ssl  # TLS for new connections (shoal.mesh.security.MeshTLS.client_context)
         self.active = 0  # exchanges in flight (request sent, response not fully received)
         self.size = 0  # connections open or opening
         self.opened = 0  # connections ever opened (a reuse metric)
@@ -915,8 +923,9 @@ class ConnectionPool:
             if self.size < self.max_connections:
                 self.size += 1
                 try:
+                    tls = self.ssl() if callable(self.ssl) else self.ssl
                     conn = await Http1Connection.open(
-                        self.address, connect_timeout=self.connect_timeout, owner=self)
+                        self.address, connect_timeout=self.connect_timeout, owner=self, ssl=tls)
                 except BaseException:
                     self.size -= 1
                     self._wake_one()
