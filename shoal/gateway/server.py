@@ -90,6 +90,7 @@ import httptools
 import msgspec
 
 from shoal.errors import ShoalError
+from shoal.mesh.http1 import ChunkIterator
 from shoal.mesh.security.identity import spiffe_id_of_peercert
 from shoal.units import parse_duration, parse_size
 
@@ -443,7 +444,7 @@ class Request:
         if self._streamed:
             raise RuntimeError(f"body of {self!r} was already consumed")
         self._streamed = True
-        return _BodyStream(self)
+        return ChunkIterator(self)
 
     async def _next_chunk(self) -> bytes | None:
         if self._expect_continue:
@@ -517,24 +518,6 @@ class Request:
         w = self._waiter
         if w is not None and not w.done():
             w.set_result(None)
-
-
-class _BodyStream:
-    """Async iterator over a request body."""
-
-    __slots__ = ("_request",)
-
-    def __init__(self, request: Request) -> None:
-        self._request = request
-
-    def __aiter__(self) -> _BodyStream:
-        return self
-
-    async def __anext__(self) -> bytes:
-        chunk = await self._request._next_chunk()
-        if chunk is None:
-            raise StopAsyncIteration
-        return chunk
 
 
 class Response:

@@ -201,9 +201,9 @@ class Response:
         """Read the whole body and decode it as JSON."""
         return msgspec.json.decode(await self.aread())
 
-    def aiter_bytes(self) -> _BodyIterator:
+    def aiter_bytes(self) -> ChunkIterator:
         """Iterate over body chunks as they arrive (``async for chunk in r.aiter_bytes()``)."""
-        return _BodyIterator(self)
+        return ChunkIterator(self)
 
     async def aclose(self) -> None:
         """Release the response; if its body has not fully arrived, close the connection."""
@@ -311,19 +311,20 @@ class Response:
             w.set_result(None)
 
 
-class _BodyIterator:
-    """Async iterator over a response body's chunks."""
+class ChunkIterator:
+    """Async iterator over a streamed body's chunks: ``await source._next_chunk()`` until
+    None (responses here, requests in the gateway's server)."""
 
-    __slots__ = ("_response",)
+    __slots__ = ("_source",)
 
-    def __init__(self, response: Response) -> None:
-        self._response = response
+    def __init__(self, source: Any) -> None:
+        self._source = source
 
-    def __aiter__(self) -> _BodyIterator:
+    def __aiter__(self) -> ChunkIterator:
         return self
 
     async def __anext__(self) -> bytes:
-        chunk = await self._response._next_chunk()
+        chunk = await self._source._next_chunk()
         if chunk is None:
             raise StopAsyncIteration
         return chunk
