@@ -14,6 +14,7 @@ from shoal.control.load import LoadReport, load_key
 from shoal.control.plane import ControlPlane, Plan, ServicePlan
 from shoal.control.restart import RestartPolicy
 from shoal.errors import ConfigError
+from shoal.gateway.config import parse_gateway_config
 
 FAKE = str(Path(__file__).with_name("fake_service.py"))
 
@@ -21,10 +22,10 @@ FAKE = str(Path(__file__).with_name("fake_service.py"))
 def make_plan(tmp_path: Path, **kw) -> Plan:
     services = kw.pop("services", {"echo": ServicePlan("echo", "unused:app", replicas=2)})
     return Plan(broker=f"sqlite:///{tmp_path}/events.db", store=f"sqlite:///{tmp_path}/store.db",
-                services=services, base_dir=tmp_path, gateway_listen="127.0.0.1:0",
-                admin_listen="127.0.0.1:0",
-                routes=[{"name": "echo", "match": {"path": {"prefix": "/echo"}},
-                         "service": "echo"}],
+                services=services, base_dir=tmp_path, admin_listen="127.0.0.1:0",
+                gateway=parse_gateway_config(
+                    "gateway: {listen: 127.0.0.1:0, routes_key: null, routes: [{name: echo, "
+                    "match: {path: {prefix: /echo}}, service: echo}]}", "plan"),
                 restart=RestartPolicy(initial_backoff="50ms", jitter=0.0),
                 autoscale_interval=0.2, grace=5.0, **kw)
 
@@ -135,7 +136,7 @@ async def test_bad_or_busy_listen_addresses_are_config_errors(tmp_path, listen, 
         listen = f"127.0.0.1:{busy.getsockname()[1]}"
     plan = make_plan(tmp_path)
     plan = Plan(broker=plan.broker, store=plan.store, services=plan.services,
-                admin_listen=listen, gateway_listen=None)
+                admin_listen=listen, gateway=None)
     try:
         with pytest.raises(ConfigError, match=f"admin.listen .*{match}"):
             await plane_for(plan, []).start()
