@@ -1,6 +1,7 @@
 """The control plane with real processes (stand-in instances), the gateway and the admin API."""
 
 import asyncio
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -117,6 +118,33 @@ async def test_autoscaler_scales_on_lag_and_publishes_its_decisions(tmp_path):
         assert [(e["from"], e["to"], e["direction"]) for e in events] == [
             (1, 3, "up"), (3, 1, "down")]
         assert "lag 24 / target 10 per instance -> 3" in events[0]["reason"]
+    finally:
+        await plane.close()
+
+
+async def test_the_gateway_of_up_is_the_manifest_sections_limits_and_routes_key(tmp_path):
+    gateway = parse_gateway_config(
+        "gateway:\n  listen: 127.0.0.1:0\n  routes_key: t/routes\n  drain: 1s\n"
+        "  limits: {max_body_bytes: 1KiB}\n"
+        "  routes: [{name: echo, match: {path: {prefix: /echo}}, service: echo}]\n", "plan")
+    plan = make_plan(tmp_path, services={"echo": ServicePlan("echo", "unused:app")})
+    plane = plane_for(dataclasses.replace(plan, gateway=gateway), [])
+    await plane.start(ready_timeout=20)
+    try:
+        async with httpx.AsyncClient(timeout=5) as client:
+            r = await client.post(f"{plane.gateway_url}/echo/x", content=b"x" * 2048)
+            assert r.status_code == 413  # gateway.limits
+            assert (await client.get(f"{plane.gateway_url}/other/x")).status_code == 404
+            await plane.bus.store.put("t/routes", b"- {name: other, match: {path: "
+                                                  b"{prefix: /other}}, service: echo}\n")
+            for _ in range(200):  # the routes key is followed (shoal.gateway.reload)
+                if (await client.get(f"{plane.gateway_url}/other/x")).status_code == 200:
+                    break
+                await asyncio.sleep(0.05)
+            assert (await client.get(f"{plane.gateway_url}/other/x")).status_code == 200
+            routes = (await client.get(f"{plane.admin_url}/api/routes")).json()
+            assert routes == [{"index": 0, "name": "other", "service": "echo",
+                               "match": {"path": {"prefix": "/other"}}}]
     finally:
         await plane.close()
 
