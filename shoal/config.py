@@ -27,11 +27,10 @@ expected an integer >= 0, got 'two'``. Unknown keys are refused, with "did you m
 Top-level keys starting with ``x-`` are ignored (a place for YAML anchors to reuse, as in
 Compose files: ``x-defaults: &defaults {...}`` then ``<<: *defaults``).
 
-Hostile input is refused before it costs anything: files over ``MAX_MANIFEST_BYTES``,
-YAML whose aliases expand past ``MAX_NODES`` nodes (the "billion laughs"), nesting
-deeper than ``MAX_FLOW_DEPTH`` brackets or the parser's stack, duplicate keys, and any
-tag outside plain YAML (``!!python/object`` and friends: the safe loader constructs
-nothing else).
+The ``gateway:`` section has one schema, ``shoal.gateway.config.gateway_section`` (the
+same for ``shoal validate``, ``shoal up`` and ``shoal gateway``); ``Manifest.gateway`` is
+its ``GatewayConfig``. Hostile input is refused by the one YAML loader, ``shoal.yamlsafe``
+(size, alias expansion, nesting, tags, duplicate keys).
 
 Relative ``sqlite:///`` paths are relative to the working directory, as everywhere in
 Shoal; ``Manifest.directory`` is the manifest's directory, from which the control plane
@@ -45,9 +44,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -66,13 +64,14 @@ from shoal.events.bus import default_store_for
 from shoal.mesh.registry import check_service_name
 from shoal.mesh.resilience import TrafficPolicy, load_traffic_policy
 from shoal.units import parse_duration
+from shoal.yamlsafe import MAX_YAML_BYTES, YamlDocument, YamlError, load_yaml
+
+if TYPE_CHECKING:
+    from shoal.gateway.config import GatewayConfig
 
 MANIFEST_NAME = "shoal.yaml"
-MAX_MANIFEST_BYTES = 1 << 20  # 1 MiB: a manifest is a page of settings, not a data file
-MAX_NODES = 100_000  # YAML nodes after alias expansion
+MAX_MANIFEST_BYTES = MAX_YAML_BYTES  # 1 MiB: a manifest is a page of settings
 MAX_ERRORS = 50
-MAX_FLOW_DEPTH = 64  # [ and { nesting
-DEFAULT_GATEWAY_LISTEN = "127.0.0.1:8080"
 DEFAULT_ADMIN_LISTEN = "127.0.0.1:8081"
 _APP = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*"
                   r":[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
@@ -155,32 +154,6 @@ class AdminConfig(_Section):
     """``admin:``: where the control plane's admin API and dashboard listen."""
 
     listen: Listen = DEFAULT_ADMIN_LISTEN
-
-
-class GatewayConfig(_Section):
-    """``gateway:``: the ingress listen address and its routes (see shoal.gateway.routes)."""
-
-    listen: Listen = DEFAULT_GATEWAY_LISTEN
-    routes: list[Any] = Field(default_factory=list, max_length=10_000)
-    _table: Any = PrivateAttr(default=None)
-
-    @field_validator("routes")
-    @classmethod
-    def _routes_valid(cls, value: list[Any]) -> list[Any]:
-        from shoal.gateway.routes import RouteTable
-
-        RouteTable.from_config(value, where="routes")
-        return value
-
-    def model_post_init(self, context: Any) -> None:
-        from shoal.gateway.routes import RouteTable
-
-        self._table = RouteTable.from_config(self.routes, where="routes")
-
-    @property
-    def route_table(self) -> Any:
-        """The validated ``shoal.gateway.routes.RouteTable``."""
-        return self._table
 
 
 class SecurityConfig(_Section):
@@ -279,7 +252,8 @@ class Manifest(_Section):
     broker: Url = DEFAULT_BROKER_URL
     store: Url | None = None  # default: beside the broker
     admin: AdminConfig = Field(default_factory=AdminConfig)
-    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    gateway: Any = Field(default_factory=lambda: _gateway_section(None, None))
+    """The ``gateway:`` section: a ``shoal.gateway.config.GatewayConfig``."""
     security: SecurityConfig = Field(default_factory=SecurityConfig)
     services: dict[ServiceName, ServiceConfig] = Field(default_factory=dict, max_length=1000)
     _path: Path | None = PrivateAttr(default=None)
@@ -327,160 +301,49 @@ def load_manifest(path: str | Path) -> Manifest:
                                            f"cannot be read: {e.strerror}")]) from None
     if len(raw) > MAX_MANIFEST_BYTES:
         raise ManifestError([ManifestIssue(
-            path, None, "", f"larger than {MAX_MANIFEST_BYTES // 1024} KiB: not a manifest")])
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise ManifestError([ManifestIssue(path, line, "", "not valid UTF-8")]) from None
-    return parse_manifest(text, path)
+            path, None, "", f"larger than the limit of {MAX_MANIFEST_BYTES} bytes (1 MiB): "
+                            "not a manifest")])
+    return parse_manifest(raw, path)
 
 
-def parse_manifest(text: str, path: str | Path = MANIFEST_NAME) -> Manifest:
+def parse_manifest(text: str | bytes, path: str | Path = MANIFEST_NAME) -> Manifest:
     """Validate a manifest's text; ``path`` is only used in messages."""
     path = Path(path)
-    if len(text) > MAX_MANIFEST_BYTES:
-        raise ManifestError([ManifestIssue(
-            path, None, "", f"larger than {MAX_MANIFEST_BYTES // 1024} KiB: not a manifest")])
-    _check_flow_depth(text, path)
-    node = _compose(text, path)
-    lines: dict[tuple[Any, ...], int] = {}
-    if node is not None:
-        _check_tree(node, path)
-        _index_lines(node, (), lines)
     try:
-        data = yaml.load(text, Loader=_SafeLoader)  # _SafeLoader: plain YAML only
-    except yaml.YAMLError as e:  # constructor errors (tags composed but not constructible)
-        raise ManifestError([_yaml_issue(e, path)]) from None
-    if data is None:
-        data = {}
+        doc = load_yaml(text, str(path))
+    except YamlError as e:
+        raise ManifestError([ManifestIssue(path, e.line, "", e.message)]) from None
+    data = {} if doc.data is None else doc.data
     if not isinstance(data, dict):
         raise ManifestError([ManifestIssue(
             path, 1, "", f"the manifest must be a mapping (keys like broker:, services:), "
                          f"not {_kind(data)}")])
     data = {k: v for k, v in data.items() if not (isinstance(k, str) and k.startswith("x-"))}
+    issues = []
+    try:
+        data["gateway"] = _gateway_section(doc, data.get("gateway"))
+    except YamlError as e:
+        issues.append(ManifestIssue(path, e.line, "", e.message))
+        del data["gateway"]
     try:
         manifest = Manifest.model_validate(data)
     except ValidationError as e:
-        raise ManifestError(_issues(e, path, lines, data)) from None
+        issues.extend(_issues(e, path, doc.lines, data))
+    if issues:
+        raise ManifestError(sorted(issues, key=lambda i: i.line or 0)[:MAX_ERRORS])
     manifest._path = path
-    manifest._lines = {_dotted(key): line for key, line in lines.items()}
+    manifest._lines = {_dotted(key): line for key, line in doc.lines.items() if key}
     return manifest
 
 
-_FLOW = re.compile(r"[\[\]{}]")
+def _gateway_section(doc: YamlDocument | None, section: Any) -> GatewayConfig:
+    """The gateway section through its one schema (imported here: only ``shoal gateway``
+    and ``shoal up`` need the gateway's modules otherwise)."""
+    from shoal.gateway.config import GatewayConfig, gateway_section
 
-
-def _check_flow_depth(text: str, path: Path) -> None:
-    """Refuse ``[[[[...`` before PyYAML sees it: its scanner is quadratic in flow depth.
-
-    Brackets inside quoted strings count too: a manifest with more than
-    ``MAX_FLOW_DEPTH`` unclosed ones there is not a manifest either.
-    """
-    depth = 0
-    for m in _FLOW.finditer(text):
-        if m.group() in "[{":
-            depth += 1
-            if depth > MAX_FLOW_DEPTH:
-                line = text.count("\n", 0, m.start()) + 1
-                raise ManifestError([ManifestIssue(
-                    path, line, "", f"nested more than {MAX_FLOW_DEPTH} levels deep: "
-                                    "not a manifest")])
-        elif depth:
-            depth -= 1
-
-
-class _SafeLoader(yaml.SafeLoader):
-    """The safe loader (no Python objects)."""
-
-
-def _compose(text: str, path: Path) -> yaml.Node | None:
-    try:
-        return yaml.compose(text, Loader=_SafeLoader)
-    except yaml.YAMLError as e:
-        raise ManifestError([_yaml_issue(e, path)]) from None
-    except RecursionError:
-        raise ManifestError([ManifestIssue(path, None, "",
-                                           "nested too deeply to be a manifest")]) from None
-
-
-def _yaml_issue(error: yaml.YAMLError, path: Path) -> ManifestIssue:
-    if isinstance(error, yaml.MarkedYAMLError):
-        mark = error.problem_mark or error.context_mark
-        problem = error.problem or error.context or "invalid YAML"
-        if isinstance(error, yaml.constructor.ConstructorError) and "tag" in problem:
-            problem = f"{problem} (only plain YAML is accepted: no !!python or custom tags)"
-        return ManifestIssue(path, mark.line + 1 if mark else None, "",
-                             f"not valid YAML: {problem}")
-    return ManifestIssue(path, None, "", f"not valid YAML: {error}")
-
-
-_PLAIN_TAGS = {"tag:yaml.org,2002:" + t for t in (
-    "str", "int", "float", "bool", "null", "map", "seq", "merge", "timestamp", "binary",
-    "omap", "pairs", "set")}
-
-
-def _check_tree(root: yaml.Node, path: Path) -> None:
-    """Refuse alias bombs, foreign tags and duplicate keys, before constructing anything."""
-    sizes: dict[int, int] = {}
-    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
-    while stack:  # post-order without recursion: expanded size of every node, memoized
-        node, children_done = stack.pop()
-        if id(node) in sizes:
-            continue
-        if node.tag not in _PLAIN_TAGS:
-            raise ManifestError([ManifestIssue(
-                path, node.start_mark.line + 1, "",
-                f"tag {node.tag!r} is not allowed (only plain YAML: no !!python or custom "
-                "tags)")])
-        children = _children(node)
-        if not children_done:
-            stack.append((node, True))
-            stack.extend((c, False) for c in children if id(c) not in sizes)
-            continue
-        total = 1 + sum(sizes.get(id(c), 0) for c in children)
-        if total > MAX_NODES:
-            raise ManifestError([ManifestIssue(
-                path, node.start_mark.line + 1, "",
-                f"expands to more than {MAX_NODES} YAML nodes (aliases of aliases?): "
-                "refused")])
-        sizes[id(node)] = total
-        if isinstance(node, yaml.MappingNode):
-            seen: dict[str, int] = {}
-            for key, _ in node.value:
-                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
-                    line = key.start_mark.line + 1
-                    if key.value in seen:
-                        raise ManifestError([ManifestIssue(
-                            path, line, "", f"duplicate key {key.value!r} "
-                                            f"(first on line {seen[key.value]})")])
-                    seen[key.value] = line
-
-
-def _children(node: yaml.Node) -> list[yaml.Node]:
-    if isinstance(node, yaml.MappingNode):
-        return [n for pair in node.value for n in pair]
-    if isinstance(node, yaml.SequenceNode):
-        return list(node.value)
-    return []
-
-
-def _index_lines(node: yaml.Node, key: tuple[Any, ...], out: dict[tuple[Any, ...], int],
-                 depth: int = 0) -> None:
-    """The line of every key path (value lines for list items), aliases not followed."""
-    if depth > 64 or len(out) > MAX_NODES:
-        return
-    if isinstance(node, yaml.MappingNode):
-        for k, v in node.value:
-            if isinstance(k, yaml.ScalarNode):
-                child = (*key, k.value)
-                out.setdefault(child, k.start_mark.line + 1)
-                _index_lines(v, child, out, depth + 1)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            child = (*key, i)
-            out.setdefault(child, item.start_mark.line + 1)
-            _index_lines(item, child, out, depth + 1)
+    if doc is None:
+        return GatewayConfig()
+    return gateway_section(doc, section)
 
 
 _KINDS = {bool: "a boolean", int: "an integer", float: "a number", list: "a list",
@@ -496,9 +359,6 @@ def _kind(value: Any) -> str:
 _KEY_PREFIX = re.compile(r"([A-Za-z_][A-Za-z0-9_]*(?:(?:\.|\[)[A-Za-z0-9_\]]+)*): ")
 
 
-_ROUTE_PREFIX = re.compile(r"(?:route '[^']*' \(routes\[(\d+)\]\)|routes\[(\d+)\]): ")
-
-
 def _issues(error: ValidationError, path: Path, lines: dict[tuple[Any, ...], int],
             data: Any) -> list[ManifestIssue]:
     issues = []
@@ -510,19 +370,12 @@ def _issues(error: ValidationError, path: Path, lines: dict[tuple[Any, ...], int
         if m and item["type"] == "value_error":
             sub = tuple(int(p) if p.isdigit() else p
                         for p in re.split(r"\.|\[|\]\.?", m.group(1)) if p)
-            if sub and sub[0] in ("policy", "routes") and len(loc) >= 1:
-                base = loc[:-1] if loc and loc[-1] in ("policy", "routes") else loc
+            if sub and sub[0] == "policy" and len(loc) >= 1:
+                base = loc[:-1] if loc and loc[-1] == "policy" else loc
                 key_loc = (*base, *sub)
                 if sub[0] == "policy" and key_loc not in lines:
                     key_loc = (*base, *sub[1:])  # load_balancer folded into the policy
                 message = message[m.end():]
-            route = _ROUTE_PREFIX.match(message)  # "route 'x' (routes[2]): match: ..."
-            if route and key_loc and key_loc[-1] == "routes":
-                index = int(route.group(1) or route.group(2))
-                key_loc = (*key_loc, index)
-                inner = _KEY_PREFIX.match(message[route.end():])
-                if inner and (*key_loc, inner.group(1).split(".")[0]) in lines:
-                    key_loc = (*key_loc, inner.group(1).split(".")[0])
         issues.append(ManifestIssue(path, _line_for(key_loc, lines), _dotted(key_loc),
                                     message))
     return sorted(issues, key=lambda i: i.line or 0)  # in the order a reader meets them
@@ -579,8 +432,7 @@ def _model_at(parent: tuple[Any, ...]) -> type[BaseModel] | None:
     if not parent:
         return Manifest
     if len(parent) == 1:
-        return {"admin": AdminConfig, "gateway": GatewayConfig,
-                "security": SecurityConfig}.get(str(parent[0]))
+        return {"admin": AdminConfig, "security": SecurityConfig}.get(str(parent[0]))
     if parent[0] == "services" and len(parent) == 2:
         return ServiceConfig
     if parent[0] == "services" and len(parent) == 3 and parent[2] == "autoscale":

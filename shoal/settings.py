@@ -105,7 +105,7 @@ def resolve(
     )
 
 
-def _connections(manifest: config.Manifest, path: Path) -> Manifest:
+def connections(manifest: config.Manifest, path: Path) -> Manifest:
     """The connection view of a validated manifest: what it says, where, if it says it."""
     given = manifest.model_fields_set
     return Manifest(
@@ -117,7 +117,7 @@ def _connections(manifest: config.Manifest, path: Path) -> Manifest:
     )
 
 
-def _one_line(error: config.ManifestError) -> ConfigError:
+def one_line(error: config.ManifestError) -> ConfigError:
     """The first problem of a manifest, for commands whose errors are one line."""
     more = len(error.issues) - 1
     tail = f" (and {more} more problem(s): run `shoal validate`)" if more > 0 else ""
@@ -128,9 +128,9 @@ def parse_manifest(text: str, path: Path) -> Manifest:
     """The ``broker:`` and ``store:`` of a manifest's text, after validating all of it with
     the manifest schema (``shoal.config``); ``ConfigError`` naming the file and line."""
     try:
-        return _connections(config.parse_manifest(text, path), path)
+        return connections(config.parse_manifest(text, path), path)
     except config.ManifestError as e:
-        raise _one_line(e) from None
+        raise one_line(e) from None
 
 
 def load_manifest(path: Path) -> Manifest | None:
@@ -138,9 +138,9 @@ def load_manifest(path: Path) -> Manifest | None:
     if not path.exists() and not path.is_symlink():
         return None
     try:
-        return _connections(config.load_manifest(path), path)
+        return connections(config.load_manifest(path), path)
     except config.ManifestError as e:
-        raise _one_line(e) from None
+        raise one_line(e) from None
 
 
 def load_settings(

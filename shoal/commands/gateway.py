@@ -1,7 +1,9 @@
 """``shoal gateway``: the ingress proxy in the foreground.
 
-Config: ``--config FILE`` (else ``./shoal.yaml`` when present) gives the ``gateway:``
-section (``shoal.gateway.config``); ``--listen`` replaces its addresses. Routes then follow
+Config: ``--config FILE`` (else ``./shoal.yaml`` when present) is the manifest, loaded and
+validated whole as ``shoal validate`` and ``shoal up`` do (``shoal.config``); its ``gateway:``
+section (schema: ``shoal.gateway.config``) configures the gateway, and ``--listen``
+replaces its addresses. Routes then follow
 the Store key ``gateway.routes_key``. Broker and Store: ``--broker``/``--store``, else the
 environment, else the config file's ``broker:``/``store:``, else the defaults
 (``shoal.settings``). Prints one JSON line ``{"event": "ready", "listen": [...], ...}``
@@ -23,7 +25,7 @@ import typer
 
 from shoal.commands.serving import configure_logs, fail, report_ready, run_until_signal
 from shoal.errors import ConfigError
-from shoal.settings import MANIFEST_NAME, load_manifest, resolve
+from shoal.settings import MANIFEST_NAME, connections, one_line, resolve
 
 if TYPE_CHECKING:
     from shoal.gateway.config import GatewayConfig
@@ -79,16 +81,21 @@ def gateway(
 ) -> None:
     """Run the gateway: routes from the config and the Store, endpoints from the registry."""
     # imported here: every other `shoal` command starts faster without the gateway
-    from shoal.gateway.config import GatewayConfig, load_gateway_config, parse_listen
+    from shoal.config import ManifestError, load_manifest
+    from shoal.gateway.config import GatewayConfig, parse_listen
     from shoal.gateway.running import Ready, serve_gateway
 
     configure_logs("gateway")
     try:
         path = config if config is not None else (
             Path(MANIFEST_NAME) if Path(MANIFEST_NAME).is_file() else None)
+        try:
+            manifest = load_manifest(path) if path is not None else None
+        except ManifestError as exc:
+            raise one_line(exc) from None
         settings = resolve(broker=broker, store=store, env=os.environ,
-                           manifest=load_manifest(path) if path is not None else None)
-        loaded = load_gateway_config(path) if path is not None else GatewayConfig()
+                           manifest=None if manifest is None else connections(manifest, path))
+        loaded = manifest.gateway if manifest is not None else GatewayConfig()
         if listen:
             loaded = dataclasses.replace(loaded, listen=tuple(
                 parse_listen(a, what="--listen") for a in listen))

@@ -40,7 +40,7 @@ def _store_url(store: str | None) -> str:
 
 
 def _read(file: Path) -> bytes:
-    from shoal.gateway.yamlmarks import MAX_YAML_BYTES
+    from shoal.yamlsafe import MAX_YAML_BYTES
 
     try:
         with file.open("rb") as f:

@@ -41,12 +41,13 @@ def _one_line(text: str) -> str:
 
 def summary(manifest: Manifest) -> list[str]:
     """What ``shoal validate`` prints for a valid manifest: OK, then one line per part."""
-    routes = len(manifest.gateway.routes)
+    routes = len(manifest.gateway.routes.table)
+    listen = ", ".join(str(address) for address in manifest.gateway.listen)
     lines = [
         f"OK {manifest.path}",
         f"  broker    {manifest.broker}",
         f"  store     {manifest.store_url}{'' if manifest.store else ' (beside the broker)'}",
-        f"  gateway   {manifest.gateway.listen} ({routes} route{'' if routes == 1 else 's'})",
+        f"  gateway   {listen} ({routes} route{'' if routes == 1 else 's'})",
         f"  admin     {manifest.admin.listen}",
         f"  security  mtls {manifest.security.mtls}",
         f"  services  {len(manifest.services)}",

@@ -8,12 +8,14 @@ same files as the control plane.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 from shoal.config import Manifest
 from shoal.control.autoscaler import ScalePolicy
 from shoal.control.plane import Plan, ServicePlan
+from shoal.gateway.config import parse_listen
 
 
 def absolute_url(url: str, cwd: Path | None = None) -> str:
@@ -26,9 +28,11 @@ def absolute_url(url: str, cwd: Path | None = None) -> str:
     return f"{prefix}{(base / path).resolve()}{sep}{query}"
 
 
-def plan_from_manifest(manifest: Manifest, *, cwd: Path | None = None, **overrides: object
-                       ) -> Plan:
-    """The ``Plan`` a manifest describes (``overrides``: other ``Plan`` fields)."""
+def plan_from_manifest(manifest: Manifest, *, cwd: Path | None = None,
+                       gateway_listen: str | None = None, **overrides: object) -> Plan:
+    """The ``Plan`` a manifest describes: its gateway is the manifest's ``gateway:`` section
+    (``gateway_listen``: one address instead of its ``listen``; ``overrides``: other
+    ``Plan`` fields)."""
     services = {}
     for name, config in manifest.services.items():
         scale = config.autoscale
@@ -44,8 +48,8 @@ def plan_from_manifest(manifest: Manifest, *, cwd: Path | None = None, **overrid
         "store": absolute_url(manifest.store_url, cwd),
         "services": services,
         "base_dir": manifest.directory.resolve(),
-        "gateway_listen": manifest.gateway.listen,
-        "routes": list(manifest.gateway.routes),
+        "gateway": manifest.gateway if gateway_listen is None else dataclasses.replace(
+            manifest.gateway, listen=(parse_listen(gateway_listen, what="--gateway-listen"),)),
         "admin_listen": manifest.admin.listen,
         "manifest_path": None if manifest.path is None else Path(manifest.path).resolve(),
     }

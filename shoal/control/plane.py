@@ -3,7 +3,10 @@
 ``ControlPlane(plan)`` runs, in this process: the ``Supervisor`` (every instance its own
 process), the ``HealthMonitor`` (active checks feeding the registry's state machine,
 transitions on ``shoal.instances``), the ``AutoscalerLoop``, the gateway (``HttpServer``
-with the ``Gateway`` handler over the monitor's endpoint cache) and the admin API
+with the ``Gateway`` handler over the monitor's endpoint cache, built from the manifest's
+``gateway:`` section as ``shoal gateway`` builds it: listen addresses, limits, drain,
+services' policies, routes, and the routes Store key followed by a ``RouteWatcher``) and
+the admin API
 (``admin_app`` served by uvicorn). ``start`` returns when every instance said it is
 ready and is registered; ``close`` stops taking requests at the gateway, then stops the
 instances (SIGTERM: each drains and commits), then the rest. Events an instance had not
@@ -18,11 +21,12 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import uvicorn
 from starlette.routing import Route
 
@@ -35,9 +39,11 @@ from shoal.control.scaling import AutoscalerLoop
 from shoal.control.supervisor import Launch, Output, Supervisor, _print_line
 from shoal.errors import ConfigError
 from shoal.events.bus import EventBus
+from shoal.gateway.config import GatewayConfig, ListenAddress
 from shoal.gateway.proxy import Gateway
-from shoal.gateway.routes import RouteTable
+from shoal.gateway.reload import RouteWatcher
 from shoal.gateway.server import HttpServer
+from shoal.mesh.ejections import EjectionReporter
 from shoal.mesh.health import HealthCheckConfig
 from shoal.mesh.registry import HealthMonitor, InstanceChange, check_address
 from shoal.observability.http import metrics_asgi, observe_gateway
@@ -69,8 +75,7 @@ class Plan:
     store: str
     services: Mapping[str, ServicePlan]
     base_dir: Path = Path(".")  # instances run here (their apps import from it)
-    gateway_listen: str | None = "127.0.0.1:8080"
-    routes: Sequence[Mapping[str, Any]] = ()
+    gateway: GatewayConfig | None = field(default_factory=GatewayConfig)  # None: no gateway
     admin_listen: str = "127.0.0.1:8081"
     health: HealthCheckConfig = field(
         default_factory=lambda: HealthCheckConfig(interval="2s", timeout="1s",
@@ -145,7 +150,6 @@ class ControlPlane:
         self.bus: EventBus | None = None
         self.monitor: HealthMonitor | None = None
         self.autoscaler: AutoscalerLoop | None = None
-        self.routes_table = RouteTable.from_config(list(plan.routes) or None)
         env = {**os.environ, "PYTHONPATH": _pythonpath(plan.base_dir), "PYTHONUNBUFFERED": "1"}
 
         def default_launch(service: str, instance_id: str, port: int) -> list[str]:
@@ -157,6 +161,7 @@ class ControlPlane:
                                      env_for=lambda name: plan.services[name].env)
         self._gateway_server: HttpServer | None = None
         self._gateway: Gateway | None = None
+        self._route_watcher: RouteWatcher | None = None
         self._admin: _AdminServer | None = None
         self._admin_task: asyncio.Task[None] | None = None
         self._sockets: list[socket.socket] = []
@@ -173,10 +178,12 @@ class ControlPlane:
         try:
             admin_sock = _listen_socket(plan.admin_listen, "admin.listen")
             self._sockets.append(admin_sock)
-            gateway_sock = None
-            if plan.gateway_listen is not None:
-                gateway_sock = _listen_socket(plan.gateway_listen, "gateway.listen")
-                self._sockets.append(gateway_sock)
+            gateway_socks = []
+            for address in plan.gateway.listen if plan.gateway is not None else ():
+                if address.path is None:  # unix sockets: bound by the server itself
+                    gateway_socks.append(_listen_socket(_host_port(address),
+                                                        "gateway.listen"))
+                    self._sockets.append(gateway_socks[-1])
             # Instances first: their start (mostly imports) overlaps the plane's own.
             for name, service in plan.services.items():
                 await self.supervisor.scale(name, service.replicas)
@@ -185,12 +192,8 @@ class ControlPlane:
             self.monitor = await HealthMonitor(
                 self.bus.store, self.bus, config=plan.health).start()
             self.supervisor.exit_hooks.append(self._release_dead)
-            if gateway_sock is not None:
-                self._gateway = Gateway(self.routes_table, self.monitor.cache, self.bus,
-                                        services={n: s.traffic for n, s in plan.services.items()})
-                self._gateway_server = HttpServer(observe_gateway(self._gateway))
-                await self._gateway_server.start(sock=gateway_sock)
-                self.gateway_url = _url(gateway_sock)
+            if plan.gateway is not None:
+                await self._start_gateway(plan.gateway, gateway_socks)
             self._sampler = Sampler(metrics, bus=self.bus, interval=5.0,
                                     instances=self.monitor.cache.instances).start()
             await self._start_admin(admin_sock, metrics)
@@ -205,6 +208,23 @@ class ControlPlane:
         except BaseException:
             await self.close()
             raise
+
+    async def _start_gateway(self, config: GatewayConfig, socks: list[socket.socket]
+                             ) -> None:
+        assert self.monitor is not None and self.bus is not None
+        self._gateway = Gateway(config.routes.table, self.monitor.cache, self.bus,
+                                services=gateway_policies(self.plan.services, config),
+                                ejections=EjectionReporter(self.bus.store))
+        if config.routes_key is not None:
+            self._route_watcher = await RouteWatcher(
+                self._gateway, self.bus.store, config.routes_key, config.routes).start()
+        self._gateway_server = HttpServer(observe_gateway(self._gateway), limits=config.limits)
+        for sock in socks:
+            await self._gateway_server.start(sock=sock)
+        for address in config.listen:
+            if address.path is not None:
+                await self._gateway_server.start(path=address.path)
+        self.gateway_url = _url(socks[0]) if socks else str(config.listen[0])
 
     async def _start_admin(self, sock: socket.socket, metrics: Metrics) -> None:
         app = admin_app(self)  # + the dashboard, its stream, and /metrics
@@ -254,7 +274,12 @@ class ControlPlane:
             return
         self._closed = True
         if self._gateway_server is not None:
-            await self._gateway_server.shutdown(grace=5.0)
+            drain = self.plan.gateway.drain if self.plan.gateway is not None else 5.0
+            await self._gateway_server.shutdown(grace=drain)
+        if self._route_watcher is not None:
+            await self._route_watcher.close()
+        if self._gateway is not None:
+            await self._gateway.aclose()
         if self.autoscaler is not None:
             await self.autoscaler.close()
         if self._sampler is not None:
@@ -328,8 +353,21 @@ class ControlPlane:
         return out
 
     def routes(self) -> list[dict[str, Any]]:
-        """``GET /api/routes``: the gateway's routes as configured, in match order."""
-        return [{"index": i, **dict(route)} for i, route in enumerate(self.plan.routes)]
+        """``GET /api/routes``: the gateway's routes in service (the manifest's, or the
+        routes Store key's once set), as configured, in match order."""
+        if self.plan.gateway is None:
+            return []
+        watcher = self._route_watcher
+        loaded = watcher.current if watcher is not None else self.plan.gateway.routes
+        out = []
+        for i, (route, config) in enumerate(zip(loaded.table.routes, loaded.fingerprints,
+                                                strict=True)):
+            try:
+                item = msgspec.json.decode(config)
+            except msgspec.DecodeError:
+                item = {"name": route.name}
+            out.append({"index": i, **(item if isinstance(item, dict) else {})})
+        return out
 
     async def topics(self) -> list[dict[str, Any]]:
         """``GET /api/topics``: partitions, events, lag per group, dead letters."""
@@ -347,6 +385,21 @@ class ControlPlane:
                         "events": info.events, "size_bytes": info.size_bytes, "lag": lag,
                         "dead_letters": sizes.get(f"{name}.dlq", 0)})
         return out
+
+
+def gateway_policies(services: Mapping[str, ServicePlan], config: GatewayConfig
+                     ) -> dict[str, dict[str, Any]]:
+    """Each service's traffic policy at the gateway: the service's own (``services.X.policy``)
+    with the gateway section's ``services.X`` over it, key by key."""
+    out = {name: dict(service.traffic) for name, service in services.items()}
+    for name, policy in config.services.items():
+        out[name] = {**out.get(name, {}), **policy}
+    return out
+
+
+def _host_port(address: ListenAddress) -> str:
+    host = address.host or "0.0.0.0"
+    return f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"
 
 
 def _pythonpath(base: Path) -> str:

@@ -12,12 +12,13 @@
       routes:                         # shoal.gateway.routes (first match wins)
         - {name: orders, match: {path: {prefix: /api/orders}}, service: orders}
 
-``load_gateway_config(path)`` reads a file; ``parse_gateway_config(text, source)`` the same
-from text. Other top-level keys of the manifest belong to ``shoal.config`` and are ignored
-here. The Store's routes (``parse_routes``) are the same ``routes:`` list as YAML or JSON.
+``gateway_section(doc, data)`` is the one schema of this section: ``shoal.config`` validates
+a manifest's with it (for ``shoal validate``, ``shoal up`` and ``shoal gateway`` alike);
+``parse_gateway_config(text, source)`` reads only this section of a text. The Store's
+routes (``parse_routes``) are the same ``routes:`` list as YAML or JSON.
 Every error is a ``ConfigError`` that names the file (or store key), the line, and the key
 path; route errors come from ``RouteTable.from_config`` and are placed on the line of the
-route's key they name. Input limits: see ``shoal.gateway.yamlmarks``.
+route's key they name. Input limits: see ``shoal.yamlsafe``, the one YAML loader.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from pathlib import Path as FilePath
 from typing import Any
 
 import msgspec
@@ -33,11 +33,11 @@ import msgspec
 from shoal.errors import ConfigError
 from shoal.gateway.routes import Route, RouteTable, merge_policy
 from shoal.gateway.server import ServerLimits
-from shoal.gateway.yamlmarks import Path, YamlDocument, dotted, load_yaml
 from shoal.mesh.registry import check_service_name
 from shoal.mesh.resilience import _suggestion
 from shoal.store.validation import check_key
 from shoal.units import parse_duration, parse_size
+from shoal.yamlsafe import Path, YamlDocument, dotted, load_yaml
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_ROUTES_KEY = "shoal/gateway/routes"
@@ -118,34 +118,25 @@ class GatewayConfig:
     source: str = "defaults"
 
 
-def load_gateway_config(path: str | FilePath) -> GatewayConfig:
-    """The ``gateway:`` section of the manifest at ``path`` (a ConfigError naming the file
-    if it is missing, unreadable or wrong)."""
-    path = FilePath(path)
-    try:
-        with path.open("rb") as f:
-            raw = f.read(2 * 1024 * 1024 + 1)  # load_yaml refuses what is over its limit
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a directory, not a config file") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot be read: {exc.strerror}") from None
-    return parse_gateway_config(raw, str(path))
-
-
 def parse_gateway_config(text: str | bytes, source: str) -> GatewayConfig:
-    """The ``gateway:`` section of a manifest's text (see the module docstring)."""
+    """The ``gateway:`` section of a manifest's text, other top-level keys ignored (the
+    whole manifest, with this section in it: ``shoal.config.load_manifest``)."""
     doc = load_yaml(text, source)
     if doc.data is None:
         return GatewayConfig(source=source)
     if not isinstance(doc.data, dict):
         raise doc.error((), f"the manifest must be a mapping (with a gateway: section), "
                             f"not {_kind(doc.data)}")
-    section = doc.data.get("gateway")
+    return gateway_section(doc, doc.data.get("gateway"))
+
+
+def gateway_section(doc: YamlDocument, section: Any) -> GatewayConfig:
+    """The ``gateway:`` section ``section`` of ``doc`` validated: the one schema of it, for
+    ``shoal gateway``, ``shoal up`` and ``shoal validate`` alike (a ``YamlError`` placing
+    the first problem on its line)."""
     base: Path = ("gateway",)
     if section is None:
-        return GatewayConfig(source=source)
+        return GatewayConfig(source=doc.source)
     if not isinstance(section, dict):
         raise doc.error(base, f"gateway: expected a mapping (listen, routes, services, "
                               f"limits...), got {_kind(section)}")
@@ -165,7 +156,8 @@ def parse_gateway_config(text: str | bytes, source: str) -> GatewayConfig:
     limits = _limits(doc, section.get("limits"), (*base, "limits"))
     services = _services(doc, section.get("services"), (*base, "services"))
     routes = routes_from(doc, section.get("routes"), (*base, "routes"))
-    return GatewayConfig(tuple(listen), routes, services, limits, routes_key, drain, source)
+    return GatewayConfig(tuple(listen), routes, services, limits, routes_key, drain,
+                         doc.source)
 
 
 def parse_routes(text: str | bytes, source: str) -> LoadedRoutes:

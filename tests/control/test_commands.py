@@ -55,7 +55,7 @@ def test_ps_finds_the_admin_api_in_the_manifest(tmp_path):
 async def test_ps_and_scale_against_a_running_plane(tmp_path):
     plan = Plan(broker=f"sqlite:///{tmp_path}/events.db", store=f"sqlite:///{tmp_path}/store.db",
                 services={"echo": ServicePlan("echo", "unused:app")}, base_dir=tmp_path,
-                gateway_listen=None, admin_listen="127.0.0.1:0",
+                gateway=None, admin_listen="127.0.0.1:0",
                 restart=RestartPolicy(initial_backoff="20ms", crash_loop_exits=2, jitter=0.0))
 
     def launch(service: str, instance_id: str, port: int) -> list[str]:

@@ -52,8 +52,14 @@ services:
                     "127.0.0.1:4242", "--broker", plan.broker, "--store", plan.store,
                     "--instance-id", "a-1", "--label", "tier=front",
                     "--manifest", str(plan.manifest_path)]
-    assert plan.gateway_listen == "127.0.0.1:0" and plan.admin_listen == "127.0.0.1:0"
-    assert plan.routes[0]["service"] == "a"
+    assert plan.gateway is manifest.gateway and plan.admin_listen == "127.0.0.1:0"
+    assert [str(a) for a in plan.gateway.listen] == ["127.0.0.1:0"]
+    assert plan.gateway.routes.table.routes[0].name == "r"
+    other = plan_from_manifest(manifest, gateway_listen="unix:/tmp/g.sock")
+    assert [str(a) for a in other.gateway.listen] == ["unix:/tmp/g.sock"]
+    assert other.gateway.routes is manifest.gateway.routes
+    with pytest.raises(ConfigError, match="--gateway-listen: 'nope' needs a port"):
+        plan_from_manifest(manifest, gateway_listen="nope")
     a, b = plan.services["a"], plan.services["b"]
     assert (a.app, a.replicas, a.autoscale) == ("mod:svc", 3, None)
     assert a.traffic == {"retries": {"attempts": 2}, "load_balancer": {"policy": "least_request"}}

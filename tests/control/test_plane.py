@@ -1,6 +1,7 @@
 """The control plane with real processes (stand-in instances), the gateway and the admin API."""
 
 import asyncio
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from shoal.control.load import LoadReport, load_key
 from shoal.control.plane import ControlPlane, Plan, ServicePlan
 from shoal.control.restart import RestartPolicy
 from shoal.errors import ConfigError
+from shoal.gateway.config import parse_gateway_config
 
 FAKE = str(Path(__file__).with_name("fake_service.py"))
 
@@ -21,10 +23,10 @@ FAKE = str(Path(__file__).with_name("fake_service.py"))
 def make_plan(tmp_path: Path, **kw) -> Plan:
     services = kw.pop("services", {"echo": ServicePlan("echo", "unused:app", replicas=2)})
     return Plan(broker=f"sqlite:///{tmp_path}/events.db", store=f"sqlite:///{tmp_path}/store.db",
-                services=services, base_dir=tmp_path, gateway_listen="127.0.0.1:0",
-                admin_listen="127.0.0.1:0",
-                routes=[{"name": "echo", "match": {"path": {"prefix": "/echo"}},
-                         "service": "echo"}],
+                services=services, base_dir=tmp_path, admin_listen="127.0.0.1:0",
+                gateway=parse_gateway_config(
+                    "gateway: {listen: 127.0.0.1:0, routes_key: null, routes: [{name: echo, "
+                    "match: {path: {prefix: /echo}}, service: echo}]}", "plan"),
                 restart=RestartPolicy(initial_backoff="50ms", jitter=0.0),
                 autoscale_interval=0.2, grace=5.0, **kw)
 
@@ -120,6 +122,33 @@ async def test_autoscaler_scales_on_lag_and_publishes_its_decisions(tmp_path):
         await plane.close()
 
 
+async def test_the_gateway_of_up_is_the_manifest_sections_limits_and_routes_key(tmp_path):
+    gateway = parse_gateway_config(
+        "gateway:\n  listen: 127.0.0.1:0\n  routes_key: t/routes\n  drain: 1s\n"
+        "  limits: {max_body_bytes: 1KiB}\n"
+        "  routes: [{name: echo, match: {path: {prefix: /echo}}, service: echo}]\n", "plan")
+    plan = make_plan(tmp_path, services={"echo": ServicePlan("echo", "unused:app")})
+    plane = plane_for(dataclasses.replace(plan, gateway=gateway), [])
+    await plane.start(ready_timeout=20)
+    try:
+        async with httpx.AsyncClient(timeout=5) as client:
+            r = await client.post(f"{plane.gateway_url}/echo/x", content=b"x" * 2048)
+            assert r.status_code == 413  # gateway.limits
+            assert (await client.get(f"{plane.gateway_url}/other/x")).status_code == 404
+            await plane.bus.store.put("t/routes", b"- {name: other, match: {path: "
+                                                  b"{prefix: /other}}, service: echo}\n")
+            for _ in range(200):  # the routes key is followed (shoal.gateway.reload)
+                if (await client.get(f"{plane.gateway_url}/other/x")).status_code == 200:
+                    break
+                await asyncio.sleep(0.05)
+            assert (await client.get(f"{plane.gateway_url}/other/x")).status_code == 200
+            routes = (await client.get(f"{plane.admin_url}/api/routes")).json()
+            assert routes == [{"index": 0, "name": "other", "service": "echo",
+                               "match": {"path": {"prefix": "/other"}}}]
+    finally:
+        await plane.close()
+
+
 @pytest.mark.parametrize("listen, match", [
     ("nohost", "expected 'host:port'"), ("127.0.0.1:99999", "expected 'host:port'"),
     (":80", "expected 'host:port'"), ("256.1.1.1:0", "cannot listen there"),
@@ -135,7 +164,7 @@ async def test_bad_or_busy_listen_addresses_are_config_errors(tmp_path, listen, 
         listen = f"127.0.0.1:{busy.getsockname()[1]}"
     plan = make_plan(tmp_path)
     plan = Plan(broker=plan.broker, store=plan.store, services=plan.services,
-                admin_listen=listen, gateway_listen=None)
+                admin_listen=listen, gateway=None)
     try:
         with pytest.raises(ConfigError, match=f"admin.listen .*{match}"):
             await plane_for(plan, []).start()

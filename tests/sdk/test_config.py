@@ -63,9 +63,10 @@ def test_full_manifest_loads_with_values_defaults_and_lines(tmp_path: Path) -> N
     m = load_manifest(path)
     assert m.path == path and m.directory == tmp_path
     assert m.broker == "sqlite:///.shoal/events.db" and m.store_url == "sqlite:///.shoal/store.db"
-    assert m.admin.listen == "127.0.0.1:9001" and m.gateway.listen == "0.0.0.0:9000"
+    assert m.admin.listen == "127.0.0.1:9001" and [str(a) for a in m.gateway.listen] == [
+        "0.0.0.0:9000"]
     assert m.security.mtls == "permissive"
-    assert len(m.gateway.route_table) == 1
+    assert len(m.gateway.routes.table) == 1
     orders = m.services["orders"]
     assert orders.replicas == 2 and orders.labels == {"tier": "front"}
     assert orders.autoscale is not None and orders.autoscale.cooldown == 45.0
@@ -86,7 +87,7 @@ def test_empty_manifest_means_every_default() -> None:
         m = parse_manifest(text)
         assert m.broker == "sqlite:///.shoal/events.db"
         assert m.store_url == "sqlite:///.shoal/store.db"
-        assert m.services == {} and len(m.gateway.route_table) == 0
+        assert m.services == {} and len(m.gateway.routes.table) == 0
         assert m.security.mtls == "off" and m.admin.listen == "127.0.0.1:8081"
     assert parse_manifest("broker: memory://x\n").store_url == "memory://x"
     assert parse_manifest("security: {mtls: off}\n").security.mtls == "off"  # YAML's `off`
@@ -131,8 +132,8 @@ def test_empty_manifest_means_every_default() -> None:
     ("broker: 42\n", "line 1: broker: must be a URL string"),
     ("store: notaurl\n", "line 1: store: must be a URL like"),
     ("gateway:\n  routes:\n    - name: r\n      service: a\n      match: {path: {prefx: /}}\n",
-     "line 5: gateway.routes[0].match: route 'r' (routes[0]): match.path.prefx: unknown key "
-     "(did you mean 'prefix'?)"),
+     "line 5: gateway.routes: route 'r' (routes[0]): match.path.prefx: unknown key "
+     "(did you mean 'prefix'?)"),  # the gateway section's one schema: shoal.gateway.config
     ("gateway:\n  routes: {a: 1}\n", "gateway.routes: expected a list"),
     ("services:\n  int:\n    app: m:s\n    replicas: x\n",
      "line 4: services.int.replicas: expected an integer"),  # a key named like a marker
@@ -161,13 +162,15 @@ def test_every_problem_is_reported_at_once() -> None:
     ("- 1\n- 2\n", "not a list"),
     ("a: 1\n---\nb: 2\n", "not valid YAML"),
     ("broker: !!python/object/apply:os.system [echo hi]\n",
-     "line 1: tag 'tag:yaml.org,2002:python/object/apply:os.system' is not allowed"),
-    ("services: !custom {}\n", "tag '!custom' is not allowed"),
+     "line 1: unsupported tag 'tag:yaml.org,2002:python/object/apply:os.system'"),
+    ("services: !custom {}\n", "unsupported tag '!custom'"),
+    ("broker: !custom 5\n", "line 1: unsupported tag '!custom' (plain YAML only"),
     ("broker: memory://a\nbroker: memory://b\n",
-     "line 2: duplicate key 'broker' (first on line 1)"),
-    ("services:\n  a: {app: m:s}\n  a: {app: m:t}\n", "line 3: duplicate key 'a'"),
+     "line 2: broker: given twice (first on line 1)"),
+    ("services:\n  a: {app: m:s}\n  a: {app: m:t}\n", "line 3: services.a: given twice"),
     ("[" * 5000 + "]" * 5000, "line 1: nested more than 64 levels deep"),
-    ("a:\n" + "".join(" " * i + f"k{i}:\n" for i in range(1, 1200)), "nested too deeply"),
+    ("a:\n" + "".join(" " * i + f"k{i}:\n" for i in range(1, 1200)),
+     "line 65: nested more than 64 levels deep"),
     ("\t- x\n", "not valid YAML"),
 ])
 def test_malformed_and_hostile_yaml(text: str, expected: str) -> None:
@@ -183,7 +186,7 @@ def test_billion_laughs_is_refused_quickly() -> None:
     started = time.monotonic()
     found = issues("\n".join(lines) + "\n")
     assert time.monotonic() - started < 2
-    assert any("expands to more than 100000 YAML nodes" in i for i in found), found
+    assert any("more than 100000 values (alias expansion?)" in i for i in found), found
 
 
 def test_modest_anchors_and_merge_keys_are_fine() -> None:
@@ -205,7 +208,7 @@ def test_oversized_unreadable_and_binary_files(tmp_path: Path) -> None:
     big = tmp_path / "big.yaml"
     big.write_bytes(b"# padding\n" * (10 * 1024 * 1024 // 10))  # 10 MB
     started = time.monotonic()
-    with pytest.raises(ManifestError, match=r"big.yaml: larger than 1024 KiB"):
+    with pytest.raises(ManifestError, match=r"big.yaml: larger than the limit of 1048576 bytes"):
         load_manifest(big)
     assert time.monotonic() - started < 1
     just_over = tmp_path / "over.yaml"

@@ -1,5 +1,6 @@
-"""YAML with line marks: ``load_yaml(text, source)`` returns plain data and, for every key
-and list item, the line it was written on, so a config error can say where it is.
+"""Shoal's one YAML loader for config (the manifest, the gateway section, the Store's routes):
+``load_yaml(text, source)`` returns plain data and, for every key and list item, the line it
+was written on, so a config error can say where it is (``YamlError``: source, line, message).
 
 Hostile input is refused with a ``ConfigError`` naming the source and the line, never by
 exhausting the machine: documents over ``MAX_YAML_BYTES``, more than ``MAX_YAML_NODES`` nodes
@@ -32,6 +33,8 @@ _Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  
 _BRACKETS = re.compile(r"[^\[\]{}]+")
 _MAP = "tag:yaml.org,2002:map"
 _SEQ = "tag:yaml.org,2002:seq"
+_SCALARS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null",
+                                                "timestamp", "binary")}
 
 
 @dataclass(slots=True)
@@ -50,9 +53,21 @@ class YamlDocument:
             path = path[:-1]
         return self.lines.get((), 1)
 
-    def error(self, path: Path, message: str) -> ConfigError:
-        """A ConfigError naming the source and the line of ``path``."""
-        return ConfigError(f"{self.source}, line {self.line(path)}: {message}")
+    def error(self, path: Path, message: str) -> YamlError:
+        """A config error naming the source and the line of ``path``."""
+        return YamlError(self.source, self.line(path), message)
+
+
+class YamlError(ConfigError):
+    """A config error placed in a document: ``source``, ``line`` (None: the whole document)
+    and ``message``; reads ``"shoal.yaml, line 3: gateway.listen: ..."``."""
+
+    def __init__(self, source: str, line: int | None, message: str) -> None:
+        super().__init__(f"{source}, line {line}: {message}" if line is not None
+                         else f"{source}: {message}")
+        self.source = source
+        self.line = line
+        self.message = message
 
 
 def dotted(path: Path) -> str:
@@ -66,14 +81,14 @@ def dotted(path: Path) -> str:
 def load_yaml(text: str | bytes, source: str) -> YamlDocument:
     """Parse one YAML document with line marks (see the module docstring)."""
     if len(text) > MAX_YAML_BYTES:
-        raise ConfigError(f"{source}: {len(text)} bytes, more than the limit of "
-                          f"{MAX_YAML_BYTES} (1 MiB)")
+        raise YamlError(source, None, f"{len(text)} bytes, more than the limit of "
+                                      f"{MAX_YAML_BYTES} (1 MiB)")
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8")
         except UnicodeDecodeError as exc:
             line = text[:exc.start].count(b"\n") + 1
-            raise ConfigError(f"{source}, line {line}: not valid UTF-8") from None
+            raise YamlError(source, line, "not valid UTF-8") from None
     _check_flow_depth(text, source)
     doc = YamlDocument(None, source, {(): 1})
     loader = _Loader(text)
@@ -87,12 +102,12 @@ def load_yaml(text: str | bytes, source: str) -> YamlDocument:
         problem = exc.problem or exc.context or "invalid YAML"
         if "expected a single document" in str(exc.context):
             problem = "more than one document (one config per file)"
-        raise ConfigError(f"{source}, line {line}: not valid YAML: {problem}") from None
+        raise YamlError(source, line, f"not valid YAML: {problem}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+        raise YamlError(source, None, f"not valid YAML: {exc}") from None
     except RecursionError:
-        raise ConfigError(f"{source}: nested too deeply (more than {MAX_YAML_DEPTH} "
-                          "levels)") from None
+        raise YamlError(source, None, f"nested too deeply (more than {MAX_YAML_DEPTH} "
+                                      "levels)") from None
     finally:
         loader.dispose()
     return doc
@@ -108,8 +123,7 @@ def _check_flow_depth(text: str, source: str) -> None:
         depth += 1 if char in "[{" else -1
         if depth > MAX_YAML_DEPTH:
             line = text[:_nth_bracket(text, i)].count("\n") + 1
-            raise ConfigError(f"{source}, line {line}: nested more than {MAX_YAML_DEPTH} "
-                              "levels deep")
+            raise YamlError(source, line, f"nested more than {MAX_YAML_DEPTH} levels deep")
         depth = max(depth, 0)
 
 
@@ -128,8 +142,8 @@ class _Builder:
         self.doc = doc
         self.budget = MAX_YAML_NODES
 
-    def _fail(self, node: yaml.Node, message: str) -> ConfigError:
-        return ConfigError(f"{self.doc.source}, line {node.start_mark.line + 1}: {message}")
+    def _fail(self, node: yaml.Node, message: str) -> YamlError:
+        return YamlError(self.doc.source, node.start_mark.line + 1, message)
 
     def build(self, node: yaml.Node, path: Path, depth: int) -> Any:
         self.budget -= 1
@@ -139,7 +153,10 @@ class _Builder:
         if depth > MAX_YAML_DEPTH:
             raise self._fail(node, f"nested more than {MAX_YAML_DEPTH} levels deep")
         if isinstance(node, yaml.ScalarNode):
-            return self.loader.construct_object(node)  # unknown tags raise, with a mark
+            if node.tag not in _SCALARS:
+                raise self._fail(node, f"unsupported tag {node.tag!r} (plain YAML only: no "
+                                 "!!python or custom tags)")
+            return self.loader.construct_object(node)
         if isinstance(node, yaml.SequenceNode):
             if node.tag != _SEQ:
                 raise self._fail(node, f"unsupported tag {node.tag!r} (plain lists only)")
