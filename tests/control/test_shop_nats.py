@@ -205,6 +205,12 @@ def test_an_instance_started_elsewhere_joins_through_nats(shop: ShopOnNats,
                     break
                 assert time.monotonic() < deadline, f"no share of the partitions: {owners}"
                 time.sleep(0.1)
+            # the admin API (shoal ps) lists it, as run by someone else
+            listed = {i["id"]: i for i in client.get(f"{shop.admin}/api/instances").json()}
+            assert listed[ready["instance"]]["process"] == "external", listed
+            assert listed[ready["instance"]]["state"] == "serving", listed
+            assert listed[ready["instance"]]["address"] == ready["listen"]
+            assert listed["orders-view-1"]["process"] == "running"
             # orders placed now are projected by both instances into the one read model
             expected = place_orders(client, shop.gateway, [10, 700, 20, 30, 40])
             wait_settled(client, shop.gateway, expected)
