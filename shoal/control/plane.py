@@ -340,7 +340,8 @@ class ControlPlane:
         return out
 
     async def instances(self) -> list[dict[str, Any]]:
-        """``GET /api/instances``: process state (supervisor) and health state (registry)."""
+        """``GET /api/instances``: process state (supervisor) and health state (registry);
+        instances registered by others (started on another host) have process "external"."""
         cache = self.monitor.cache if self.monitor is not None else None
         out = []
         for name in self.plan.services:
@@ -350,6 +351,7 @@ class ControlPlane:
                 view["state"] = record.state.value if record is not None else "unregistered"
                 view["health_reason"] = record.reason if record is not None else ""
                 out.append(view)
+            out += _external(cache, name, {inst.id for inst in self.supervisor.of(name)})
         return out
 
     def routes(self) -> list[dict[str, Any]]:
@@ -400,6 +402,16 @@ def gateway_policies(services: Mapping[str, ServicePlan], config: GatewayConfig
 def _host_port(address: ListenAddress) -> str:
     host = address.host or "0.0.0.0"
     return f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"
+
+
+def _external(cache: Any, service: str, supervised: set[str]) -> list[dict[str, Any]]:
+    """The registered instances of ``service`` this plane does not run, as admin views."""
+    if cache is None:
+        return []
+    return [{"id": i.id, "service": service, "address": i.address, "pid": None,
+             "process": "external", "restarts": 0, "reason": "", "last_output": [],
+             "state": i.state.value, "health_reason": i.reason}
+            for i in cache.instances(service) if i.id not in supervised]
 
 
 def _pythonpath(base: Path) -> str:
