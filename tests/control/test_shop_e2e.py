@@ -100,7 +100,10 @@ async def _wait_all_final(client: httpx.AsyncClient, gateway: str, admin: str,
             if not workers.done():
                 continue
             await workers  # raises if an order was never accepted
-            view = (await client.get(f"{gateway}/orders")).json()
+            response = await client.get(f"{gateway}/orders")
+            if response.status_code != 200:  # orders-view restarting after its kill -9
+                continue
+            view = response.json()
             if sum(view["counts"].get(s, 0) for s in ("settled", "failed")) == ORDERS:
                 return view, scaled_up_in_ps
 
