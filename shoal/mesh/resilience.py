@@ -583,12 +583,18 @@ class CircuitBreaker:
         elif self._state is CircuitState.CLOSED:
             self._failures = 0
 
-    def on_failure(self) -> None:
-        """The request that took a slot failed."""
+    def on_failure(self, *, counted: bool = True) -> None:
+        """The request that took a slot failed (``counted=False``: a try whose request may
+        still succeed on a retry; ``count_failure`` gives the request's verdict later)."""
         self._release()
         if self._state is CircuitState.HALF_OPEN:
             self._open()
-        elif self._state is CircuitState.CLOSED:
+        elif counted:
+            self.count_failure()
+
+    def count_failure(self) -> None:
+        """One more consecutive failed request (opens the circuit at the threshold)."""
+        if self._state is CircuitState.CLOSED:
             self._failures += 1
             if 0 < self.config.consecutive_failures <= self._failures:
                 self._open()

@@ -10,6 +10,12 @@ The policy objects are the pure ones of ``shoal.mesh.resilience`` and
 ``shoal.mesh.balancer``; this module only wires them to the clock, the pools and the
 endpoint source. Each try goes to another instance when there is one.
 
+The circuit breaker's consecutive-failure count is kept per *request*, not per try: the
+tries that fail when one instance dies (every request in flight on it at once) are retried
+elsewhere and succeed, and must not open the service's circuit; a dying instance is the
+outlier detector's business. A try still takes and frees a breaker slot (concurrency
+limits), and a failed half-open probe reopens the circuit at once.
+
 The hot path does the least it can per call: the endpoint source must return a *new list
 object* whenever membership or health changes (``EndpointCache.endpoints`` and the
 gateway's subsets do), so the healthy subset is computed once per list and the balancer
@@ -132,6 +138,7 @@ class Upstream:
             attempt += 1
             timeout = self.retry.try_timeout(self._clock() - start)
             if timeout is not None and timeout <= 0:
+                self.breaker.count_failure()
                 raise UpstreamTimeout(
                     self.service, self.policy.timeouts.request or 0.0, attempts=attempt - 1
                 )
@@ -142,14 +149,19 @@ class Upstream:
                 endpoint, method, target, headers, body, timeout
             )
             if response is not None and not self.retry.is_retriable(outcome):
+                if outcome >= 500:  # type: ignore[operator]
+                    self.breaker.count_failure()
                 return response
             refusal = self.retry.refusal(attempt, method, outcome, body_size)
             now = self._clock()
             if refusal is None and not self.budget.try_retry(now):
                 refusal = self.budget.explain(now)
                 if response is None:
+                    self.breaker.count_failure()
                     raise RetryBudgetExhausted(self.service, refusal) from error
             if refusal is not None:
+                if response is None or outcome >= 500:  # type: ignore[operator]
+                    self.breaker.count_failure()  # the request failed, after every try
                 if response is not None:
                     return response  # the upstream's own error answer, relayed as it is
                 self.stats.failures += 1
@@ -271,8 +283,8 @@ class Upstream:
         now = self._clock()
         failed = not isinstance(outcome, int) or outcome >= 500
         balancer.on_finish(endpoint, now - began, ok=not failed)
-        if failed:
-            self.breaker.on_failure()
+        if failed:  # the request's verdict (after its retries) is counted in ``send``
+            self.breaker.on_failure(counted=False)
         else:
             self.breaker.on_success()
         self._release_slot()

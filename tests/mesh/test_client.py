@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import uuid
 from collections.abc import AsyncIterator
 
@@ -226,3 +227,32 @@ async def test_httpx_transport_speaks_to_services_by_name(store) -> None:
         assert resp.json()["body"] == "streamed"
     await registry.close()
     await runner.cleanup()
+
+
+async def test_tries_retried_elsewhere_do_not_open_the_services_circuit(store) -> None:
+    """An instance dying fails every request in flight on it at once; those are retried on
+    another instance and succeed, so the service's circuit stays closed (its count is per
+    request); only requests that fail after every try count."""
+    hits: dict[str, int] = {}
+    good, good_address = await backend("good", hits)
+    with socket.socket() as s:  # a port nobody listens on: connections are refused
+        s.bind(("127.0.0.1", 0))
+        dead_address = f"127.0.0.1:{s.getsockname()[1]}"
+    registry = Registry(store)
+    await registry.register(Instance(id="dead", service="svc", address=dead_address))
+    await registry.register(Instance(id="good", service="svc", address=good_address))
+    policy = load_traffic_policy({
+        "load_balancer": {"policy": "round_robin"},
+        "retries": {"attempts": 2},
+        "circuit_breaker": {"consecutive_failures": 2},
+        "outlier_detection": {"consecutive_5xx": 1000, "consecutive_gateway_failure": 0},
+    })
+    async with await MeshClient.connect(store, default_policy=policy) as mesh:
+        await mesh.cache.wait_for("svc", lambda eps: len(eps) == 2, timeout=5)
+        responses = await asyncio.gather(*(mesh.get("http://svc/") for _ in range(20)))
+        assert [r.status for r in responses] == [200] * 20
+        upstream = mesh.upstream("svc")
+        assert upstream.stats.retries >= 2  # tries on the dead instance did fail
+        assert upstream.breaker.state.value == "closed"
+    await registry.close()
+    await good.cleanup()
