@@ -60,3 +60,11 @@ async def test_appends_of_another_process_wake_a_waiting_consumer(nats_url: str)
     # Each event came while the consumer waited; without notices it would wait for its
     # idle timeout (5 s) instead.
     assert sorted(latency)[n // 2] < 0.5, sorted(latency)
+
+
+async def test_topics_are_listed_past_the_servers_first_page_of_streams(nats_url: str) -> None:
+    """JetStream lists streams 256 a page; a server shared by many namespaces has more."""
+    async with EventBus.connect(nats_url) as bus:
+        names = [f"t{i:03d}" for i in range(260)]
+        await asyncio.gather(*(bus.create_topic(n, partitions=1) for n in names))
+        assert [t.spec.name for t in await bus.topics()] == names

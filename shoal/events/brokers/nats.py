@@ -246,12 +246,17 @@ class NatsBroker(Broker):
 
     async def list_topics(self) -> list[TopicSpec]:
         prefix = f"{self.target.namespace}-ev-"
-        specs = []
-        for info in await self._js.streams_info():
-            if info.config.name.startswith(prefix) and info.config.name.endswith("-0"):
-                spec = self._parse_spec(info.config.description)
-                if spec is not None and info.config.name == self._stream(spec.name, 0):
-                    specs.append(spec)
+        specs, offset = [], 0
+        while True:  # the server answers a page (256 streams) at a time
+            page = await self._js.streams_info(offset=offset)
+            if not page:
+                break
+            offset += len(page)
+            for info in page:
+                if info.config.name.startswith(prefix) and info.config.name.endswith("-0"):
+                    spec = self._parse_spec(info.config.description)
+                    if spec is not None and info.config.name == self._stream(spec.name, 0):
+                        specs.append(spec)
         return sorted(specs, key=lambda s: s.name)
 
     async def _topic(self, name: str) -> _Topic:
