@@ -7,7 +7,9 @@ point). How it stays correct across processes:
 * WAL journal and ``busy_timeout``; every write is ``BEGIN IMMEDIATE`` .. ``COMMIT``, so
   revisions are assigned under the write lock and never reused. ``synchronous=NORMAL``:
   a commit survives kill -9 of any process (not power loss; the store holds
-  coordination state that live processes re-assert through leases).
+  coordination state that live processes re-assert through leases). Writers take the
+  lock with ``shoal.sqlitelock.begin_immediate`` (short retries, not SQLite's sleep
+  ladder) and checkpoint with ``shoal.walcheckpoint`` (not inside commits).
 * Leases expire on ``time.time()`` (processes on one machine share the clock). Any
   client sweeps expired leases (deleting their keys and logging the deletes): lazily at
   the start of every write and before reads, and in stores with watchers on a timer set
@@ -46,6 +48,7 @@ from urllib.parse import urlsplit
 
 from shoal.errors import ConfigError, LeaseExpired, StoreError
 from shoal.filewatch import FileChangeSignal, signal_for
+from shoal.sqlitelock import begin_immediate
 from shoal.store.base import Change, Entry, Lease, Store
 from shoal.store.validation import (
     DEFAULT_HISTORY,
@@ -57,6 +60,7 @@ from shoal.store.validation import (
     prefix_end,
 )
 from shoal.store.watch import ChangeStream
+from shoal.walcheckpoint import WalCheckpointer
 
 T = TypeVar("T")
 
@@ -264,6 +268,7 @@ class SqliteStore(Store):
         self._kick = asyncio.Event()  # set by the listener on every file change
         self._watchers = 0
         self._tasks: list[asyncio.Task[None]] = []
+        self._checkpointer = WalCheckpointer(self._checkpoint_connection, "store")
 
     @classmethod
     async def open(cls, url: str, *, history: int = DEFAULT_HISTORY) -> SqliteStore:
@@ -294,6 +299,7 @@ class SqliteStore(Store):
             raise StoreError(f"store {self.url}: cannot open {self.path}: {e}") from e
         try:
             conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA wal_autocheckpoint=0")  # see shoal.walcheckpoint
             for attempt in range(100):  # concurrent first opens race on the WAL switch
                 try:
                     conn.execute("PRAGMA journal_mode=WAL")
@@ -315,6 +321,10 @@ class SqliteStore(Store):
             check_same_thread=False,
         )
 
+    def _checkpoint_connection(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000,
+                               isolation_level=None, check_same_thread=False)
+
     def _in_write(self, fn: Callable[..., T], *args: Any) -> tuple[T | LeaseExpired, bool]:
         """Run ``fn(txn, *args)`` in ``BEGIN IMMEDIATE`` after sweeping expired leases.
 
@@ -323,7 +333,7 @@ class SqliteStore(Store):
         """
         conn = self._conn
         assert conn is not None
-        conn.execute("BEGIN IMMEDIATE")
+        begin_immediate(conn, BUSY_TIMEOUT_MS / 1000)
         try:
             tx = _Txn(conn, time.time())
             tx.sweep()
@@ -370,6 +380,7 @@ class SqliteStore(Store):
         result, changed = await self._call(self._in_write, fn, *args)
         if changed and self._signal is not None:
             self._signal.notify()
+            self._checkpointer.after_write()
         if isinstance(result, LeaseExpired):
             raise result
         return result
@@ -531,6 +542,7 @@ class SqliteStore(Store):
 
         await self._loop.run_in_executor(self._executor, close_conn)
         self._executor.shutdown(wait=False)
+        await self._checkpointer.close()
 
     def __repr__(self) -> str:
         return f"SqliteStore({self.url!r})"
