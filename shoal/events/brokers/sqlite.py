@@ -42,6 +42,8 @@ from shoal.events.brokers.base import (
     TopicSpec,
 )
 from shoal.filewatch import signal_for
+from shoal.sqlitelock import begin_immediate
+from shoal.walcheckpoint import WalCheckpointer
 
 log = logging.getLogger("shoal.events.sqlite")
 
@@ -67,6 +69,7 @@ CREATE TABLE IF NOT EXISTS dedup (
 
 
 INLINE_READ_LIMIT = 64
+BUSY_TIMEOUT_MS = 30_000
 _batch_encoder = msgspec.msgpack.Encoder()
 _batch_decoder = msgspec.msgpack.Decoder(list[tuple[int, str | None, bytes]])
 
@@ -92,7 +95,7 @@ def sqlite_path(url: str) -> tuple[Path, dict[str, str]]:
     return path, options
 
 
-def _connect(path: Path, synchronous: str, busy_ms: int = 30000) -> sqlite3.Connection:
+def _connect(path: Path, synchronous: str, busy_ms: int = BUSY_TIMEOUT_MS) -> sqlite3.Connection:
     conn = sqlite3.connect(
         path, timeout=busy_ms / 1000, isolation_level=None, check_same_thread=False
     )
@@ -111,11 +114,9 @@ class SqliteBroker(Broker):
         self.fsync = fsync
         self._writer_pool = ThreadPoolExecutor(1, thread_name_prefix="shoal-sqlite-w")
         self._reader_pool = ThreadPoolExecutor(1, thread_name_prefix="shoal-sqlite-r")
-        self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="shoal-sqlite-ckpt")
-        self._checkpoint: asyncio.Future[None] | None = None
-        self._last_checkpoint = time.monotonic()
+        self._checkpointer = WalCheckpointer(
+            lambda: _connect(self.path, "FULL" if self.fsync else "NORMAL"), "sqlite")
         self._w: sqlite3.Connection | None = None
-        self._ckpt: sqlite3.Connection | None = None
         self._inline: sqlite3.Connection | None = None  # used on the event loop thread
         self._r: sqlite3.Connection | None = None
         self._topics: dict[str, tuple[int, TopicSpec]] = {}
@@ -145,7 +146,7 @@ class SqliteBroker(Broker):
 
     def _init_writer(self) -> None:
         self._w = _connect(self.path, "FULL" if self.fsync else "NORMAL")
-        self._w.execute("PRAGMA wal_autocheckpoint=0")  # see _maybe_checkpoint
+        self._w.execute("PRAGMA wal_autocheckpoint=0")  # see shoal.walcheckpoint
         for attempt in range(50):
             try:
                 self._w.executescript(_SCHEMA)
@@ -177,7 +178,7 @@ class SqliteBroker(Broker):
     def _create_topic(self, spec: TopicSpec) -> TopicSpec:
         w = self._w
         assert w is not None
-        w.execute("BEGIN IMMEDIATE")
+        begin_immediate(w, BUSY_TIMEOUT_MS / 1000)
         try:
             self._topics.pop(spec.name, None)
             found = self._lookup(w, spec.name)
@@ -236,7 +237,7 @@ class SqliteBroker(Broker):
         assert w is not None
         tid = self._topic_id(w, topic)
         now = time.time()
-        w.execute("BEGIN IMMEDIATE")
+        begin_immediate(w, BUSY_TIMEOUT_MS / 1000)
         try:
             next_offset = dict(
                 w.execute("SELECT partition, next_offset FROM partitions WHERE topic_id=?", (tid,))
@@ -304,33 +305,8 @@ class SqliteBroker(Broker):
     async def append(self, topic: str, records: list[Append]) -> list[Appended]:
         out = await self._on_writer(self._append, topic, records)
         self._signal.notify()
-        self._maybe_checkpoint()
+        self._checkpointer.after_write()
         return out
-
-    def _maybe_checkpoint(self) -> None:
-        """Copy the WAL into the database on a thread of its own, about once a second.
-
-        SQLite's automatic checkpoint runs inside the commit that crosses the threshold
-        and fsyncs the database there: one publish in a hundred waited 10-15 ms for it on
-        this machine. A PASSIVE checkpoint on another connection never blocks writers or
-        readers, so the write path keeps its sub-millisecond commits.
-        """
-        if self._checkpoint is not None or time.monotonic() - self._last_checkpoint < 1.0:
-            return
-        self._last_checkpoint = time.monotonic()
-        loop = asyncio.get_running_loop()
-        self._checkpoint = loop.run_in_executor(self._checkpointer, self._run_checkpoint)
-        self._checkpoint.add_done_callback(self._checkpoint_done)
-
-    def _run_checkpoint(self) -> None:
-        if self._ckpt is None:
-            self._ckpt = _connect(self.path, "FULL" if self.fsync else "NORMAL")
-        self._ckpt.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-
-    def _checkpoint_done(self, fut: asyncio.Future[None]) -> None:
-        self._checkpoint = None
-        if not fut.cancelled() and fut.exception() is not None:
-            log.warning("WAL checkpoint of %s failed: %s", self.path, fut.exception())
 
     # -- the read path ---------------------------------------------------------------
     def _read(
@@ -428,7 +404,7 @@ class SqliteBroker(Broker):
         if spec.retention_seconds is not None:
             cutoff = int((time.time() - spec.retention_seconds) * 1000)
         removed = 0
-        w.execute("BEGIN IMMEDIATE")
+        begin_immediate(w, BUSY_TIMEOUT_MS / 1000)
         try:
             parts = w.execute(
                 "SELECT partition, size_bytes FROM partitions WHERE topic_id=?", (tid,)
@@ -480,12 +456,6 @@ class SqliteBroker(Broker):
                 self._r.close()
                 self._r = None
 
-        def close_ckpt() -> None:
-            if self._ckpt is not None:
-                self._ckpt.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                self._ckpt.close()
-                self._ckpt = None
-
         if self._inline is not None:
             self._inline.close()
             self._inline = None
@@ -494,7 +464,6 @@ class SqliteBroker(Broker):
             self._signal = None
         await self._on_writer(close_w)
         await self._on_reader(close_r)
-        await asyncio.get_running_loop().run_in_executor(self._checkpointer, close_ckpt)
-        self._checkpointer.shutdown(wait=False)
+        await self._checkpointer.close()
         self._writer_pool.shutdown(wait=False)
         self._reader_pool.shutdown(wait=False)
