@@ -22,12 +22,16 @@ demo: $(STAMP)
 demo-bus: $(STAMP)
 	$(BIN)/python -m shoal.demo
 
-## servers: Debian's nats-server and redis-server, when missing and we are root
+## servers: Debian's nats-server, redis-server and chromium (the dashboard's browser
+## test), those missing, when we are root
+DEBS := nats-server:nats-server redis-server:redis-server chromium:chromium
 servers:
-	@if ! command -v nats-server >/dev/null || ! command -v redis-server >/dev/null; then \
+	@missing=""; for pair in $(DEBS); do \
+	  command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair##*:}"; done; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server redis-server >/dev/null; \
-	  else echo "nats-server/redis-server missing and not root: their tests will be skipped"; fi; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "missing and not root:$$missing (their tests will be skipped)"; fi; \
 	fi
 
 ## test: the whole suite

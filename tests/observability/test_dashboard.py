@@ -137,7 +137,8 @@ async def test_page_assets_and_event_stream(fresh_metrics: Metrics) -> None:
             assert frames[1]["time"] >= frames[0]["time"]
 
 
-@pytest.mark.skipif(not os.path.exists(CHROMIUM) and not os.environ.get("CI"),
+@pytest.mark.skipif(not os.path.exists(CHROMIUM) and not os.environ.get("CI")
+                    and not os.environ.get("SHOAL_REQUIRE_SERVERS"),
                     reason="Debian's chromium is not installed (apt-get install chromium)")
 async def test_browser_sees_the_shop_and_a_rate_change(fresh_metrics: Metrics,
                                                        tmp_path: Path) -> None:
