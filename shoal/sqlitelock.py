@@ -51,3 +51,22 @@ def begin_immediate(conn: sqlite3.Connection, timeout: float, *,
 def _is_locked(e: sqlite3.OperationalError) -> bool:
     text = str(e)
     return "locked" in text or "busy" in text
+
+
+def set_wal(conn: sqlite3.Connection, timeout: float, *,
+            sleep: Callable[[float], None] = time.sleep,
+            clock: Callable[[], float] = time.monotonic) -> None:
+    """``PRAGMA journal_mode=WAL``, retried while another process is creating or converting
+    the same new database: that pragma can answer "database is locked" at once, without
+    SQLite's busy handler (seen with several gateway workers opening one new file)."""
+    deadline = clock() + timeout
+    delay = 0.001
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if not _is_locked(e) or clock() >= deadline:
+                raise
+        sleep(delay)
+        delay = min(delay * 2, 0.05)

@@ -1,4 +1,4 @@
-"""begin_immediate: short retries while another connection writes, bounded, restored."""
+"""begin_immediate and set_wal: short retries while another connection holds the lock."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from shoal.sqlitelock import MAX_SLEEP, begin_immediate
+from shoal.sqlitelock import MAX_SLEEP, begin_immediate, set_wal
 
 Pair = tuple[sqlite3.Connection, sqlite3.Connection]
 
@@ -59,3 +59,35 @@ def test_gives_up_after_the_timeout_and_restores_the_busy_timeout(conns: Pair) -
     holder.execute("COMMIT")
     begin_immediate(waiter, 0.5)  # free again: taken at once
     assert waiter.in_transaction
+
+
+def test_set_wal_waits_for_a_reader_of_the_new_database(tmp_path: Path) -> None:
+    holder = sqlite3.connect(tmp_path / "db", isolation_level=None)
+    holder.execute("CREATE TABLE t (x)")
+    holder.execute("BEGIN")
+    holder.execute("SELECT * FROM t").fetchall()  # a shared lock: WAL conversion must wait
+    waiter = sqlite3.connect(tmp_path / "db", isolation_level=None, timeout=0)
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        if len(sleeps) == 3:
+            holder.execute("COMMIT")
+
+    set_wal(waiter, 5.0, sleep=sleep)
+    assert len(sleeps) == 3
+    assert waiter.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    other = sqlite3.connect(tmp_path / "db2", isolation_level=None, timeout=0)
+    other.execute("CREATE TABLE t (x)")
+    other.execute("BEGIN")
+    other.execute("SELECT * FROM t").fetchall()
+    late = sqlite3.connect(tmp_path / "db2", isolation_level=None, timeout=0)
+    now = [0.0]
+
+    def tick(seconds: float) -> None:
+        now[0] += seconds
+
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        set_wal(late, 0.2, sleep=tick, clock=lambda: now[0])
+    for conn in (holder, waiter, other, late):
+        conn.close()

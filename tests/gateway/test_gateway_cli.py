@@ -61,6 +61,13 @@ class Gateway:
         self.stderr: list[str] = []
         self.ready: dict[str, object] = {}
         self._pump: asyncio.Task[None] | None = None
+        self.signalled = False
+
+    def terminate(self) -> None:
+        """SIGTERM once: a second one during the graceful stop would cut it short (exit 130)."""
+        if not self.signalled:
+            self.signalled = True
+            self.proc.send_signal(signal.SIGTERM)
 
     async def start(self) -> None:
         assert self.proc.stdout is not None
@@ -85,7 +92,7 @@ class Gateway:
 
     async def stop(self) -> int:
         if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.terminate()
             try:
                 await asyncio.wait_for(self.proc.wait(), 20)
             except TimeoutError:
@@ -208,7 +215,7 @@ async def test_routes_reload_from_the_store_on_an_open_connection(
     other = await gw.connect()
     other.writer.write(b"GET /y/slow HTTP/1.1\r\nHost: gw.test\r\n\r\n")
     await asyncio.wait_for(running.slow_started.wait(), 10)
-    gw.proc.send_signal(signal.SIGTERM)
+    gw.terminate()
     answer = await asyncio.wait_for(other.reader.read(), 10)
     assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"svc-a2"), answer
     assert b"connection: close" in answer.lower()
@@ -253,8 +260,11 @@ async def test_workers_share_one_port_and_stop_together(tmp_path: Path) -> None:
         "--broker", f"sqlite:///{tmp_path}/e.db", cwd=tmp_path, env=clean_env(),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
-        assert proc.stdout is not None
-        ready = json.loads(await asyncio.wait_for(proc.stdout.readline(), 30))
+        assert proc.stdout is not None and proc.stderr is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 30)
+        if not line:
+            raise AssertionError((await proc.stderr.read()).decode())
+        ready = json.loads(line)
         assert ready["event"] == "ready" and ready["workers"] == 2 and len(ready["pids"]) == 2
         host, port = ready["listen"][0].rsplit(":", 1)
         for _ in range(4):  # each connection lands on some worker; all answer

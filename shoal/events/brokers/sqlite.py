@@ -42,7 +42,7 @@ from shoal.events.brokers.base import (
     TopicSpec,
 )
 from shoal.filewatch import signal_for
-from shoal.sqlitelock import begin_immediate
+from shoal.sqlitelock import begin_immediate, set_wal
 from shoal.walcheckpoint import WalCheckpointer
 
 log = logging.getLogger("shoal.events.sqlite")
@@ -99,7 +99,7 @@ def _connect(path: Path, synchronous: str, busy_ms: int = BUSY_TIMEOUT_MS) -> sq
     conn = sqlite3.connect(
         path, timeout=busy_ms / 1000, isolation_level=None, check_same_thread=False
     )
-    conn.execute("PRAGMA journal_mode=WAL")
+    set_wal(conn, busy_ms / 1000)
     conn.execute(f"PRAGMA synchronous={synchronous}")
     conn.execute(f"PRAGMA busy_timeout={busy_ms}")
     return conn
