@@ -9,11 +9,15 @@
       listen: 127.0.0.1:8080
       routes:
         - {name: orders, match: {path: {prefix: /orders}}, service: orders}
-    security: {mtls: off}                     # strict | permissive | off
+    security: {mtls: strict, trust_domain: shoal.local}   # strict (default) | permissive | off
     services:
       orders:
         app: shop.orders:svc                  # module:attribute of a shoal.Service
         replicas: 2
+        policies:                             # who may call it (shoal.mesh.security.authz)
+          - {name: no-debug, action: deny, paths: [{prefix: /debug}]}
+          - {name: gateway-in, action: allow, from: [gateway], methods: [POST]}
+        topics: {publish: [orders], subscribe: ["payments.*"]}   # its topic policy
         autoscale: {min: 1, max: 5, target_inflight: 10, cooldown: 30s}
         load_balancer: peak_ewma              # or {policy: peak_ewma, ...}
         policy: {timeouts: {request: 2s}, retries: {attempts: 2}}
@@ -58,11 +62,14 @@ from pydantic import (
     model_validator,
 )
 
-from shoal.errors import ConfigError
+from shoal.errors import CertificateError, ConfigError
 from shoal.events.brokers.connect import DEFAULT_BROKER_URL
 from shoal.events.bus import default_store_for
 from shoal.mesh.registry import check_service_name
 from shoal.mesh.resilience import TrafficPolicy, load_traffic_policy
+from shoal.mesh.security.authz import MAX_RULES, AuthorizationPolicy
+from shoal.mesh.security.spiffe import DEFAULT_TRUST_DOMAIN, check_trust_domain
+from shoal.mesh.security.topics import TopicPolicy
 from shoal.units import parse_duration
 from shoal.yamlsafe import MAX_YAML_BYTES, YamlDocument, YamlError, load_yaml
 
@@ -77,6 +84,8 @@ _APP = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*"
                   r":[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
 _LISTEN = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+RESERVED_IDENTITIES = {"shoal-gateway": "gateway", "shoal-control": "control plane"}
+"""Identities ``shoal up`` gives its gateway and control plane (policies name them)."""
 _LABEL_KEY = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._/-]{0,61}[A-Za-z0-9])?")
 
 
@@ -134,9 +143,13 @@ def _url(value: Any) -> str:
 
 def _service_name(value: Any) -> str:
     try:
-        return check_service_name(value)
+        name = check_service_name(value)
     except ConfigError as e:
         raise ValueError(str(e)) from None
+    if name in RESERVED_IDENTITIES:
+        raise ValueError(f"service name {name!r} is reserved: it is the identity of Shoal's "
+                         f"own {RESERVED_IDENTITIES[name]}")
+    return name
 
 
 Duration = Annotated[float, BeforeValidator(_duration)]
@@ -157,14 +170,60 @@ class AdminConfig(_Section):
 
 
 class SecurityConfig(_Section):
-    """``security:``: mutual TLS between services (more to come)."""
+    """``security:``: mutual TLS between services and the trust domain of their identities.
 
-    mtls: Literal["strict", "permissive", "off"] = "off"
+    ``mtls: strict`` (the default) - every call between services and from the gateway is
+    mutual TLS, plaintext is refused; ``permissive`` - instances accept both (a migration
+    step); ``off`` - plaintext, no identities. Identities are
+    ``spiffe://<trust_domain>/svc/<service>``.
+    """
+
+    mtls: Literal["strict", "permissive", "off"] = "strict"
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
 
     @field_validator("mtls", mode="before")
     @classmethod
     def _yaml_off(cls, value: Any) -> Any:
         return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
+
+    @field_validator("trust_domain", mode="before")
+    @classmethod
+    def _trust_domain(cls, value: Any) -> str:
+        try:
+            return check_trust_domain(value)
+        except CertificateError as e:
+            raise ValueError(str(e).partition(": ")[2]) from None
+
+
+def _topic_pattern(value: Any) -> str:
+    """A topic name, ``prefix.*`` or ``*`` (what a topic policy's keys may be)."""
+    if not isinstance(value, str) or not value or len(value) > 255 or not value.isprintable() \
+            or ("*" in value and value != "*" and not (value.endswith(".*")
+                                                       and value.count("*") == 1)):
+        raise ValueError(f"expected a topic name, 'prefix.*' or '*', got {value!r:.80}")
+    return value
+
+
+TopicPattern = Annotated[str, BeforeValidator(_topic_pattern)]
+
+
+class TopicsConfig(_Section):
+    """``services.<name>.topics:``: the topics this service may publish to and subscribe
+    to (``prefix.*`` and ``*`` allowed). A service with this section may use only those
+    (dead letters follow: subscribing ``T`` allows publishing ``T.dlq``); a service
+    without it is not restricted."""
+
+    publish: list[TopicPattern] = Field(default_factory=list, max_length=1024)
+    subscribe: list[TopicPattern] = Field(default_factory=list, max_length=1024)
+
+    def policy(self, service: str, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> TopicPolicy:
+        """The ``TopicPolicy`` granting exactly these to ``service``."""
+        grants: dict[str, dict[str, list[str]]] = {}
+        for action in ("publish", "subscribe"):
+            for pattern in getattr(self, action):
+                grants.setdefault(pattern, {"publish": [], "subscribe": []})[action] = [service]
+        return TopicPolicy.from_config(grants, trust_domain=trust_domain,
+                                       where=f"services.{service}.topics")
 
 
 class AutoscaleConfig(_Section):
@@ -195,6 +254,9 @@ class ServiceConfig(_Section):
     policy: dict[str, Any] | None = None
     labels: dict[str, str] = Field(default_factory=dict, max_length=64)
     env: dict[str, str] = Field(default_factory=dict, max_length=1000)
+    policies: list[Any] | None = Field(None, max_length=MAX_RULES)
+    """Authorization rules for calls to this service (``shoal.mesh.security.authz``)."""
+    topics: TopicsConfig | None = None
     _traffic_policy: TrafficPolicy = PrivateAttr(default_factory=TrafficPolicy)
 
     @field_validator("app")
@@ -221,6 +283,28 @@ class ServiceConfig(_Section):
             if not _ENV_NAME.fullmatch(k):
                 raise ValueError(f"environment variable name {k!r} is invalid")
         return value
+
+    @field_validator("policies")
+    @classmethod
+    def _policies(cls, value: list[Any] | None) -> list[Any] | None:
+        try:  # the rules' shape; the service and trust domain only change messages and ids
+            AuthorizationPolicy.from_config("service", value, where="policies")
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+        return value
+
+    def authorization(self, service: str, trust_domain: str = DEFAULT_TRUST_DOMAIN
+                      ) -> AuthorizationPolicy | None:
+        """The authorization policy guarding ``service`` (None: no ``policies:``)."""
+        if self.policies is None:
+            return None
+        return AuthorizationPolicy.from_config(service, self.policies, trust_domain=trust_domain,
+                                               where=f"services.{service}.policies")
+
+    def topic_policy(self, service: str, trust_domain: str = DEFAULT_TRUST_DOMAIN
+                     ) -> TopicPolicy | None:
+        """What ``service`` may publish and subscribe (None: no ``topics:``, unrestricted)."""
+        return None if self.topics is None else self.topics.policy(service, trust_domain)
 
     @model_validator(mode="after")
     def _policy(self) -> ServiceConfig:
@@ -376,6 +460,9 @@ def _issues(error: ValidationError, path: Path, lines: dict[tuple[Any, ...], int
                 if sub[0] == "policy" and key_loc not in lines:
                     key_loc = (*base, *sub[1:])  # load_balancer folded into the policy
                 message = message[m.end():]
+            elif sub and loc and sub[0] == loc[-1]:  # "policies[0].action: ..." of a rule
+                key_loc = (*loc[:-1], *sub)
+                message = message[m.end():]
         issues.append(ManifestIssue(path, _line_for(key_loc, lines), _dotted(key_loc),
                                     message))
     return sorted(issues, key=lambda i: i.line or 0)  # in the order a reader meets them
@@ -437,6 +524,8 @@ def _model_at(parent: tuple[Any, ...]) -> type[BaseModel] | None:
         return ServiceConfig
     if parent[0] == "services" and len(parent) == 3 and parent[2] == "autoscale":
         return AutoscaleConfig
+    if parent[0] == "services" and len(parent) == 3 and parent[2] == "topics":
+        return TopicsConfig
     return None
 
 

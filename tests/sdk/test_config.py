@@ -88,7 +88,7 @@ def test_empty_manifest_means_every_default() -> None:
         assert m.broker == "sqlite:///.shoal/events.db"
         assert m.store_url == "sqlite:///.shoal/store.db"
         assert m.services == {} and len(m.gateway.routes.table) == 0
-        assert m.security.mtls == "off" and m.admin.listen == "127.0.0.1:8081"
+        assert m.security.mtls == "strict" and m.admin.listen == "127.0.0.1:8081"
     assert parse_manifest("broker: memory://x\n").store_url == "memory://x"
     assert parse_manifest("security: {mtls: off}\n").security.mtls == "off"  # YAML's `off`
     assert isinstance(parse_manifest("", "x.yaml"), Manifest)

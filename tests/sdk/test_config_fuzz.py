@@ -14,6 +14,8 @@ TOKENS = st.sampled_from([
     "broker", "store", "services", "gateway", "admin", "security", "routes", "listen",
     "app", "replicas", "autoscale", "min", "max", "cooldown", "policy", "retries",
     "attempts", "load_balancer", "labels", "env", "mtls", "a", "m:s", "1", "-1", "2s",
+    "policies", "topics", "publish", "subscribe", "action", "deny", "from", "paths",
+    "trust_domain", "prefix", "a.*",
     "null", "true", "off", "~", "&x", "*x", "<<", "!!str", "!!python/name:os.system",
     "[", "]", "{", "}", ",", ":", ": ", "- ", "\n", "\n  ", "\n    ", " ", "'", '"', "#",
     "---", "...", "\t", "é", "\x00", "%YAML 1.1", "0.0.0.0:80", "memory://x", "x-a",
