@@ -4,7 +4,14 @@
 
     python -m shoal.instance --app shop.orders:svc --listen 127.0.0.1:0 \\
         --broker sqlite:///.shoal/events.db --store sqlite:///.shoal/store.db \\
-        [--instance-id orders-1] [--label zone=a ...] [--manifest shoal.yaml]
+        [--instance-id orders-1] [--label zone=a ...] [--manifest shoal.yaml] \\
+        [--mtls strict|permissive|off] [--trust-domain shoal.local]
+
+With ``--manifest``, the instance takes from it the traffic policies of the services it
+calls, its own service's authorization policy (``policies:``) and topic policy
+(``topics:``), and ``security:`` (``--mtls`` and ``--trust-domain`` override it; without
+a manifest mTLS is off). Under ``strict`` and ``permissive`` it gets its certificate from
+the control plane's CA before it serves (see ``shoal.service``).
 
 When the instance is ready (HTTP served, registered, every subscription in its group)
 it prints exactly one JSON line on stdout::
@@ -88,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar="KEY=VALUE", help="instance label (repeatable)")
     parser.add_argument("--manifest", default=None, metavar="PATH",
                         help="shoal.yaml whose services' policies apply to our calls")
+    parser.add_argument("--mtls", default=None, choices=("strict", "permissive", "off"),
+                        help="mutual TLS (default: the manifest's security.mtls, else off)")
+    parser.add_argument("--trust-domain", default=None,
+                        help="trust domain of SPIFFE identities (default: the manifest's)")
     parser.add_argument("--drain-grace", default="250ms",
                         help="time between DRAINING and closing the listener")
     return parser
@@ -108,7 +119,8 @@ async def run(svc: Service, args: argparse.Namespace) -> int:
     try:
         starting = asyncio.ensure_future(svc.start(
             broker=args.broker, store=args.store, listen=args.listen,
-            instance_id=args.instance_id, labels=dict(args.label), policies=args.policies))
+            instance_id=args.instance_id, labels=dict(args.label), policies=args.policies,
+            **args.security))
         waiting = asyncio.ensure_future(stopping.wait())
         await asyncio.wait({starting, waiting}, return_when=asyncio.FIRST_COMPLETED)
         if not starting.done():  # signalled while starting: abandon the start
@@ -136,6 +148,24 @@ async def run(svc: Service, args: argparse.Namespace) -> int:
             loop.remove_signal_handler(sig)
 
 
+def security_options(service: str, manifest: Any, mtls: str | None,
+                     trust_domain: str | None) -> dict[str, Any]:
+    """``Service.start``'s zero-trust arguments for ``service`` from the manifest (if any)
+    and the command line."""
+    from shoal.mesh.security.spiffe import DEFAULT_TRUST_DOMAIN, check_trust_domain
+
+    security = getattr(manifest, "security", None)
+    domain = trust_domain or (security.trust_domain if security else DEFAULT_TRUST_DOMAIN)
+    try:
+        check_trust_domain(domain, what="--trust-domain")
+    except ShoalError as e:
+        raise ConfigError(str(e)) from None
+    spec = manifest.services.get(service) if manifest is not None else None
+    return {"mtls": mtls or (security.mtls if security else "off"), "trust_domain": domain,
+            "authorization": None if spec is None else spec.authorization(service, domain),
+            "topic_policy": None if spec is None else spec.topic_policy(service, domain)}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m shoal.instance``; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -143,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        args.policies = None
+        args.policies = manifest = None
         if args.manifest is not None:
             from shoal.config import load_manifest
 
@@ -151,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             args.policies = {name: spec.traffic_policy
                              for name, spec in manifest.services.items()}
         svc = load_app(args.app)
+        args.security = security_options(svc.name, manifest, args.mtls, args.trust_domain)
         from shoal.observability import enable_metrics
         from shoal.observability.tracing import enable_tracing_from_env
 

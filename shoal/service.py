@@ -25,6 +25,19 @@ listener closes and no new events are taken, in-flight requests and events finis
 offsets are committed, and the instance leaves the registry. Sync event handlers run in
 threads and publish with ``svc.publish_sync``.
 
+**Zero trust** (``start(mtls=..., authorization=..., topic_policy=...)``, given by
+``python -m shoal.instance`` from the manifest's ``security:`` and the service's
+``policies:`` / ``topics:``): under ``strict`` or ``permissive`` the instance makes its key,
+gets its SPIFFE certificate from the control plane's CA through the Store before it
+serves, renews it at two thirds of its life (``rotate_forever``), serves HTTP over mutual
+TLS (``strict`` refuses plaintext and callers without a certificate of the trust bundle;
+``permissive`` takes both on one port) and calls other services over mTLS. Each request
+is checked against the service's authorization policy with the caller's verified
+identity (a denial answers 403 naming the rule); ``/healthz`` and ``/readyz`` are not
+(they say nothing but "alive" and "ready", and the control plane's checks must pass
+whatever the policy: under ``strict`` they still need a certificate of the mesh). Publishes
+and subscriptions pass the topic policy (``Forbidden``, nothing appended).
+
 The HTTP server is uvicorn (uvloop + httptools): it speaks ASGI natively, including
 streaming, keep-alive, and graceful shutdown that waits for in-flight requests. The
 project's own ``HttpServer`` is a raw request/response core; adapting it to ASGI would be
@@ -72,6 +85,11 @@ from shoal.mesh.registry import (
     check_service_name,
 )
 from shoal.mesh.resilience import TrafficPolicy
+from shoal.mesh.security.authz import AuthorizationPolicy
+from shoal.mesh.security.identity import request_identity
+from shoal.mesh.security.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeId
+from shoal.mesh.security.tls import MeshTLS, MtlsMode, PermissiveListener, rotate_forever
+from shoal.mesh.security.topics import TopicPolicy
 from shoal.observability import tracing as _tracing
 from shoal.store.base import Store
 from shoal.store.connect import connect_store
@@ -140,6 +158,11 @@ class Service:
         self._lifespan_state: dict[str, Any] = {}
         self._state = "stopped"  # stopped -> starting -> ready -> draining -> stopped
         self._missing: list[str] = ["not started"]
+        self.mtls = MtlsMode.OFF
+        self.tls: MeshTLS | None = None  # this instance's identity and contexts (mTLS on)
+        self.authorization: AuthorizationPolicy | None = None
+        self._rotation: asyncio.Task[None] | None = None
+        self._permissive: PermissiveListener | None = None
 
     def __repr__(self) -> str:
         return f"<Service {self.name} {self._state}>"
@@ -306,6 +329,16 @@ class Service:
             if name == b"traceparent":
                 parent = value.decode("latin-1")
                 break
+        policy = self.authorization
+        if policy is not None:
+            from shoal.mesh.security.asgi_server import forbidden, peer_identity
+
+            raw = scope.get("raw_path") or path.encode("utf-8")
+            decision = policy.decide(peer_identity(scope), scope.get("method", "GET"),
+                                     raw.decode("latin-1"))
+            if not decision.allowed:
+                await forbidden(send, self.name, decision)
+                return
         if self._lifespan_state:  # what mounted apps' lifespans left for their requests
             scope["state"] = {**self._lifespan_state, **scope.get("state", {})}
         token = current_traceparent.set(_tracing.hop(parent))  # the server span's, if traced
@@ -349,14 +382,20 @@ class Service:
                     listen: str | None = "127.0.0.1:0", instance_id: str | None = None,
                     labels: Mapping[str, str] | None = None, ttl: float | str = "10s",
                     register: bool = True,
-                    policies: Mapping[str, TrafficPolicy] | None = None) -> None:
+                    policies: Mapping[str, TrafficPolicy] | None = None,
+                    mtls: MtlsMode | str = MtlsMode.OFF,
+                    trust_domain: str = DEFAULT_TRUST_DOMAIN,
+                    authorization: AuthorizationPolicy | None = None,
+                    topic_policy: TopicPolicy | None = None,
+                    identity_timeout: float = 30.0) -> None:
         """Connect, serve, register and subscribe; returns when the instance is ready.
 
         ``listen`` is ``HOST:PORT`` (port 0: any free port; ``self.address`` says which),
         or None to serve no HTTP (and not register): the ASGI app is then used directly,
         as ``shoal.testing.ServiceHarness`` does. ``policies`` are the traffic policies of
         the services it calls (the manifest's ``services.<name>.policy``; default: the
-        mesh's).
+        mesh's). ``mtls``, ``trust_domain``, ``authorization`` and ``topic_policy``: see
+        "Zero trust" above (the certificate is awaited for ``identity_timeout`` seconds).
         """
         if self._state != "stopped":
             raise ShoalError(f"service {self.name!r} is already {self._state}")
@@ -367,6 +406,9 @@ class Service:
             labels.setdefault("version", self.version)
         self._state = "starting"
         self._loop = asyncio.get_running_loop()
+        self.mtls = MtlsMode.parse(mtls.value if isinstance(mtls, MtlsMode) else mtls,
+                                   where="mtls")
+        self.authorization = authorization
         self._missing = ["store", "bus", "http", "registry", "subscriptions"]
         if listen is None or not register:
             self._missing.remove("registry")
@@ -382,15 +424,24 @@ class Service:
                                                   or DEFAULT_BROKER_URL)
                 self.store, self._owned_store = await connect_store(store_url), True
             self._missing.remove("store")
-            self.bus = await EventBus.connect(broker, store=self.store,
-                                              source=f"/shoal/services/{self.name}")
+            self.instance_id = instance_id or f"{self.name}-{secrets.token_hex(4)}"
+            if self.mtls.uses_tls:
+                self.tls = MeshTLS(await request_identity(
+                    self.store, self.name, self.instance_id, trust_domain=trust_domain,
+                    timeout=identity_timeout))
+                self._rotation = asyncio.get_running_loop().create_task(
+                    rotate_forever(self.tls, self.store, self.instance_id),
+                    name=f"shoal-certificate-rotation {self.name}")
+            self.bus = await EventBus.connect(
+                broker, store=self.store, source=f"/shoal/services/{self.name}",
+                topic_policy=topic_policy,
+                identity=None if topic_policy is None else SpiffeId(trust_domain, self.name).uri)
             self._missing.remove("bus")
-            self.mesh = await MeshClient.connect(self.store, policies=policies)
+            self.mesh = await MeshClient.connect(self.store, policies=policies, tls=self.tls)
             await self._start_mounted()
             if listen is not None:
                 self.address = await self._serve(listen)
                 self._missing.remove("http")
-            self.instance_id = instance_id or f"{self.name}-{secrets.token_hex(4)}"
             if listen is not None and register:
                 self.registration = await Registry(self.store).register(
                     Instance(id=self.instance_id, service=self.name,
@@ -481,14 +532,24 @@ class Service:
             raise ConfigError(f"service {self.name!r}: cannot listen on {listen}: "
                               f"{e.strerror or e}") from None
         bound_port = sock.getsockname()[1]
-        self._server = _UvicornServer(self, sock)
+        tls, permissive = self.tls, self.mtls is MtlsMode.PERMISSIVE
+        self._server = _UvicornServer(self, sock, ssl=None if tls is None or permissive
+                                      else tls.server_context)
         self._serving = asyncio.get_running_loop().create_task(
-            self._server.serve(sockets=[sock]), name=f"shoal-service-http {self.name}")
+            self._server.serve(sockets=[] if permissive else [sock]),
+            name=f"shoal-service-http {self.name}")
         while not self._server.started:
             if self._serving.done():
                 self._serving.result()
                 raise ShoalError(f"service {self.name!r}: HTTP server stopped while starting")
             await asyncio.sleep(0.005)
+        if permissive and tls is not None:  # mTLS and plaintext on one port: sniffed
+            from shoal.mesh.security.asgi_server import UvicornAdopter
+
+            self._permissive = PermissiveListener(UvicornAdopter(self._server.uvicorn),
+                                                  tls.server_context)
+            sock.close()  # the listener binds the same port (SO_REUSEADDR)
+            await self._permissive.start(host, bound_port)
         shown = f"[{host}]" if ":" in host else host
         return f"{shown}:{bound_port}"
 
@@ -523,6 +584,9 @@ class Service:
         if grace:
             await asyncio.sleep(grace)
         stops: list[Awaitable[Any]] = [sub.close() for sub in self._running]
+        if self._permissive is not None:
+            await self._permissive.aclose()  # no new connections; served ones drain below
+            self._permissive = None
         if self._server is not None:
             stops.append(self._stop_http(timeout))
         results = await asyncio.gather(*stops, return_exceptions=True)
@@ -540,6 +604,10 @@ class Service:
         if self.mesh is not None:
             await self._quietly(self.mesh.aclose(), "closing the mesh client")
             self.mesh = None
+        if self._rotation is not None:
+            self._rotation.cancel()
+            await asyncio.gather(self._rotation, return_exceptions=True)
+            self._rotation = None
         if self.store is not None and self._owned_store:
             await self._quietly(self.store.close(), "closing the store")
         self.store = None
@@ -653,17 +721,21 @@ def _uvicorn_server_class() -> type:
 class _UvicornServer:
     """uvicorn serving one Service on an already-bound socket."""
 
-    def __init__(self, service: Service, sock: socket.socket) -> None:
+    def __init__(self, service: Service, sock: socket.socket, *,
+                 ssl: Any = None) -> None:
+        """``ssl``: the server context of mutual TLS (every connection), else plaintext."""
         import uvicorn
 
+        from shoal.mesh.security.asgi_server import PeerIdentityProtocol
         from shoal.observability.http import ObservedASGI
 
         config = uvicorn.Config(  # metrics (and /metrics), server spans: when switched on
-            ObservedASGI(service, service.name), loop="none", http="httptools",
+            ObservedASGI(service, service.name), loop="none", http=PeerIdentityProtocol,
             lifespan="off", log_level="warning", access_log=False, server_header=False,
             date_header=False, timeout_graceful_shutdown=None,
+            ssl_context_factory=None if ssl is None else (lambda _config, _default: ssl),
         )
-        self._server = _uvicorn_server_class()(config)
+        self.uvicorn = self._server = _uvicorn_server_class()(config)
         self._sock = sock
 
     @property

@@ -11,6 +11,22 @@ the admin API
 ready and is registered; ``close`` stops taking requests at the gateway, then stops the
 instances (SIGTERM: each drains and commits), then the rest. Events an instance had not
 acknowledged stay in the log for the next run: nothing acknowledged is lost.
+
+**Zero trust** (``Plan.mtls`` strict or permissive, the manifest's default being strict):
+the plane runs the mesh's CA (``CertificateSigner`` on the roots in ``<state_dir>/ca/``),
+so instances get their certificates through the Store as they start; the gateway gets its
+own identity (``shoal-gateway``: policies name it in ``from:``) and calls services over
+mTLS, and the plane's health checks and dashboard scrapes use the plane's identity
+(``shoal-control``). Both renew at two thirds of their life, as instances do.
+
+Why the health checker gets an identity rather than a plain health port beside each
+instance: Istio's pain under STRICT was probes sent by something *outside* the mesh (the
+kubelet), fixed by rewriting them to a plaintext agent port - one more port per workload,
+open to anything on the host. Here the checker is ours, so it can hold a certificate like
+any workload: health checks keep working under strict with nothing to configure, no
+plaintext listener exists, and what a check sees is exactly the port callers use (a
+broken TLS setup fails the check instead of hiding behind a healthy side port).
+``/healthz`` and ``/readyz`` are answered before authorization policies apply.
 """
 
 from __future__ import annotations
@@ -46,12 +62,19 @@ from shoal.gateway.server import HttpServer
 from shoal.mesh.ejections import EjectionReporter
 from shoal.mesh.health import HealthCheckConfig
 from shoal.mesh.registry import HealthMonitor, InstanceChange, check_address
+from shoal.mesh.security.identity import request_identity
+from shoal.mesh.security.spiffe import DEFAULT_TRUST_DOMAIN
+from shoal.mesh.security.tls import MeshTLS, MtlsMode, rotate_forever
 from shoal.observability.http import metrics_asgi, observe_gateway
 from shoal.observability.metrics import Metrics, enable_metrics
 from shoal.observability.sampling import Sampler
 from shoal.observability.tracing import enable_tracing_from_env
 
 CONTROL_SOURCE = "/shoal/control"
+GATEWAY_IDENTITY = "shoal-gateway"
+"""The service name in the gateway's SPIFFE id (``spiffe://<domain>/svc/shoal-gateway``)."""
+CONTROL_IDENTITY = "shoal-control"
+"""The service name in the control plane's SPIFFE id (health checks, scrapes)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +107,9 @@ class Plan:
     autoscale_interval: float = 1.0
     grace: float = 10.0  # SIGTERM -> SIGKILL
     manifest_path: Path | None = None  # given to instances: their calls use its policies
+    mtls: str = "off"  # strict | permissive | off (a manifest's default is strict)
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
+    state_dir: Path = Path(".shoal")  # the CA's roots are kept in <state_dir>/ca/
 
 
 def instance_argv(plan: Plan, service: ServicePlan, instance_id: str, port: int,
@@ -91,7 +117,9 @@ def instance_argv(plan: Plan, service: ServicePlan, instance_id: str, port: int,
     """The command that runs one instance (the Service SDK's instance runner)."""
     argv = [python, "-m", "shoal.instance", "--app", service.app,
             "--listen", f"127.0.0.1:{port}", "--broker", plan.broker, "--store", plan.store,
-            "--instance-id", instance_id]
+            "--instance-id", instance_id, "--mtls", plan.mtls]
+    if plan.trust_domain != DEFAULT_TRUST_DOMAIN:
+        argv += ["--trust-domain", plan.trust_domain]
     for key, value in service.labels.items():
         argv += ["--label", f"{key}={value}"]
     if plan.manifest_path is not None:
@@ -168,6 +196,9 @@ class ControlPlane:
         self._closed = False
         self._sampler: Sampler | None = None
         self._dashboard: SnapshotHub | None = None
+        self.tls: MeshTLS | None = None  # the plane's identity (health checks, scrapes)
+        self.gateway_tls: MeshTLS | None = None  # the gateway's
+        self._security: list[asyncio.Task[None]] = []  # signer, rotations
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self, ready_timeout: float = 60.0) -> None:
@@ -189,8 +220,10 @@ class ControlPlane:
                 await self.supervisor.scale(name, service.replicas)
             self.bus = await EventBus.connect(plan.broker, store=plan.store,
                                               source=CONTROL_SOURCE)
+            if MtlsMode.parse(plan.mtls, where="Plan.mtls").uses_tls:
+                await self._start_security()
             self.monitor = await HealthMonitor(
-                self.bus.store, self.bus, config=plan.health).start()
+                self.bus.store, self.bus, config=plan.health, tls=self.tls).start()
             self.supervisor.exit_hooks.append(self._release_dead)
             if plan.gateway is not None:
                 await self._start_gateway(plan.gateway, gateway_socks)
@@ -209,12 +242,34 @@ class ControlPlane:
             await self.close()
             raise
 
+    async def _start_security(self) -> None:
+        """The CA's signer, then the plane's and the gateway's identities (renewed)."""
+        from shoal.control.ca import CAFiles, CertificateSigner
+
+        assert self.bus is not None
+        store, plan, loop = self.bus.store, self.plan, asyncio.get_running_loop()
+        files = CAFiles(plan.state_dir)
+        ca = files.load_or_create(trust_domain=plan.trust_domain)
+        if ca.trust_domain != plan.trust_domain:
+            raise ConfigError(f"security.trust_domain is {plan.trust_domain!r}, but the CA in "
+                              f"{files.directory} is for {ca.trust_domain!r}: use that trust "
+                              "domain, or another state directory")
+        signer = CertificateSigner.from_files(store, files, trust_domain=plan.trust_domain)
+        self._security.append(loop.create_task(signer.run(), name="shoal-ca-signer"))
+        me = f"control-{os.getpid()}"
+        self.tls, self.gateway_tls = [MeshTLS(identity) for identity in await asyncio.gather(
+            request_identity(store, CONTROL_IDENTITY, me, trust_domain=plan.trust_domain),
+            request_identity(store, GATEWAY_IDENTITY, me, trust_domain=plan.trust_domain))]
+        for tls in (self.tls, self.gateway_tls):
+            self._security.append(loop.create_task(rotate_forever(tls, store, me)))
+
     async def _start_gateway(self, config: GatewayConfig, socks: list[socket.socket]
                              ) -> None:
         assert self.monitor is not None and self.bus is not None
         self._gateway = Gateway(config.routes.table, self.monitor.cache, self.bus,
                                 services=gateway_policies(self.plan.services, config),
-                                ejections=EjectionReporter(self.bus.store))
+                                ejections=EjectionReporter(self.bus.store),
+                                tls=self.gateway_tls)
         if config.routes_key is not None:
             self._route_watcher = await RouteWatcher(
                 self._gateway, self.bus.store, config.routes_key, config.routes).start()
@@ -228,7 +283,10 @@ class ControlPlane:
 
     async def _start_admin(self, sock: socket.socket, metrics: Metrics) -> None:
         app = admin_app(self)  # + the dashboard, its stream, and /metrics
-        self._dashboard = mount_dashboard(app, ControlSource(self, bus=self.bus, metrics=metrics))
+        source = ControlSource(self, bus=self.bus, metrics=metrics)
+        if source.scraper is not None:
+            source.scraper.tls = self.tls  # instances' /metrics over mTLS when it is on
+        self._dashboard = mount_dashboard(app, source)
         app.router.routes.append(Route("/metrics", metrics_asgi(metrics)))
         config = uvicorn.Config(app, log_level="warning", lifespan="off",
                                 access_log=False)
@@ -293,6 +351,9 @@ class ControlPlane:
                 await self._admin_task
         if self.monitor is not None:
             await self.monitor.close()
+        for task in self._security:
+            task.cancel()
+        await asyncio.gather(*self._security, return_exceptions=True)
         if self.bus is not None:
             await self.bus.close()
         for sock in self._sockets:

@@ -44,7 +44,7 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -61,6 +61,9 @@ from shoal.mesh.health import ActiveCheckSchedule, HealthCheckConfig, HealthStat
 from shoal.mesh.http1 import ConnectionPool
 from shoal.store.base import Change, Entry, Lease, Store
 from shoal.units import parse_duration
+
+if TYPE_CHECKING:
+    from shoal.mesh.security.tls import MeshTLS
 
 log = logging.getLogger(__name__)
 
@@ -866,8 +869,9 @@ class HealthMonitor:
                  services: Mapping[str, HealthCheckConfig] | None = None,
                  topic: str = INSTANCES_TOPIC, prefix: str = REGISTRY_PREFIX,
                  verdict_ttl: float | str = DEFAULT_TTL,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, tls: MeshTLS | None = None) -> None:
         self.store = store
+        self.tls = tls  # checks over mutual TLS, with the checker's own identity
         self.bus = bus
         self.topic = topic
         self.prefix = _check_prefix(prefix)
@@ -1081,8 +1085,10 @@ class HealthMonitor:
         config = tracked.config
         timeout: float = config.timeout  # type: ignore[assignment]
         if tracked.pool is None:
-            tracked.pool = ConnectionPool(tracked.record.address, max_connections=1,
-                                          max_idle=1, connect_timeout=timeout)
+            tracked.pool = ConnectionPool(
+                tracked.record.address, max_connections=1, max_idle=1, connect_timeout=timeout,
+                ssl=None if self.tls is None else self.tls.client_context(
+                    tracked.record.service))
         return await http_check(tracked.pool, config.path, timeout)
 
     async def _write_verdict(self, tracked: _Tracked) -> None:

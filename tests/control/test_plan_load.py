@@ -50,7 +50,7 @@ services:
     argv = instance_argv(plan, plan.services["a"], "a-1", 4242, python="py")
     assert argv == ["py", "-m", "shoal.instance", "--app", "mod:svc", "--listen",
                     "127.0.0.1:4242", "--broker", plan.broker, "--store", plan.store,
-                    "--instance-id", "a-1", "--label", "tier=front",
+                    "--instance-id", "a-1", "--mtls", "strict", "--label", "tier=front",
                     "--manifest", str(plan.manifest_path)]
     assert plan.gateway is manifest.gateway and plan.admin_listen == "127.0.0.1:0"
     assert [str(a) for a in plan.gateway.listen] == ["127.0.0.1:0"]

@@ -85,6 +85,7 @@ async def raw_exchange(address: str, data: bytes) -> bytes:
 
 async def test_instance_serves_registers_handles_events_and_drains(tmp_path: Path) -> None:
     (tmp_path / "shoal.yaml").write_text(
+        "security: {mtls: off}\n"  # no control plane here to issue certificates
         "services:\n  sdk-echo:\n    app: tests.sdk.instance_app:svc\n"
         "    policy: {retries: {attempts: 0}}\n")
     proc = spawn(tmp_path, "--instance-id", "echo-1", "--label", "zone=a",

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from shoal.control.dashboard.golden import Reading
 from shoal.mesh.http1 import ConnectionPool
+from shoal.mesh.security.tls import MeshTLS
 from shoal.observability.metrics import REQUEST_BUCKETS
 
 TIMEOUT = 0.5
@@ -68,14 +69,20 @@ def add_exposition(text: str, into: Scraped) -> None:
 
 
 class InstanceScraper:
-    """Reads ``/metrics`` of instances by address, keeping one small pool per address."""
+    """Reads ``/metrics`` of instances by address, keeping one small pool per address;
+    with ``tls`` (the control plane's identity under mTLS), over mutual TLS."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: MeshTLS | None = None) -> None:
         self._pools: dict[str, ConnectionPool] = {}
+        self.tls = tls
+        self._services: Mapping[str, str] = {}
 
-    async def scrape(self, addresses: Iterable[str]) -> Scraped:
-        """Every address read concurrently; the sums."""
+    async def scrape(self, addresses: Iterable[str],
+                     services: Mapping[str, str] | None = None) -> Scraped:
+        """Every address read concurrently; the sums. ``services``: the service at each
+        address (the identity mTLS expects there)."""
         out = Scraped()
+        self._services = services or {}
         wanted = sorted(set(addresses))
         for gone in set(self._pools) - set(wanted):
             await self._pools.pop(gone).aclose()
@@ -93,7 +100,10 @@ class InstanceScraper:
     async def _read(self, address: str) -> str | None:
         pool = self._pools.get(address)
         if pool is None:
-            pool = self._pools[address] = ConnectionPool(address, max_connections=1)
+            service = self._services.get(address)
+            ssl = None if self.tls is None or service is None else self.tls.client_context(
+                service)
+            pool = self._pools[address] = ConnectionPool(address, max_connections=1, ssl=ssl)
         try:
             async with asyncio.timeout(TIMEOUT):
                 resp = await pool.request("GET", "/metrics", [("host", address)])

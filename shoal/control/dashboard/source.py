@@ -69,9 +69,10 @@ class ControlSource:
             topics = await self._bus_topics(errors)
         scraped = Scraped()
         if self.scraper is not None:
-            scraped = await self.scraper.scrape(
-                str(i["address"]) for i in instances if i.get("address")
-                and i.get("state") not in ("stopped", "unregistered", "crashed"))
+            live = {str(i["address"]): str(i.get("service")) for i in instances
+                    if i.get("address")
+                    and i.get("state") not in ("stopped", "unregistered", "crashed")}
+            scraped = await self.scraper.scrape(live, live)
         golden = self.window.update(now, self._readings(scraped))
         by_service: dict[str, list[dict[str, Any]]] = {}
         for inst in instances:
