@@ -26,6 +26,7 @@ import pytest
 from shoal.control.cleanup import member_prefix
 from shoal.events.group import group_prefix
 from shoal.store import connect_store
+from tests.mesh_identity import get_over_mtls, mesh_identity
 
 ROOT = Path(__file__).resolve().parents[2]
 SHOP = ROOT / "examples" / "shop"
@@ -176,7 +177,8 @@ def test_an_instance_started_elsewhere_joins_through_nats(shop: ShopOnNats,
            "PYTHONPATH": f"{SHOP}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "shoal.instance", "--app", "shop.view:svc",
-         "--listen", "127.0.0.1:0", "--broker", shop.url, "--store", shop.url],
+         "--listen", "127.0.0.1:0", "--broker", shop.url, "--store", shop.url,
+         "--mtls", "strict"],  # as the shop: its certificate from the plane, through NATS
         cwd=host2, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         line = _readline(proc, time.monotonic() + 30)
@@ -187,9 +189,11 @@ def test_an_instance_started_elsewhere_joins_through_nats(shop: ShopOnNats,
         with httpx.Client(timeout=10) as client:
             # gateway traffic for orders-view reaches the new instance (its own /metrics)
             deadline = time.monotonic() + 20
+            tls = asyncio.run(mesh_identity(shop.url))  # strict mTLS: reading takes one
             while True:
                 assert client.get(f"{shop.gateway}/orders").status_code == 200
-                metrics = client.get(f"http://{ready['listen']}/metrics").text
+                metrics = asyncio.run(get_over_mtls(tls, ready["listen"], "orders-view",
+                                                    "/metrics"))[1].decode()
                 if _requests_answered(metrics, "orders-view") > 0:
                     break
                 assert time.monotonic() < deadline, "the gateway never sent it a request"

@@ -26,6 +26,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import eventually
+from tests.mesh_identity import get_over_mtls, mesh_identity
 
 ROOT = Path(__file__).resolve().parents[2]
 SHOP = ROOT / "examples" / "shop"
@@ -127,7 +128,7 @@ async def test_the_running_shop_is_seen(tmp_path: Path) -> None:
                         break
             async with httpx.AsyncClient(timeout=10) as client:
                 await check_one_trace(client, gateway, spans)
-                await check_metrics(client, admin)
+                await check_metrics(client, admin, f"sqlite:///{tmp_path}/store.db")
                 if HAVE_CHROMIUM:
                     await check_dashboard(client, gateway, admin, tmp_path)
         finally:
@@ -185,7 +186,8 @@ async def check_one_trace(client: httpx.AsyncClient, gateway: str, c: Collector)
     assert by_id[one(service="payments", kind=SERVER)["parent"]] is call
 
 
-async def check_metrics(client: httpx.AsyncClient, admin: str) -> None:
+async def check_metrics(client: httpx.AsyncClient, admin: str, store_url: str) -> None:
+    tls = None
     text = (await client.get(f"{admin}/metrics")).text
     samples = parse_metrics(text)
     assert any(k.startswith("shoal_requests_total") and "place-order" in k for k in samples)
@@ -195,7 +197,11 @@ async def check_metrics(client: httpx.AsyncClient, admin: str) -> None:
                             ("orders", "shoal_events_published_total"),
                             ("billing", "shoal_events_delivered_total")):
         address = next(i["address"] for i in instances if i["service"] == service)
-        samples = parse_metrics((await client.get(f"http://{address}/metrics")).text)
+        if tls is None:  # the shop runs under strict mTLS: a mesh identity is needed
+            tls = await mesh_identity(store_url)
+        status, body = await get_over_mtls(tls, address, service, "/metrics")
+        assert status == 200, (service, status)
+        samples = parse_metrics(body.decode())
         assert any(k.startswith(family) for k in samples), (service, family)
 
 
