@@ -28,12 +28,9 @@ def absolute_url(url: str, cwd: Path | None = None) -> str:
     return f"{prefix}{(base / path).resolve()}{sep}{query}"
 
 
-def state_dir_for(store_url: str, cwd: Path | None = None) -> Path:
-    """Where ``shoal up`` keeps its state (the CA's roots in ``ca/``): the directory of a
-    ``sqlite:///`` Store (each manifest's data together), else ``.shoal`` in ``cwd``."""
-    prefix = "sqlite:///"
-    if store_url.startswith(prefix) and store_url[len(prefix):].startswith("/"):
-        return Path(store_url[len(prefix):].partition("?")[0]).parent
+def state_dir_for(cwd: Path | None = None) -> Path:
+    """Where ``shoal up`` keeps its state (the CA's roots in ``ca/``): ``.shoal`` in the
+    working directory, where ``shoal certs`` looks by default."""
     return (Path(cwd) if cwd is not None else Path(os.getcwd())).resolve() / ".shoal"
 
 
@@ -63,7 +60,7 @@ def plan_from_manifest(manifest: Manifest, *, cwd: Path | None = None,
         "manifest_path": None if manifest.path is None else Path(manifest.path).resolve(),
         "mtls": manifest.security.mtls,
         "trust_domain": manifest.security.trust_domain,
-        "state_dir": state_dir_for(absolute_url(manifest.store_url, cwd), cwd),
+        "state_dir": state_dir_for(cwd),
     }
     fields.update(overrides)
     return Plan(**fields)  # type: ignore[arg-type]

@@ -100,14 +100,21 @@ async def test_shoal_up_strict_mtls_policies_and_topics(tmp_path: Path) -> None:
                         break
                     await asyncio.sleep(0.3)
             assert {i["state"] for i in instances} == {"serving"}, instances
+            # the dashboard reads every instance's /metrics with the plane's identity
+            async with asyncio.timeout(30):
+                while True:
+                    snapshot = (await client.get(f"{admin}/api/snapshot")).json()
+                    if snapshot.get("scrape_failures") == 0:
+                        break
+                    await asyncio.sleep(0.3)
             for instance in instances:
                 assert await _refused(instance["address"]), instance
         async with EventBus.connect(f"sqlite:///{tmp_path}/events.db",
                                     store=f"sqlite:///{tmp_path}/store.db") as bus:
             names = {t.spec.name for t in await bus.topics()}
             assert "greetings" in names and "secrets" not in names
-        # the CA's root key is kept beside the Store, readable only by its owner
-        keys = list((tmp_path / "ca").glob("*.key"))
+        # the CA's root key is kept in the state directory, readable only by its owner
+        keys = list((tmp_path / ".shoal" / "ca").glob("*.key"))
         assert len(keys) == 1 and stat.S_IMODE(keys[0].stat().st_mode) == 0o600
     finally:
         if process.returncode is None:
