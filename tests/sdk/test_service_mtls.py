@@ -13,7 +13,7 @@ import pytest
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from shoal.control.ca import CertificateAuthority, CertificateSigner
+from shoal.control.ca import CLOCK_SKEW, LEAF_LIFETIME, CertificateAuthority, CertificateSigner
 from shoal.errors import Forbidden
 from shoal.mesh.client import MeshClient
 from shoal.mesh.security.asgi_server import peer_identity
@@ -154,3 +154,46 @@ async def test_topic_policy_refuses_publish_and_subscribe_with_a_clear_error() -
 
     with pytest.raises(Forbidden, match="may not subscribe on topic 'secrets'"):
         await listener.start(broker=url, store=url, listen=None, topic_policy=topics)
+
+
+async def test_a_running_service_renews_its_certificate_at_two_thirds_without_failures(
+        ) -> None:
+    """The first certificates are issued as if 2/3 of their life had passed: the services
+    renew at once, on the real clock, while calls between them keep succeeding."""
+    url = "memory://svc-mtls-rotation"
+    store = await connect_store(url)
+    ca = CertificateAuthority.create()
+    real = ca.clock
+    aged = [True]
+
+    def clock() -> float:  # the first leaves of each service: renewal due ~1s from now
+        return real() - (2 / 3 * (LEAF_LIFETIME + CLOCK_SKEW) - CLOCK_SKEW) + 1.0 \
+            if aged[0] else real()
+
+    ca.clock = clock
+    signer = asyncio.create_task(CertificateSigner(store, lambda: ca).run())
+    back, front = make_back(), Service("front")
+    try:
+        await back.start(broker=url, store=store, mtls="strict")
+        await front.start(broker=url, store=store, mtls="strict")
+        aged[0] = False  # renewals get full-life certificates
+        assert back.tls is not None and front.tls is not None
+        first = back.tls.identity.not_after
+        failures = calls = 0
+        async with asyncio.timeout(20):
+            while back.tls.generation < 1 or front.tls.generation < 1 or calls < 20:
+                resp = await front.call("back", "GET", "/who")
+                calls += 1
+                failures += resp.status != 200
+                await resp.aread()
+                await asyncio.sleep(0.02)
+        assert failures == 0
+        assert back.tls.identity.not_after > first + 3600  # a fresh 24 h certificate
+        resp = await front.call("back", "GET", "/who")  # new connections, new certificates
+        assert resp.status == 200
+    finally:
+        await front.stop(grace=0)
+        await back.stop(grace=0)
+        signer.cancel()
+        await asyncio.gather(signer, return_exceptions=True)
+        await store.close()
