@@ -348,6 +348,28 @@ class Manifest(_Section):
     def _store_given(cls, value: Any) -> Any:
         return _url(value)  # written but empty is a mistake, not "the default"
 
+    @model_validator(mode="after")
+    def _policy_sources_exist(self) -> Manifest:
+        """A rule's ``from:`` naming no service of the manifest is a typo that would deny
+        (full SPIFFE ids, for callers outside it, are taken as written)."""
+        known = set(self.services) | set(RESERVED_IDENTITIES)
+        problems = []
+        for name, spec in self.services.items():
+            for i, rule in enumerate(spec.policies or ()):
+                for source in rule.get("from", ()) if isinstance(rule, Mapping) else ():
+                    if isinstance(source, str) and source != "*" and \
+                            not source.startswith("spiffe://") and source not in known:
+                        close = difflib.get_close_matches(source, sorted(known), n=1)
+                        hint = f" (did you mean {close[0]!r}?)" if close else ""
+                        names = ", ".join(sorted(known)[:10]) + (", ..." if len(known) > 10
+                                                                else "")
+                        problems.append(f"services.{name}.policies[{i}].from: {source!r:.80} "
+                                        f"is not a service of this manifest{hint}; name one "
+                                        f"of {names}, or a full spiffe:// id")
+        if problems:
+            raise ValueError("\n".join(problems[:MAX_ERRORS]))
+        return self
+
     @property
     def store_url(self) -> str:
         """The Store URL: ``store``, else the one beside the broker."""
@@ -440,7 +462,7 @@ def _kind(value: Any) -> str:
     return _KINDS.get(type(value), f"a {type(value).__name__}")
 
 
-_KEY_PREFIX = re.compile(r"([A-Za-z_][A-Za-z0-9_]*(?:(?:\.|\[)[A-Za-z0-9_\]]+)*): ")
+_KEY_PREFIX = re.compile(r"([A-Za-z_][A-Za-z0-9_]*(?:(?:\.|\[)[A-Za-z0-9_\]-]+)*): ")
 
 
 def _issues(error: ValidationError, path: Path, lines: dict[tuple[Any, ...], int],
@@ -448,24 +470,34 @@ def _issues(error: ValidationError, path: Path, lines: dict[tuple[Any, ...], int
     issues = []
     for item in error.errors(include_url=False)[:MAX_ERRORS]:
         loc = _clean_loc(item["loc"], data)
-        message = _message(item, loc, data)
-        key_loc = loc
-        m = _KEY_PREFIX.match(message)  # "policy.retries.attempts: ..." from a sub-loader
-        if m and item["type"] == "value_error":
-            sub = tuple(int(p) if p.isdigit() else p
-                        for p in re.split(r"\.|\[|\]\.?", m.group(1)) if p)
-            if sub and sub[0] == "policy" and len(loc) >= 1:
-                base = loc[:-1] if loc and loc[-1] == "policy" else loc
-                key_loc = (*base, *sub)
-                if sub[0] == "policy" and key_loc not in lines:
-                    key_loc = (*base, *sub[1:])  # load_balancer folded into the policy
-                message = message[m.end():]
-            elif sub and loc and sub[0] == loc[-1]:  # "policies[0].action: ..." of a rule
-                key_loc = (*loc[:-1], *sub)
-                message = message[m.end():]
-        issues.append(ManifestIssue(path, _line_for(key_loc, lines), _dotted(key_loc),
-                                    message))
+        messages = _message(item, loc, data).split("\n") if not loc else [
+            _message(item, loc, data)]  # a check across sections finds several problems
+        for message in messages:
+            issues.append(_issue(item, loc, message, path, lines))
     return sorted(issues, key=lambda i: i.line or 0)  # in the order a reader meets them
+
+
+def _issue(item: Mapping[str, Any], loc: tuple[Any, ...], message: str, path: Path,
+           lines: dict[tuple[Any, ...], int]) -> ManifestIssue:
+    """One issue, placed at the key its message starts with when a sub-loader named one."""
+    key_loc = loc
+    m = _KEY_PREFIX.match(message)  # "policy.retries.attempts: ..." from a sub-loader
+    if m and item["type"] == "value_error":
+        sub = tuple(int(p) if p.isdigit() else p
+                    for p in re.split(r"\.|\[|\]\.?", m.group(1)) if p)
+        if sub and sub[0] == "policy" and len(loc) >= 1:
+            base = loc[:-1] if loc and loc[-1] == "policy" else loc
+            key_loc = (*base, *sub)
+            if sub[0] == "policy" and key_loc not in lines:
+                key_loc = (*base, *sub[1:])  # load_balancer folded into the policy
+            message = message[m.end():]
+        elif sub and loc and sub[0] == loc[-1]:  # "policies[0].action: ..." of a rule
+            key_loc = (*loc[:-1], *sub)
+            message = message[m.end():]
+        elif sub and not loc and sub[0] == "services":  # a check across sections
+            key_loc = sub
+            message = message[m.end():]
+    return ManifestIssue(path, _line_for(key_loc, lines), _dotted(key_loc), message)
 
 
 _MARKERS = ("str", "dict", "int", "float", "function-after", "function-before")

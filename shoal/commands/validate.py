@@ -49,7 +49,8 @@ def summary(manifest: Manifest) -> list[str]:
         f"  store     {manifest.store_url}{'' if manifest.store else ' (beside the broker)'}",
         f"  gateway   {listen} ({routes} route{'' if routes == 1 else 's'})",
         f"  admin     {manifest.admin.listen}",
-        f"  security  mtls {manifest.security.mtls}",
+        f"  security  mtls {manifest.security.mtls}, trust domain "
+        f"{manifest.security.trust_domain}",
         f"  services  {len(manifest.services)}",
     ]
     lines.extend(f"    {name:<20} {_describe(spec)}" for name, spec in manifest.services.items())
@@ -67,4 +68,10 @@ def _describe(spec: ServiceConfig) -> str:
     parts.append(f"balancer {spec.traffic_policy.load_balancer.policy}")
     if spec.labels:
         parts.append("labels " + ",".join(f"{k}={v}" for k, v in spec.labels.items()))
+    if spec.policies is not None:
+        parts.append(f"{len(spec.policies)} authorization rule"
+                     f"{'' if len(spec.policies) == 1 else 's'}")
+    if spec.topics is not None:
+        parts.append(f"topics publish {','.join(spec.topics.publish) or '-'} subscribe "
+                     f"{','.join(spec.topics.subscribe) or '-'}")
     return "; ".join(parts)

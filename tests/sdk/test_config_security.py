@@ -56,6 +56,17 @@ def test_topic_policy_of_a_service() -> None:
         topics.check("spiffe://shop.example/svc/billing", "publish", "orders")
 
 
+def test_every_unknown_source_is_reported_on_its_own_line() -> None:
+    text = ("services:\n  a:\n    app: m:s\n    policies:\n"
+            "      - {name: x, action: allow, from: [nope, a, shoal-control, '*']}\n"
+            "      - {name: y, action: deny, from: [gone, 'spiffe://other.org/svc/z']}\n")
+    with pytest.raises(ManifestError) as info:
+        parse_manifest(text, "m.yaml")
+    assert [(i.line, i.key) for i in info.value.issues] == [
+        (5, "services.a.policies[0].from"), (6, "services.a.policies[1].from")]
+    assert "'nope' is not a service of this manifest" in str(info.value)
+
+
 def test_defaults_are_strict_in_the_default_trust_domain() -> None:
     m = parse_manifest("services: {a: {app: m:s}}\n")
     assert (m.security.mtls, m.security.trust_domain) == ("strict", "shoal.local")
@@ -101,6 +112,12 @@ def test_defaults_are_strict_in_the_default_trust_domain() -> None:
      "line 4: services.a.topics.subscirbe: unknown key (did you mean 'subscribe'?)"),
     ("services:\n  a:\n    app: m:s\n    topics: [x]\n",
      "line 4: services.a.topics: expected a mapping, got a list"),
+    ("services:\n  orders-view:\n    app: m:s\n    policies:\n      - {name: x, action: allow,"
+     " from: [ordrs]}\n  orders: {app: m:s}\n",
+     "line 5: services.orders-view.policies[0].from: 'ordrs' is not a service of this "
+     "manifest (did you mean 'orders'?)"),
+    ("services:\n  a-b:\n    app: m:s\n    policies:\n      - {name: x, action: alow}\n",
+     "line 5: services.a-b.policies[0].action: expected allow or deny, got 'alow'"),
     ("services:\n  shoal-gateway: {app: m:s}\n",
      "line 2: services.shoal-gateway: service name 'shoal-gateway' is reserved"),
 ])
