@@ -90,6 +90,7 @@ from shoal.mesh.security.identity import request_identity
 from shoal.mesh.security.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeId
 from shoal.mesh.security.tls import MeshTLS, MtlsMode, PermissiveListener, rotate_forever
 from shoal.mesh.security.topics import TopicPolicy
+from shoal.observability import metrics as _metrics
 from shoal.observability import tracing as _tracing
 from shoal.store.base import Store
 from shoal.store.connect import connect_store
@@ -337,6 +338,9 @@ class Service:
             decision = policy.decide(peer_identity(scope), scope.get("method", "GET"),
                                      raw.decode("latin-1"))
             if not decision.allowed:
+                counted = _metrics.active()
+                if counted is not None:
+                    counted.authz_denials.labels(self.name, decision.rule).inc()
                 await forbidden(send, self.name, decision)
                 return
         if self._lifespan_state:  # what mounted apps' lifespans left for their requests

@@ -27,7 +27,8 @@ Names (labels of bounded cardinality: route names or templates, never raw paths)
   outcome}`` (``success|retry|dead_letter|drop``), ``shoal_event_latency_seconds{topic,
   group}`` (append time to handled), ``shoal_consumer_lag{topic,group,partition}``;
 * ``shoal_instances{service,state}``, ``shoal_autoscaler_decisions_total{service,
-  direction}``, ``shoal_autoscaler_replicas{service}``.
+  direction}``, ``shoal_autoscaler_replicas{service}``;
+* ``shoal_authz_denials_total{service,rule}`` (rules are the manifest's: bounded).
 """
 
 from __future__ import annotations
@@ -203,6 +204,9 @@ class Metrics:
         self.autoscaler_decisions = Counter(
             "shoal_autoscaler_decisions", "Autoscaler decisions by direction (up, down, hold).",
             ["service", "direction"], registry=r)
+        self.authz_denials = Counter(
+            "shoal_authz_denials", "Calls an authorization policy denied, by deciding rule.",
+            ["service", "rule"], registry=r)
         self.autoscaler_replicas = Gauge(
             "shoal_autoscaler_replicas", "Replicas the autoscaler last asked for.", ["service"],
             registry=r)

@@ -17,6 +17,7 @@ import httpx
 
 from shoal.events.bus import EventBus
 from tests.control.test_shop_e2e import _read_ready
+from tests.mesh_identity import get_over_mtls, mesh_identity
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -76,6 +77,14 @@ async def test_shoal_up_strict_mtls_policies_and_topics(tmp_path: Path) -> None:
             r = await client.get(f"{gateway}/back/admin/x")
             assert r.status_code == 403 and r.json()["reason"] == "no-admin", r.text
             assert r.headers["shoal-error"] == "authz; no-admin"
+            # ... and counted, by rule, on the instance's /metrics
+            address = next(i["address"] for i in (await client.get(
+                f"{admin}/api/instances")).json() if i["service"] == "back")
+            tls = await mesh_identity(f"sqlite:///{tmp_path}/store.db")
+            status, metrics = await get_over_mtls(tls, address, "back", "/metrics")
+            assert status == 200
+            assert 'shoal_authz_denials_total{rule="no-admin",service="back"} 1.0' in \
+                metrics.decode()
             # service to service through the proxyless client: allowed, and not
             r = await client.get(f"{gateway}/front/call")
             assert r.json() == {"status": 200,
