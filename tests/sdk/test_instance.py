@@ -197,6 +197,9 @@ async def test_sigterm_while_starting_exits_0_without_a_ready_line(tmp_path: Pat
     (["--app", APP, "--manifest", "bad.yaml"],
      "bad.yaml, line 1: brokr: unknown key (did you mean 'broker'?)", 2),
     (["--app", APP, "--manifest", "missing.yaml"], "missing.yaml: no such file", 2),
+    (["--app", APP, "--mtls", "maybe"], "argument --mtls: invalid choice: 'maybe'", 2),
+    (["--app", APP, "--trust-domain", "Not/A.Domain"],
+     "--trust-domain: expected a lowercase name like 'shoal.local'", 2),
 ])
 def test_bad_arguments_exit_with_one_clear_line(tmp_path: Path, args: list[str],
                                                 fragment: str, code: int) -> None:
