@@ -33,9 +33,10 @@ serves, renews it at two thirds of its life (``rotate_forever``), serves HTTP ov
 TLS (``strict`` refuses plaintext and callers without a certificate of the trust bundle;
 ``permissive`` takes both on one port) and calls other services over mTLS. Each request
 is checked against the service's authorization policy with the caller's verified
-identity (a denial answers 403 naming the rule); ``/healthz`` and ``/readyz`` are not
-(they say nothing but "alive" and "ready", and the control plane's checks must pass
-whatever the policy: under ``strict`` they still need a certificate of the mesh). Publishes
+identity (a denial answers 403 naming the rule, counted in ``shoal_authz_denials_total``);
+``/healthz``, ``/readyz`` and ``/metrics`` are not (they carry no application data, and the
+control plane's checks and scrapes must work whatever the policy: under ``strict`` they
+still need a certificate of the mesh). Publishes
 and subscriptions pass the topic policy (``Forbidden``, nothing appended).
 
 The HTTP server is uvicorn (uvloop + httptools): it speaks ASGI natively, including
