@@ -175,7 +175,8 @@ class SecurityConfig(_Section):
     ``mtls: strict`` (the default) - every call between services and from the gateway is
     mutual TLS, plaintext is refused; ``permissive`` - instances accept both (a migration
     step); ``off`` - plaintext, no identities. Identities are
-    ``spiffe://<trust_domain>/svc/<service>``.
+    ``spiffe://<trust_domain>/svc/<service>``. Without mTLS a caller cannot be
+    authenticated: a policy rule with ``from:`` then matches no call (its ALLOWs deny).
     """
 
     mtls: Literal["strict", "permissive", "off"] = "strict"
