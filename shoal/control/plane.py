@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import socket
 import sys
@@ -94,8 +95,10 @@ def instance_argv(plan: Plan, service: ServicePlan, instance_id: str, port: int,
             "--instance-id", instance_id]
     for key, value in service.labels.items():
         argv += ["--label", f"{key}={value}"]
-    if plan.manifest_path is not None:
-        argv += ["--manifest", str(plan.manifest_path)]
+    # Each service's policy for our calls, as JSON: no manifest parsing in every instance.
+    policies = {name: dict(s.traffic) for name, s in plan.services.items() if s.traffic}
+    if policies:
+        argv += ["--policies", json.dumps(policies, separators=(",", ":"))]
     return argv
 
 

@@ -10,6 +10,7 @@ from shoal.control.load import LOAD_PREFIX, LoadReporter, load_key, read_infligh
 from shoal.control.plan import absolute_url, plan_from_manifest
 from shoal.control.plane import instance_argv
 from shoal.errors import ConfigError
+from shoal.instance import parse_policies
 from shoal.store.memory import MemoryStore
 
 
@@ -50,8 +51,9 @@ services:
     argv = instance_argv(plan, plan.services["a"], "a-1", 4242, python="py")
     assert argv == ["py", "-m", "shoal.instance", "--app", "mod:svc", "--listen",
                     "127.0.0.1:4242", "--broker", plan.broker, "--store", plan.store,
-                    "--instance-id", "a-1", "--label", "tier=front",
-                    "--manifest", str(plan.manifest_path)]
+                    "--instance-id", "a-1", "--label", "tier=front", "--policies",
+                    '{"a":{"retries":{"attempts":2},"load_balancer":{"policy":"least_request"}}}']
+    assert parse_policies(argv[-1])["a"] == manifest.services["a"].traffic_policy
     assert plan.gateway is manifest.gateway and plan.admin_listen == "127.0.0.1:0"
     assert [str(a) for a in plan.gateway.listen] == ["127.0.0.1:0"]
     assert plan.gateway.routes.table.routes[0].name == "r"
