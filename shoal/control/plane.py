@@ -35,6 +35,7 @@ from shoal.control.admin import UnknownService, admin_app
 from shoal.control.autoscaler import ScalePolicy
 from shoal.control.cleanup import forget_load, release_group_memberships
 from shoal.control.dashboard import ControlSource, SnapshotHub, mount_dashboard
+from shoal.control.forkserver import ForkServer
 from shoal.control.restart import RestartPolicy
 from shoal.control.scaling import AutoscalerLoop
 from shoal.control.supervisor import Launch, Output, Supervisor, _print_line
@@ -158,10 +159,15 @@ class ControlPlane:
         def default_launch(service: str, instance_id: str, port: int) -> list[str]:
             return instance_argv(plan, plan.services[service], instance_id, port)
 
+        # Instances fork from one pre-imported process (shoal.control.forkserver), unless
+        # a custom launch is given or SHOAL_FORKSERVER=0.
+        forks = launch is None and os.environ.get("SHOAL_FORKSERVER", "1") != "0"
         self.supervisor = Supervisor(launch or default_launch, policy=plan.restart,
                                      output=output, grace=plan.grace, env=env,
                                      cwd=str(plan.base_dir),
-                                     env_for=lambda name: plan.services[name].env)
+                                     env_for=lambda name: plan.services[name].env,
+                                     forkserver=ForkServer(env, str(plan.base_dir))
+                                     if forks else None)
         self._gateway_server: HttpServer | None = None
         self._gateway: Gateway | None = None
         self._route_watcher: RouteWatcher | None = None
