@@ -97,14 +97,17 @@ def _reseed() -> None:
                     value.seed()
 
 
-def _child(request: dict[str, Any], output: int, server: socket.socket) -> None:
+def _child(request: dict[str, Any], output: int, server: socket.socket,
+           inherited: tuple[int, ...]) -> None:
     """In the forked child: become the instance, then exit with its status."""
     code = 1
     try:
-        server.close()
+        signal.set_wakeup_fd(-1)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
-        signal.set_wakeup_fd(-1)
+        server.close()
+        for fd in inherited:  # the server's own descriptors
+            os.close(fd)
         os.setsid()
         _die_with_parent()
         null = os.open(os.devnull, os.O_RDONLY)
@@ -180,7 +183,7 @@ def serve(server: socket.socket) -> None:
                 continue
             pid = os.fork()
             if pid == 0:
-                _child(request, fds[0], server)
+                _child(request, fds[0], server, (wakeup_r, wakeup_w))
             os.close(fds[0])
             children.add(pid)
             _send(server, {"pid": pid})
