@@ -351,6 +351,8 @@ class ForkServer:
         """Stop the server (after the instances: it SIGTERMs whatever still runs)."""
         if self._starting is not None and not self._starting.done():
             self._starting.cancel()
+            with contextlib.suppress(BaseException):
+                await self._starting  # so that a server spawned meanwhile is seen below
         if self._writer is not None:
             self._writer.close()
         if self._process is not None and self._process.returncode is None:

@@ -10,6 +10,10 @@ FAILED with its last lines when it crash loops. ``stop`` sends SIGTERM (the inst
 drains: finishes in-flight work, commits offsets, deregisters) and SIGKILL after
 ``grace`` seconds.
 
+With a ``ForkServer`` (``shoal.control.forkserver``, what ``shoal up`` uses), instances
+whose argv is ``python -m shoal.instance ...`` are forked from one pre-imported process
+instead, the rest being the same.
+
 Instance ids are ``<service>-<n>``; a restarted instance keeps its id (the registry lets
 the newest registration of an id win); scaling down stops the highest ``n`` first.
 Children get their own session, so a Ctrl-C in the terminal reaches ``shoal up`` alone,
@@ -261,7 +265,7 @@ class Supervisor:
     async def _spawn(self, argv: list[str], env: dict[str, str]
                      ) -> asyncio.subprocess.Process | ForkedProcess:
         """Fork an instance from the fork server if there is one, else start ``argv``."""
-        if self.forkserver is not None and argv[1:3] == ["-m", "shoal.instance"]:
+        if self.forkserver is not None and argv[:3] == [sys.executable, "-m", "shoal.instance"]:
             try:
                 return await self.forkserver.spawn(argv[3:], env, self.cwd)
             except OSError as e:
