@@ -127,6 +127,72 @@ class FileChangeSignal:
             self._fd = None
 
 
+class FileSetSignal(FileChangeSignal):
+    """An awaitable "something wrote one of these files" signal, files watched one by one.
+
+    Unlike ``FileChangeSignal`` (a directory: every write in it wakes the reader, even
+    to files it ignores), only writes to the files ``add``-ed wake this process at all.
+    The files must exist when added and stay (writers never delete them). Shared per
+    directory and loop through :func:`file_set_signal_for`; hand a use back with
+    :meth:`release`.
+    """
+
+    def __init__(self) -> None:  # not the base's: no directory watch
+        self._event = asyncio.Event()
+        self.generation = 0
+        self._fd: int | None = None
+        self._reading = False
+        self._loop = asyncio.get_running_loop()
+        self._users = 0
+        self._watched: set[str] = set()
+        self.closed = False
+        self._finalizer: weakref.finalize | None = None
+        if _libc is not None:
+            fd = _libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
+            if fd >= 0:
+                self._fd = fd
+                self._finalizer = weakref.finalize(self, os.close, fd)
+
+    def add(self, path: Path) -> None:
+        """Wake on writes to ``path`` too (an existing file); a no-op if already watched."""
+        name = str(path)
+        if name in self._watched or self._fd is None:
+            return
+        assert _libc is not None  # we have a descriptor
+        if _libc.inotify_add_watch(self._fd, name.encode(), _IN_MODIFY) < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"inotify cannot watch {name}: {os.strerror(err)}")
+        self._watched.add(name)
+
+    def _on_readable(self) -> None:
+        try:
+            buf = os.read(self._fd, 64 * 1024)  # type: ignore[arg-type]
+        except BlockingIOError:
+            return
+        if buf:
+            self.notify()
+
+
+_file_sets: weakref.WeakValueDictionary[tuple[int, str], FileSetSignal] = (
+    weakref.WeakValueDictionary()
+)
+
+
+def file_set_signal_for(directory: Path) -> FileSetSignal:
+    """The shared ``FileSetSignal`` for files in ``directory`` in the running loop.
+
+    Each call is one use of the signal; give it back with :meth:`FileSetSignal.release`.
+    """
+    loop = asyncio.get_running_loop()
+    key = (id(loop), str(directory.resolve()))
+    sig = _file_sets.get(key)
+    if sig is None or sig._loop is not loop or sig.closed:
+        sig = FileSetSignal()
+        _file_sets[key] = sig
+    sig._users += 1
+    return sig
+
+
 _signals: weakref.WeakValueDictionary[tuple[int, str], FileChangeSignal] = (
     weakref.WeakValueDictionary()
 )

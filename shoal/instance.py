@@ -5,6 +5,7 @@
     python -m shoal.instance --app shop.orders:svc --listen 127.0.0.1:0 \\
         --broker sqlite:///.shoal/events.db --store sqlite:///.shoal/store.db \\
         [--instance-id orders-1] [--label zone=a ...] [--manifest shoal.yaml] \\
+        [--policies '{"payments": {"retries": {"attempts": 2}}}'] \\
         [--mtls strict|permissive|off] [--trust-domain shoal.local]
 
 With ``--manifest``, the instance takes from it the traffic policies of the services it
@@ -21,8 +22,11 @@ it prints exactly one JSON line on stdout::
 
 SIGTERM or SIGINT drains it (``Service.stop``) and exits 0; a second SIGINT (Ctrl-C
 twice) exits at once with status 1, a repeated SIGTERM is ignored. Logs go to stderr.
-A bad argument or an app that cannot be loaded exits 2 with one line naming what and
-where; a failure while starting exits 1.
+``--policies`` gives the services' traffic policies as JSON (what ``shoal up`` passes: the
+manifest's schema and YAML parser cost every instance ~0.1 s of CPU at start, paid nine
+times at once); ``--manifest`` reads them from a manifest instead, and ``--policies``
+wins for the services it names. A bad argument or an app that cannot be loaded exits 2
+with one line naming what and where; a failure while starting exits 1.
 """
 
 from __future__ import annotations
@@ -39,10 +43,12 @@ from typing import Any
 
 from shoal.control.load import LoadReporter
 from shoal.errors import ConfigError, ShoalError
+from shoal.mesh.resilience import TrafficPolicy, load_traffic_policy
 from shoal.service import Service
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
+MAX_POLICIES_BYTES = 64 * 1024
 
 
 def load_app(spec: str) -> Service:
@@ -74,6 +80,28 @@ def load_app(spec: str) -> Service:
     return target
 
 
+def parse_policies(text: str) -> dict[str, TrafficPolicy]:
+    """``{service: TrafficPolicy}`` from ``--policies`` JSON: an object of policy objects,
+    each as a manifest's ``services.NAME.policy`` (``load_traffic_policy``)."""
+    if len(text) > MAX_POLICIES_BYTES:
+        raise ConfigError(f"--policies: {len(text)} bytes, over the limit of "
+                          f"{MAX_POLICIES_BYTES}")
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise ConfigError(f"--policies: not JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--policies: expected a JSON object of service: policy, got "
+                          f"{type(data).__name__}")
+    policies = {}
+    for name, policy in data.items():
+        if not isinstance(policy, dict):
+            raise ConfigError(f"--policies {name!r}: expected an object, got "
+                              f"{type(policy).__name__}")
+        policies[name] = load_traffic_policy(policy, where=f"--policies {name}")
+    return policies
+
+
 def parse_label(text: str) -> tuple[str, str]:
     """``("zone", "a")`` from ``"zone=a"``."""
     key, sep, value = text.partition("=")
@@ -99,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="mutual TLS (default: the manifest's security.mtls, else off)")
     parser.add_argument("--trust-domain", default=None,
                         help="trust domain of SPIFFE identities (default: the manifest's)")
+    parser.add_argument("--policies", dest="policies_json", default=None, metavar="JSON",
+                        help='services\' traffic policies, {"SERVICE": {...policy}, ...}')
     parser.add_argument("--drain-grace", default="250ms",
                         help="time between DRAINING and closing the listener")
     return parser
@@ -180,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
             manifest = load_manifest(args.manifest)
             args.policies = {name: spec.traffic_policy
                              for name, spec in manifest.services.items()}
+        if args.policies_json is not None:
+            args.policies = {**(args.policies or {}), **parse_policies(args.policies_json)}
         svc = load_app(args.app)
         args.security = security_options(svc.name, manifest, args.mtls, args.trust_domain)
         from shoal.observability import enable_metrics

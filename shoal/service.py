@@ -58,7 +58,7 @@ import secrets
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from starlette.middleware.exceptions import ExceptionMiddleware
@@ -87,15 +87,17 @@ from shoal.mesh.registry import (
 )
 from shoal.mesh.resilience import TrafficPolicy
 from shoal.mesh.security.authz import AuthorizationPolicy
-from shoal.mesh.security.identity import request_identity
+from shoal.mesh.security.mode import MtlsMode
 from shoal.mesh.security.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeId
-from shoal.mesh.security.tls import MeshTLS, MtlsMode, PermissiveListener, rotate_forever
 from shoal.mesh.security.topics import TopicPolicy
 from shoal.observability import metrics as _metrics
 from shoal.observability import tracing as _tracing
 from shoal.store.base import Store
 from shoal.store.connect import connect_store
 from shoal.units import parse_duration, parse_size
+
+if TYPE_CHECKING:  # loaded when mTLS is on: with it off, cryptography is never imported
+    from shoal.mesh.security.tls import MeshTLS, PermissiveListener
 
 log = logging.getLogger("shoal.service")
 
@@ -430,7 +432,10 @@ class Service:
                 self.store, self._owned_store = await connect_store(store_url), True
             self._missing.remove("store")
             self.instance_id = instance_id or f"{self.name}-{secrets.token_hex(4)}"
-            if self.mtls.uses_tls:
+            if self.mtls.uses_tls:  # cryptography is loaded only here
+                from shoal.mesh.security.identity import request_identity
+                from shoal.mesh.security.tls import MeshTLS, rotate_forever
+
                 self.tls = MeshTLS(await request_identity(
                     self.store, self.name, self.instance_id, trust_domain=trust_domain,
                     timeout=identity_timeout))
@@ -550,6 +555,7 @@ class Service:
             await asyncio.sleep(0.005)
         if permissive and tls is not None:  # mTLS and plaintext on one port: sniffed
             from shoal.mesh.security.asgi_server import UvicornAdopter
+            from shoal.mesh.security.tls import PermissiveListener
 
             self._permissive = PermissiveListener(UvicornAdopter(self._server.uvicorn),
                                                   tls.server_context)

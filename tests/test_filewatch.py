@@ -3,11 +3,14 @@ must hand every one back (a leak once starved another process of its watcher in 
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
+import pytest
+
 from shoal.events import EventBus
-from shoal.filewatch import signal_for
+from shoal.filewatch import file_set_signal_for, signal_for
 from shoal.store.sqlite import SqliteStore
 
 
@@ -51,3 +54,27 @@ async def test_a_forgotten_signal_closes_its_descriptor_when_collected(tmp_path:
     assert inotify_descriptors() == before + 1
     del sig
     assert inotify_descriptors() == before
+
+
+async def test_a_file_set_signal_wakes_only_for_the_files_added(tmp_path: Path) -> None:
+    watched, other = tmp_path / "watched", tmp_path / "other"
+    watched.write_bytes(b"")
+    other.write_bytes(b"")
+    signal = file_set_signal_for(tmp_path)
+    try:
+        assert signal.native
+        signal.add(watched)
+        signal.add(watched)  # twice: one watch
+        waiting = asyncio.ensure_future(signal.wait(0.3))
+        await asyncio.sleep(0.01)
+        other.write_bytes(b"x")
+        assert await waiting is False
+        waiting = asyncio.ensure_future(signal.wait(5))
+        await asyncio.sleep(0.01)
+        watched.write_bytes(b"x")
+        assert await waiting is True
+        with pytest.raises(OSError, match="inotify cannot watch"):
+            signal.add(tmp_path / "missing")
+    finally:
+        signal.release()
+    assert signal.closed

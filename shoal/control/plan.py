@@ -48,7 +48,8 @@ def plan_from_manifest(manifest: Manifest, *, cwd: Path | None = None,
                 min=scale.min, max=scale.max, target_inflight=scale.target_inflight,
                 target_lag=scale.target_lag, cooldown=scale.cooldown),
             labels=dict(config.labels), env=dict(config.env),
-            traffic=config.policy_config())
+            traffic=config.policy_config(),
+            guarded=config.policies is not None or config.topics is not None)
     fields: dict[str, object] = {
         "broker": absolute_url(manifest.broker, cwd),
         "store": absolute_url(manifest.store_url, cwd),

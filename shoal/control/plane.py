@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import socket
 import sys
@@ -50,6 +51,7 @@ from shoal.control.admin import UnknownService, admin_app
 from shoal.control.autoscaler import ScalePolicy
 from shoal.control.cleanup import forget_load, release_group_memberships
 from shoal.control.dashboard import ControlSource, SnapshotHub, mount_dashboard
+from shoal.control.forkserver import ForkServer
 from shoal.control.restart import RestartPolicy
 from shoal.control.scaling import AutoscalerLoop
 from shoal.control.supervisor import Launch, Output, Supervisor, _print_line
@@ -88,6 +90,7 @@ class ServicePlan:
     labels: Mapping[str, str] = field(default_factory=dict)
     env: Mapping[str, str] = field(default_factory=dict)
     traffic: Mapping[str, Any] = field(default_factory=dict)  # the gateway's policy for it
+    guarded: bool = False  # has authorization or topic policies (its instances read the manifest)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +109,7 @@ class Plan:
     restart: RestartPolicy = field(default_factory=RestartPolicy)
     autoscale_interval: float = 1.0
     grace: float = 10.0  # SIGTERM -> SIGKILL
-    manifest_path: Path | None = None  # given to instances: their calls use its policies
+    manifest_path: Path | None = None  # read by instances of guarded services
     mtls: str = "off"  # strict | permissive | off (a manifest's default is strict)
     trust_domain: str = DEFAULT_TRUST_DOMAIN
     state_dir: Path = Path(".shoal")  # the CA's roots are kept in <state_dir>/ca/
@@ -122,7 +125,11 @@ def instance_argv(plan: Plan, service: ServicePlan, instance_id: str, port: int,
         argv += ["--trust-domain", plan.trust_domain]
     for key, value in service.labels.items():
         argv += ["--label", f"{key}={value}"]
-    if plan.manifest_path is not None:
+    # Each service's policy for our calls, as JSON: no manifest parsing in every instance.
+    policies = {name: dict(s.traffic) for name, s in plan.services.items() if s.traffic}
+    if policies:
+        argv += ["--policies", json.dumps(policies, separators=(",", ":"))]
+    if service.guarded and plan.manifest_path is not None:  # its policies: and topics:
         argv += ["--manifest", str(plan.manifest_path)]
     return argv
 
@@ -183,10 +190,15 @@ class ControlPlane:
         def default_launch(service: str, instance_id: str, port: int) -> list[str]:
             return instance_argv(plan, plan.services[service], instance_id, port)
 
+        # Instances fork from one pre-imported process (shoal.control.forkserver), unless
+        # a custom launch is given or SHOAL_FORKSERVER=0.
+        forks = launch is None and os.environ.get("SHOAL_FORKSERVER", "1") != "0"
         self.supervisor = Supervisor(launch or default_launch, policy=plan.restart,
                                      output=output, grace=plan.grace, env=env,
                                      cwd=str(plan.base_dir),
-                                     env_for=lambda name: plan.services[name].env)
+                                     env_for=lambda name: plan.services[name].env,
+                                     forkserver=ForkServer(env, str(plan.base_dir))
+                                     if forks else None)
         self._gateway_server: HttpServer | None = None
         self._gateway: Gateway | None = None
         self._route_watcher: RouteWatcher | None = None

@@ -10,6 +10,10 @@ FAILED with its last lines when it crash loops. ``stop`` sends SIGTERM (the inst
 drains: finishes in-flight work, commits offsets, deregisters) and SIGKILL after
 ``grace`` seconds.
 
+With a ``ForkServer`` (``shoal.control.forkserver``, what ``shoal up`` uses), instances
+whose argv is ``python -m shoal.instance ...`` are forked from one pre-imported process
+instead, the rest being the same.
+
 Instance ids are ``<service>-<n>``; a restarted instance keeps its id (the registry lets
 the newest registration of an id win); scaling down stops the highest ``n`` first.
 Children get their own session, so a Ctrl-C in the terminal reaches ``shoal up`` alone,
@@ -34,6 +38,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from shoal.control.forkserver import ForkedProcess, ForkServer
 from shoal.control.restart import ExitVerdict, InstanceLife, LifeState, RestartPolicy
 from shoal.errors import ConfigError, ShoalError
 
@@ -81,7 +86,7 @@ class SupervisedInstance:
     life: InstanceLife
     port: int = 0
     host: str = "127.0.0.1"
-    process: asyncio.subprocess.Process | None = None
+    process: asyncio.subprocess.Process | ForkedProcess | None = None
     output: deque[str] = field(default_factory=lambda: deque(maxlen=OUTPUT_LINES))
     ready_info: dict[str, Any] = field(default_factory=dict)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
@@ -117,7 +122,8 @@ class Supervisor:
                  cwd: str | None = None,
                  env_for: Callable[[str], Mapping[str, str]] | None = None,
                  rng: random.Random | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 forkserver: ForkServer | None = None) -> None:
         self.launch = launch
         self.policy = policy if policy is not None else RestartPolicy()
         self.output = output
@@ -132,6 +138,7 @@ class Supervisor:
         self._rng = rng if rng is not None else random.Random()
         self._clock = clock
         self._closing = False
+        self.forkserver = forkserver  # forks ``python -m shoal.instance`` argvs, if given
 
     # -- reading ---------------------------------------------------------------------------
     def of(self, service: str) -> list[SupervisedInstance]:
@@ -203,6 +210,8 @@ class Supervisor:
         self._closing = True
         await asyncio.gather(*(self.stop(i) for i in list(self.instances.values())),
                              return_exceptions=True)
+        if self.forkserver is not None:
+            await self.forkserver.close()
 
     async def wait_ready(self, timeout: float) -> None:
         """Wait until every wanted instance said it is ready; TimeoutError names the late."""
@@ -228,6 +237,8 @@ class Supervisor:
     # -- the process ---------------------------------------------------------------------------
     async def _keep_running(self, inst: SupervisedInstance) -> None:
         while inst.wanted and not self._closing:
+            if self.forkserver is not None:  # the port is picked as late as possible
+                await self.forkserver.ready()
             inst.port = free_port(self.host)
             argv = list(self.launch(inst.service, inst.id, inst.port))
             inst.ready.clear()
@@ -236,11 +247,7 @@ class Supervisor:
             inst.life.on_spawn(self._clock())
             env = self.env if self.env_for is None else {**self.env, **self.env_for(inst.service)}
             try:
-                inst.process = await asyncio.create_subprocess_exec(
-                    *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.STDOUT, env=env, cwd=self.cwd,
-                    start_new_session=True,
-                    preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                inst.process = await self._spawn(argv, env)
             except OSError as e:
                 inst.output.append(f"cannot start {argv[0]}: {e}")
                 verdict = inst.life.on_exit(self._clock(), None, inst.output)
@@ -254,6 +261,20 @@ class Supervisor:
                     await self._run_exit_hooks(inst, inst.process.pid)
             if not await self._after_exit(inst, verdict):
                 return
+
+    async def _spawn(self, argv: list[str], env: dict[str, str]
+                     ) -> asyncio.subprocess.Process | ForkedProcess:
+        """Fork an instance from the fork server if there is one, else start ``argv``."""
+        if self.forkserver is not None and argv[:3] == [sys.executable, "-m", "shoal.instance"]:
+            try:
+                return await self.forkserver.spawn(argv[3:], env, self.cwd)
+            except OSError as e:
+                log.warning("supervisor: fork server: %s; starting %s directly", e, argv[0])
+        return await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT, env=env, cwd=self.cwd,
+            start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None)
 
     async def _after_exit(self, inst: SupervisedInstance, verdict: ExitVerdict) -> bool:
         """Handle an exit; True to spawn again."""
@@ -272,7 +293,7 @@ class Supervisor:
         return True
 
     async def _read_output(self, inst: SupervisedInstance,
-                           process: asyncio.subprocess.Process) -> None:
+                           process: asyncio.subprocess.Process | ForkedProcess) -> None:
         stream = process.stdout
         assert stream is not None
         while True:

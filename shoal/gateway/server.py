@@ -91,7 +91,7 @@ import msgspec
 
 from shoal.errors import ShoalError
 from shoal.mesh.http1 import ChunkIterator
-from shoal.mesh.security.identity import spiffe_id_of_peercert
+from shoal.mesh.security.spiffe import spiffe_id_of_peercert
 from shoal.units import parse_duration, parse_size
 
 __all__ = [

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode, urlsplit
 
 import msgspec
@@ -20,11 +20,13 @@ from shoal.mesh.ejections import EjectionReporter
 from shoal.mesh.http1 import Body, Response
 from shoal.mesh.registry import EndpointCache
 from shoal.mesh.resilience import TrafficPolicy
-from shoal.mesh.security.tls import MeshTLS
 from shoal.mesh.upstream import Upstream
 from shoal.observability import tracing as _tracing
 from shoal.store.base import Store
 from shoal.store.connect import connect_store
+
+if TYPE_CHECKING:  # cryptography (~40 ms of imports) only when mTLS is on
+    from shoal.mesh.security.tls import MeshTLS
 
 _json = msgspec.json.Encoder()
 

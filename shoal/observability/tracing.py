@@ -31,25 +31,30 @@ import random
 import re
 from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from opentelemetry import context as otel_context
-from opentelemetry import trace
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
-from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
-from opentelemetry.trace import (
-    Link,
-    NonRecordingSpan,
-    Span,
-    SpanContext,
-    SpanKind,
-    Status,
-    StatusCode,
-    TraceFlags,
-    TraceState,
-)
+if TYPE_CHECKING:  # at run time, _load_otel() binds these names
+    from opentelemetry import context as otel_context
+    from opentelemetry import trace
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+    from opentelemetry.sdk.trace.export import (
+        BatchSpanProcessor,
+        SimpleSpanProcessor,
+        SpanExporter,
+    )
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
+    from opentelemetry.trace import (
+        Link,
+        NonRecordingSpan,
+        Span,
+        SpanContext,
+        SpanKind,
+        Status,
+        StatusCode,
+        TraceFlags,
+        TraceState,
+    )
 
 from shoal.context import MAX_TRACEPARENT, child_of, match_traceparent
 from shoal.errors import ConfigError
@@ -71,6 +76,49 @@ provider: TracerProvider | None = None
 
 _root_ratio = 1.0  # share of new traces recorded (``sample_ratio``)
 
+_OTEL_NAMES = ("otel_context", "trace", "Resource", "TracerProvider", "BatchSpanProcessor",
+               "SimpleSpanProcessor", "ALWAYS_ON", "ParentBased", "Link", "NonRecordingSpan",
+               "SpanContext", "SpanKind", "Status", "StatusCode", "TraceFlags", "TraceState")
+
+
+def _load_otel() -> None:
+    """Import OpenTelemetry into this module's globals, once.
+
+    Deferred because tracing is off by default and the SDK costs every process that
+    imports the bus or the mesh ~30 ms of CPU at start (nine at once under ``shoal up``);
+    every function below that touches OpenTelemetry calls this first, and the hooks only
+    reach them when ``tracer`` is set (which ``enable_tracing`` does after loading).
+    """
+    global otel_context, trace, Resource, TracerProvider, BatchSpanProcessor
+    global SimpleSpanProcessor, ALWAYS_ON, ParentBased, Link, NonRecordingSpan, SpanContext
+    global SpanKind, Status, StatusCode, TraceFlags, TraceState
+    if "trace" in globals():
+        return
+    from opentelemetry import context as otel_context
+    from opentelemetry import trace
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
+    from opentelemetry.trace import (
+        Link,
+        NonRecordingSpan,
+        SpanContext,
+        SpanKind,
+        Status,
+        StatusCode,
+        TraceFlags,
+        TraceState,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    """OpenTelemetry names re-exported here (``tracing.SpanKind``) load it on first use."""
+    if name in _OTEL_NAMES:
+        _load_otel()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 def enable_tracing(
     exporter: SpanExporter | None = None,
@@ -87,6 +135,7 @@ def enable_tracing(
     ``OTEL_TRACES_SAMPLER`` environment, else every trace."""
     global tracer, provider
     global _root_ratio
+    _load_otel()
     sampler = None
     _root_ratio = 1.0
     if sample_ratio is not None:
@@ -158,6 +207,7 @@ def _check(value: Any) -> tuple[str, re.Match[str]] | None:
 def parse_traceparent(value: str | bytes | None) -> SpanContext | None:
     """The remote span a W3C ``traceparent`` names, or ``None`` (absent, malformed, all-zero
     ids, version ``ff``, oversized): a bad header starts a new trace, never an error."""
+    _load_otel()
     valid = _valid(value)
     if valid is None:
         return None
@@ -192,6 +242,7 @@ def traceparent_of_context(sc: trace.SpanContext) -> str:
 
 def current_traceparent() -> str | None:
     """The ``traceparent`` the current code would send on, or ``None`` outside any trace."""
+    _load_otel()
     unsampled = _unsampled.get()
     if unsampled is not None:
         return unsampled
@@ -223,6 +274,7 @@ class Scope:
     def __init__(self, name: str, kind: SpanKind, parent: Any = _IN_PROCESS,
                  attributes: Callable[[], Mapping[str, Any]] | None = None,
                  link_parent: bool = False) -> None:
+        _load_otel()
         self.span = None
         self._token = None
         sc: SpanContext | None = None
@@ -306,6 +358,7 @@ def span(name: str, kind: SpanKind, parent: otel_context.Context | None = None,
 def producer_span(topic: str, traceparent: Any = None) -> Scope:
     """A ``PRODUCER`` span around a publish; its ``traceparent`` goes into the events. A
     caller's own ``traceparent`` extension is the parent, else the current span."""
+    _load_otel()
     parent = _IN_PROCESS if traceparent is None else traceparent
     return Scope(f"{topic} publish", SpanKind.PRODUCER, parent, lambda: {
         "messaging.system": "shoal", "messaging.destination.name": topic,
@@ -315,6 +368,7 @@ def producer_span(topic: str, traceparent: Any = None) -> Scope:
 def consumer_span(topic: str, group: str, event: Any, partition: int, offset: int) -> Scope:
     """A ``CONSUMER`` span around one handling of ``event``, child of its ``traceparent``
     (and linked to it, for tools that draw messaging as links); a new trace without one."""
+    _load_otel()
     parent = event.extensions.get("traceparent")
     return Scope(f"{topic} process", SpanKind.CONSUMER, parent, lambda: {
         "messaging.system": "shoal", "messaging.destination.name": topic,
@@ -326,6 +380,7 @@ def consumer_span(topic: str, group: str, event: Any, partition: int, offset: in
 def client_span(service: str, method: str, target: str, traceparent: Any = None) -> Scope:
     """A ``CLIENT`` span around a mesh call; send its ``traceparent``. A ``traceparent`` the
     caller gave is the parent, else the current span."""
+    _load_otel()
     parent = _IN_PROCESS if traceparent is None else traceparent
     return Scope(f"{method} {service}", SpanKind.CLIENT, parent, lambda: {
         "http.request.method": method, "server.address": service,
@@ -335,6 +390,7 @@ def client_span(service: str, method: str, target: str, traceparent: Any = None)
 def server_span(service: str, method: str, path: str, traceparent: bytes | str | None
                 ) -> Scope:
     """A ``SERVER`` span for one request, continuing its ``traceparent`` (else a new trace)."""
+    _load_otel()
     return Scope(f"{method} {service}", SpanKind.SERVER, traceparent,
                  lambda: {"http.request.method": method, "url.path": path[:256],
                           "shoal.service": service})
@@ -352,6 +408,7 @@ def hop(parent: str | None) -> str:
 
 def set_status(s: Span, status: int) -> None:
     """Record an HTTP status on ``s`` (5xx marks it failed)."""
+    _load_otel()
     s.set_attribute("http.response.status_code", status)
     if status >= 500:
         s.set_status(Status(StatusCode.ERROR))

@@ -17,19 +17,29 @@ point). How it stays correct across processes:
   the start of every write and before reads, and in stores with watchers on a timer set
   for the earliest expiry. So a holder killed with -9 loses its keys about ``ttl`` later
   and every watcher sees the deletes.
-* Watch without polling: a listener awaits ``shoal.filewatch`` (inotify on the database
-  and its WAL); each wakeup makes watchers read ``changes`` after their last revision.
-  A commit's last WAL ``write()`` precedes the moment it becomes visible, so after each
-  wakeup watchers also re-read after 5 ms, 50 ms and 500 ms ("settle" reads), then sleep
-  until the next write or lease expiry. Writers in this process ``notify()`` the signal.
+* Watch without polling, and only for what is watched: after each commit the writer
+  writes one byte to a small file per channel it touched (``shoal.store.channels``: the
+  key's first path segments, hashed into 64 files in ``<db>-watch/``); each process
+  awaits inotify on the channel files of its watches only (``FileSetSignal``), so a
+  write under a prefix nobody watches wakes nobody (in the shop, ~90% of the writes).
+  The touch follows the commit, so a woken watcher sees the change at once; a writer
+  killed between its commit and its touch delays the wakeup to the next write on that
+  channel, or at most ``IDLE_POLL`` (each watching process re-reads the revision that
+  often, cheaply, and wakes its watchers when it moved).
 * The log keeps the last ``history`` changes (between 1x and 2x, pruned in bulk). A
   watcher that falls further behind gets a ``StoreError`` (it cannot be resynced without
   losing deletes): list again and watch from ``revision()``.
 
+Group commit: the writes a process queues while its previous transaction is in flight
+are committed together in the next one (``_write``), each in a savepoint so one that
+fails is undone alone. One lock, one commit and one wakeup serve them all, as the SQLite
+broker does for publishes; nothing waits for a batch to fill.
+
 Threads: every SQLite call runs on one dedicated thread per store (its own connection),
-one ``run_in_executor`` hop per operation (~50 us). Inline calls would be sub-millisecond
-when idle, but ``BEGIN IMMEDIATE`` may wait up to ``busy_timeout`` on another process's
-write and a large ``list`` or prune is not bounded, so they stay off the event loop. The
+one ``run_in_executor`` hop per read or write batch (~50 us). Inline calls would be
+sub-millisecond when idle, but ``BEGIN IMMEDIATE`` may wait up to ``busy_timeout`` on
+another process's write and a large ``list`` or prune is not bounded, so they stay off
+the event loop. The
 one exception: ``watch()`` reads the current revision inline (one indexed row from a
 second connection; a WAL read never waits for writers; ~5 us measured), because "from
 now" must mean before ``watch()`` returns, not whenever the store thread gets to it.
@@ -40,6 +50,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable
@@ -49,9 +61,10 @@ from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from shoal.errors import ConfigError, LeaseExpired, StoreError
-from shoal.filewatch import FileChangeSignal, signal_for
+from shoal.filewatch import FileSetSignal, file_set_signal_for
 from shoal.sqlitelock import begin_immediate
 from shoal.store.base import Change, Entry, Lease, Store
+from shoal.store.channels import LEASES, key_channels, prefix_channel
 from shoal.store.validation import (
     DEFAULT_HISTORY,
     check_key,
@@ -65,11 +78,14 @@ from shoal.store.watch import ChangeStream
 
 T = TypeVar("T")
 
+log = logging.getLogger("shoal.store.sqlite")
+
 BUSY_TIMEOUT_MS = 30_000
 INLINE_BUSY_TIMEOUT_MS = 200
-SETTLE = (0.005, 0.05, 0.5)  # re-reads after a wakeup (see module docstring)
+IDLE_POLL = 1.0  # a watching process re-reads the revision this often (module docstring)
 EXPIRY_SLACK = 0.005  # wake this long after a lease's expiry, so it has surely expired
 WATCH_BATCH = 500
+MAX_GROUP_COMMIT = 256  # writes of one process committed in one transaction, at most
 
 _SCHEMA = """
 BEGIN IMMEDIATE;
@@ -109,9 +125,11 @@ class _Txn:
         rows = dict(conn.execute("SELECT name, value FROM meta").fetchall())
         self.start = self.revision = int(rows["revision"])
         self.compacted = int(rows["compacted"])
+        self.channels: set[str] = set()  # touched after the commit (shoal.store.channels)
 
     def record(self, kind: Literal["put", "delete"], key: str, value: bytes | None) -> int:
         self.revision += 1
+        self.channels.update(key_channels(key))
         self.conn.execute(
             "INSERT INTO changes(revision, kind, key, value) VALUES (?, ?, ?, ?)",
             (self.revision, kind, key, value),
@@ -127,6 +145,7 @@ class _Txn:
             self.record("delete", key, None)
         self.conn.execute("DELETE FROM kv WHERE lease = ?", (lease_id,))
         self.conn.execute("DELETE FROM leases WHERE id = ?", (lease_id,))
+        self.channels.add(LEASES)
 
     def sweep(self) -> None:
         expired = self.conn.execute(
@@ -171,6 +190,7 @@ class SqliteLease(Lease):
 
 
 def _keepalive(tx: _Txn, lease_id: int, ttl: float) -> None:
+    tx.channels.add(LEASES)  # watchers' sweep timers follow the earliest expiry
     cur = tx.conn.execute(
         "UPDATE leases SET expires_at = ? WHERE id = ?", (tx.now + ttl, lease_id)
     )
@@ -216,6 +236,7 @@ def _delete(tx: _Txn, key: str, expected: int | None) -> bool:
 
 
 def _grant(tx: _Txn, ttl: float) -> int:
+    tx.channels.add(LEASES)
     cur = tx.conn.execute(
         "INSERT INTO leases(ttl, expires_at) VALUES (?, ?)", (ttl, tx.now + ttl)
     )
@@ -264,11 +285,15 @@ class SqliteStore(Store):
         self._conn: sqlite3.Connection | None = None  # used on the store thread only
         self._inline: sqlite3.Connection | None = None  # used on the event loop only
         self._closed = False
-        self._signal: FileChangeSignal | None = None
+        self._signal: FileSetSignal | None = None
+        self._channel_dir = path.with_name(path.name + "-watch")
+        self._channel_fds: dict[str, int] = {}  # written on the store thread only
         self._changed = asyncio.Event()  # replaced on every bump; watchers await it
         self._kick = asyncio.Event()  # set by the listener on every file change
         self._watchers = 0
         self._tasks: list[asyncio.Task[None]] = []
+        self._queued: list[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._committer: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(cls, url: str, *, history: int = DEFAULT_HISTORY) -> SqliteStore:
@@ -286,7 +311,7 @@ class SqliteStore(Store):
         except BaseException:
             self._executor.shutdown(wait=False)
             raise
-        self._signal = signal_for(self.path)
+        self._signal = file_set_signal_for(self._channel_dir)
         return self
 
     # -- the store thread ------------------------------------------------------------
@@ -314,6 +339,11 @@ class SqliteStore(Store):
         except sqlite3.Error as e:
             conn.close()
             raise StoreError(f"store {self.url}: cannot initialise {self.path}: {e}") from e
+        try:
+            self._channel_dir.mkdir(exist_ok=True)
+        except OSError as e:
+            conn.close()
+            raise StoreError(f"store {self.url}: cannot create {self._channel_dir}: {e}") from e
         self._conn = conn
         self._inline = sqlite3.connect(
             self.path, timeout=INLINE_BUSY_TIMEOUT_MS / 1000, isolation_level=None,
@@ -326,24 +356,53 @@ class SqliteStore(Store):
         A ``LeaseExpired`` from ``fn`` (raised before it writes) is returned, not raised,
         so the sweep still commits. Returns (result, whether the revision moved).
         """
+        (result,), changed = self._in_write_batch([(fn, args)])
+        if isinstance(result, BaseException) and not isinstance(result, LeaseExpired):
+            raise result
+        return result, changed
+
+    def _in_write_batch(self, ops: list[tuple[Callable[..., Any], tuple[Any, ...]]]
+                        ) -> tuple[list[Any], bool]:
+        """Run each ``fn(txn, *args)`` in order in one ``BEGIN IMMEDIATE`` transaction
+        (group commit), each in its own savepoint: an op that raises is undone alone and
+        its exception is its result. Returns (results, whether the revision moved)."""
         conn = self._conn
         assert conn is not None
         begin_immediate(conn, BUSY_TIMEOUT_MS / 1000)
+        results: list[Any] = []
         try:
             tx = _Txn(conn, time.time())
             tx.sweep()
-            result: T | LeaseExpired
-            try:
-                result = fn(tx, *args)
-            except LeaseExpired as e:
-                result = e
+            for fn, args in ops:
+                revision = tx.revision
+                conn.execute("SAVEPOINT op")
+                try:
+                    results.append(fn(tx, *args))
+                except Exception as e:  # LeaseExpired, or a failure of this op only
+                    conn.execute("ROLLBACK TO op")
+                    tx.revision = revision
+                    results.append(e)
+                conn.execute("RELEASE op")
             tx.finish(self.history)
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-        return result, tx.revision != tx.start
+        self._touch(tx.channels)
+        return results, tx.revision != tx.start
+
+    def _touch(self, channels: set[str]) -> None:
+        """Wake the watchers of ``channels`` in every process (a one-byte write each)."""
+        for name in channels:
+            try:
+                fd = self._channel_fds.get(name)
+                if fd is None:
+                    fd = self._channel_fds[name] = os.open(
+                        self._channel_dir / name, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                os.pwrite(fd, b"\0", 0)
+            except OSError as e:  # committed already: watchers learn of it by IDLE_POLL
+                log.warning("store %s: cannot signal channel %s: %s", self.url, name, e)
 
     def _in_read(self, fn: Callable[..., T], *args: Any) -> tuple[T, bool]:
         """Run ``fn(conn, *args)`` in one read snapshot, sweeping first if a lease is due."""
@@ -372,16 +431,48 @@ class SqliteStore(Store):
             raise StoreError(f"store {self.url}: {e}") from e
 
     async def _write(self, fn: Callable[..., T], *args: Any) -> T:
-        result, changed = await self._call(self._in_write, fn, *args)
-        if changed and self._signal is not None:
-            self._signal.notify()
-        if isinstance(result, LeaseExpired):
+        """Queue ``fn(txn, *args)``; writes queued while a transaction is in flight go
+        together in the next one (one lock, one commit, one wakeup for all of them)."""
+        if self._closed:
+            raise StoreError(f"store {self.url}: closed")
+        done: asyncio.Future[Any] = self._loop.create_future()
+        self._queued.append((fn, args, done))
+        if self._committer is None:
+            self._committer = self._loop.create_task(self._commit_queued())
+        result = await asyncio.shield(done)  # a cancelled caller does not undo the write
+        if isinstance(result, BaseException):
             raise result
         return result
 
+    async def _commit_queued(self) -> None:
+        """Commit what is queued, batch after batch, until the queue is empty."""
+        try:
+            while self._queued:
+                batch = self._queued[:MAX_GROUP_COMMIT]
+                del self._queued[:MAX_GROUP_COMMIT]
+                try:
+                    results, changed = await self._call(
+                        self._in_write_batch, [(fn, args) for fn, args, _ in batch])
+                except BaseException as e:  # the whole batch failed (e.g. the store closed)
+                    error = e if isinstance(e, Exception) else StoreError(
+                        f"store {self.url}: closed while writing")
+                    for _, _, done in batch:
+                        if not done.done():
+                            done.set_result(error)  # raised by each waiting _write
+                    if not isinstance(e, Exception):
+                        raise
+                    continue
+                if changed and self._signal is not None and not self._signal.native:
+                    self._signal.notify()  # with inotify, our own touches wake our watchers
+                for (_, _, done), result in zip(batch, results, strict=True):
+                    if not done.done():
+                        done.set_result(_store_error(self.url, result))
+        finally:
+            self._committer = None
+
     async def _read(self, fn: Callable[..., T], *args: Any) -> T:
         result, swept = await self._call(self._in_read, fn, *args)
-        if swept and self._signal is not None:
+        if swept and self._signal is not None and not self._signal.native:
             self._signal.notify()
         return result
 
@@ -449,6 +540,7 @@ class SqliteStore(Store):
         prefix = check_prefix(prefix)
         if self._closed:
             raise StoreError(f"store {self.url}: closed")
+        self._listen_to(prefix_channel(prefix))  # before "now": no write slips between
         if after_revision is None:
             start = self._revision_inline()
         else:
@@ -464,12 +556,23 @@ class SqliteStore(Store):
         except sqlite3.Error as e:
             raise StoreError(f"store {self.url}: {e}") from e
 
+    def _listen_to(self, channel: str) -> None:
+        """Make this process's signal wake on writes to ``channel`` (creating its file)."""
+        assert self._signal is not None
+        path = self._channel_dir / channel
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+            self._signal.add(path)
+        except OSError as e:
+            raise StoreError(f"store {self.url}: cannot watch {path}: {e}") from e
+
     def _bump(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
     def _watcher_started(self) -> None:
         self._watchers += 1
+        self._listen_to(LEASES)  # the sweep timer follows every lease's expiry
         if not self._tasks and not self._closed:
             self._tasks = [
                 self._loop.create_task(self._listen(), name=f"shoal-store-listen {self.url}"),
@@ -494,28 +597,30 @@ class SqliteStore(Store):
             self._kick.set()
 
     async def _pump(self) -> None:
-        """Wake watchers after each kick (plus settle re-reads); sweep leases when due."""
-        settle = 0
+        """Wake watchers after each kick, or when an ``IDLE_POLL`` read finds the revision
+        moved; sweep leases when due."""
         next_expiry: float | None = None
+        seen = -1
         while True:
-            timeout = SETTLE[settle] if settle < len(SETTLE) else None
+            timeout = IDLE_POLL
             if next_expiry is not None:
-                due = max(0.0, next_expiry - time.time()) + EXPIRY_SLACK
-                timeout = due if timeout is None else min(timeout, due)
+                timeout = min(timeout, max(0.0, next_expiry - time.time()) + EXPIRY_SLACK)
+            kicked = True
             try:
                 async with asyncio.timeout(timeout):
                     await self._kick.wait()
-                settle = 0
             except TimeoutError:
-                settle += 1
+                kicked = False
             self._kick.clear()
-            try:
-                next_expiry = await self._read(_earliest_expiry)  # also sweeps due leases
+            try:  # also sweeps due leases
+                next_expiry, revision = await self._read(_earliest_expiry)
             except StoreError:
                 if self._closed:
                     return
-                next_expiry = time.time() + 1.0  # e.g. locked past busy_timeout: retry soon
-            self._bump()
+                next_expiry, revision = time.time() + 1.0, -1  # e.g. locked: retry soon
+            if kicked or revision != seen:
+                seen = revision
+                self._bump()
 
     async def close(self) -> None:
         """End watchers and background tasks, close the connection and the thread."""
@@ -533,6 +638,9 @@ class SqliteStore(Store):
                 if conn is not None:
                     conn.close()
             self._conn = self._inline = None
+            for fd in self._channel_fds.values():
+                os.close(fd)
+            self._channel_fds.clear()
 
         await self._loop.run_in_executor(self._executor, close_conn)
         self._executor.shutdown(wait=False)
@@ -541,13 +649,23 @@ class SqliteStore(Store):
         return f"SqliteStore({self.url!r})"
 
 
+def _store_error(url: str, result: Any) -> Any:
+    """An op's result, with an SQLite error as the ``StoreError`` callers expect."""
+    if isinstance(result, sqlite3.Error):
+        error = StoreError(f"store {url}: {result}")
+        error.__cause__ = result
+        return error
+    return result
+
+
 def _current_revision(conn: sqlite3.Connection) -> int:
     return int(conn.execute("SELECT value FROM meta WHERE name = 'revision'").fetchone()[0])
 
 
-def _earliest_expiry(conn: sqlite3.Connection) -> float | None:
+def _earliest_expiry(conn: sqlite3.Connection) -> tuple[float | None, int]:
+    """The earliest lease expiry (None: no lease) and the current revision."""
     row = conn.execute("SELECT min(expires_at) FROM leases").fetchone()
-    return None if row[0] is None else float(row[0])
+    return None if row[0] is None else float(row[0]), _current_revision(conn)
 
 
 def _changes_after(

@@ -1,6 +1,7 @@
 """The manifest -> Plan adapter, and load reports (leased Store keys)."""
 
 import asyncio
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from shoal.control.load import LOAD_PREFIX, LoadReporter, load_key, read_infligh
 from shoal.control.plan import absolute_url, plan_from_manifest
 from shoal.control.plane import instance_argv
 from shoal.errors import ConfigError
+from shoal.instance import parse_policies
 from shoal.store.memory import MemoryStore
 
 
@@ -51,7 +53,13 @@ services:
     assert argv == ["py", "-m", "shoal.instance", "--app", "mod:svc", "--listen",
                     "127.0.0.1:4242", "--broker", plan.broker, "--store", plan.store,
                     "--instance-id", "a-1", "--mtls", "strict", "--label", "tier=front",
-                    "--manifest", str(plan.manifest_path)]
+                    "--policies",
+                    '{"a":{"retries":{"attempts":2},"load_balancer":{"policy":"least_request"}}}']
+    assert parse_policies(argv[-1])["a"] == manifest.services["a"].traffic_policy
+    assert not plan.services["a"].guarded  # no policies: or topics: -> no manifest to parse
+    guarded = dataclasses.replace(plan.services["a"], guarded=True)
+    assert instance_argv(plan, guarded, "a-1", 4242)[-2:] == ["--manifest",
+                                                             str(plan.manifest_path)]
     assert plan.gateway is manifest.gateway and plan.admin_listen == "127.0.0.1:0"
     assert [str(a) for a in plan.gateway.listen] == ["127.0.0.1:0"]
     assert plan.gateway.routes.table.routes[0].name == "r"

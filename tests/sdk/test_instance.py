@@ -200,6 +200,15 @@ async def test_sigterm_while_starting_exits_0_without_a_ready_line(tmp_path: Pat
     (["--app", APP, "--mtls", "maybe"], "argument --mtls: invalid choice: 'maybe'", 2),
     (["--app", APP, "--trust-domain", "Not/A.Domain"],
      "--trust-domain: expected a lowercase name like 'shoal.local'", 2),
+    (["--app", APP, "--policies", "{not json"], "--policies: not JSON", 2),
+    (["--app", APP, "--policies", "[]"], "--policies: expected a JSON object", 2),
+    (["--app", APP, "--policies", '{"a": 1}'], "--policies 'a': expected an object", 2),
+    (["--app", APP, "--policies", '{"a": {"retrys": {}}}'],
+     "--policies a.retrys: unknown key (did you mean 'retries'?)", 2),
+    (["--app", APP, "--policies", '{"a": {"retries": {"attempts": "many"}}}'],
+     "--policies a.retries.attempts", 2),
+    (["--app", APP, "--policies", '{"a": {"x": "' + "y" * 70_000 + '"}}'],
+     "--policies: 70016 bytes, over the limit of 65536", 2),
 ])
 def test_bad_arguments_exit_with_one_clear_line(tmp_path: Path, args: list[str],
                                                 fragment: str, code: int) -> None:
@@ -212,3 +221,17 @@ def test_bad_arguments_exit_with_one_clear_line(tmp_path: Path, args: list[str],
     assert result.returncode == code, result.stderr
     assert result.stdout == ""
     assert fragment in result.stderr and "Traceback" not in result.stderr
+
+
+def test_instance_start_path_leaves_heavy_optional_modules_unimported() -> None:
+    """``shoal up`` starts nine processes at once on a few cores: the instance path imports
+    neither OpenTelemetry (tracing off), cryptography (mTLS off), nor pydantic and YAML
+    (``--policies`` JSON, not the manifest)."""
+    code = ("import sys, shoal.instance as i\n"
+            "i.parse_policies('{\"a\": {\"retries\": {\"attempts\": 1}}}')\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'opentelemetry', 'cryptography', 'pydantic', 'yaml'}))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -53,7 +53,9 @@ def public_pem(key: Any) -> bytes:
 def token(key: Any = KEY, alg: str = "ES256", headers: dict[str, Any] | None = None,
           **claims: Any) -> bytes:
     now = int(time.time())
-    body = {"iss": ISSUER, "aud": AUDIENCE, "exp": now + 3600, "iat": now, "sub": "alice",
+    # valid for a day: the parametrized tokens are made at collection, and a slow run on a
+    # shared machine reached them more than 5 minutes later (then "expired", not the reason)
+    body = {"iss": ISSUER, "aud": AUDIENCE, "exp": now + 86400, "iat": now, "sub": "alice",
             **claims}
     body = {k: v for k, v in body.items() if v is not None}
     return b"Bearer " + jwt.encode(body, key, algorithm=alg, headers=headers).encode()
@@ -83,7 +85,7 @@ def test_a_valid_token_passes(validator: JwtValidator) -> None:
 def _alg_none() -> bytes:
     now = int(time.time())
     return b"Bearer " + _b64({"alg": "none", "typ": "JWT"}) + b"." + _b64(
-        {"iss": ISSUER, "aud": AUDIENCE, "exp": now + 3600}) + b"."
+        {"iss": ISSUER, "aud": AUDIENCE, "exp": now + 86400}) + b"."
 
 
 def _hmac_with_public_key() -> bytes:
@@ -92,7 +94,7 @@ def _hmac_with_public_key() -> bytes:
     import hashlib
     import hmac
     signing = _b64({"alg": "HS256", "typ": "JWT"}) + b"." + _b64(
-        {"iss": ISSUER, "aud": AUDIENCE, "exp": now + 3600})
+        {"iss": ISSUER, "aud": AUDIENCE, "exp": now + 86400})
     mac = hmac.new(public_pem(KEY), signing, hashlib.sha256).digest()
     return b"Bearer " + signing + b"." + base64.urlsafe_b64encode(mac).rstrip(b"=")
 

@@ -19,7 +19,13 @@ svc = shoal.Service("billing")
 DELAY = float(os.environ.get("SHOP_BILLING_DELAY", "0"))  # seconds of bookkeeping per order
 
 
-@svc.subscribe("stock", retry=RetryPolicy(attempts=100, initial=0.05, maximum=1.0))
+# 16 orders at a time (one customer's still in order): each mostly waits on payments, and
+# charging is idempotent per order id.
+CONCURRENCY = int(os.environ.get("SHOP_BILLING_CONCURRENCY", "16"))
+
+
+@svc.subscribe("stock", retry=RetryPolicy(attempts=100, initial=0.05, maximum=1.0),
+               concurrency=CONCURRENCY)
 async def bill(event: Event) -> None:
     """Charge a reserved order."""
     if event.type != "stock.reserved":

@@ -4,16 +4,24 @@
 * ``issuance`` - the Store keys and record through which instances get certificates.
 * ``identity`` - ``Identity`` (certificate + key kept in memory + trust bundle),
   ``request_identity`` (key made here, only a CSR sent).
+* ``mode`` - ``MtlsMode`` (strict / permissive / off).
 * ``tls`` - ``MeshTLS`` (server and per-service client contexts, hot rotation),
-  ``MtlsMode`` (strict / permissive / off), ``PermissiveListener``, ``rotate_forever``.
+  ``PermissiveListener``, ``rotate_forever``.
 * ``authz`` - ``AuthorizationPolicy`` (DENY before ALLOW, default deny once an ALLOW
   exists; decisions name their rule) and ``authorize`` (403 for ``HttpServer`` handlers).
 * ``topics`` - ``TopicPolicy``: which services may publish / subscribe which topics.
+
+Names are imported on first use: a service with mTLS off never loads ``cryptography``.
 """
 
-from shoal.mesh.security.identity import Identity, request_identity, spiffe_id_of_peercert
-from shoal.mesh.security.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeId
-from shoal.mesh.security.tls import MeshTLS, MtlsMode, PermissiveListener, rotate_forever
+import importlib
+from typing import Any
+
+_HOMES = {
+    "DEFAULT_TRUST_DOMAIN": "spiffe", "SpiffeId": "spiffe", "MtlsMode": "mode",
+    "Identity": "identity", "request_identity": "identity", "spiffe_id_of_peercert": "spiffe",
+    "MeshTLS": "tls", "PermissiveListener": "tls", "rotate_forever": "tls",
+}
 
 __all__ = [
     "DEFAULT_TRUST_DOMAIN",
@@ -26,3 +34,10 @@ __all__ = [
     "rotate_forever",
     "spiffe_id_of_peercert",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """The exported names, imported from their module on first use."""
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)

@@ -21,7 +21,7 @@ import msgspec
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from shoal.mesh.security.authz import Decision
-from shoal.mesh.security.identity import spiffe_id_of_peercert
+from shoal.mesh.security.spiffe import spiffe_id_of_peercert
 
 __all__ = ["PEER", "PeerIdentityProtocol", "UvicornAdopter", "forbidden", "peer_identity"]
 

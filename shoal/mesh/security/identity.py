@@ -15,7 +15,7 @@ import os
 import ssl
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +32,7 @@ from shoal.mesh.security.issuance import (
     decode_issued,
     issued_key,
 )
-from shoal.mesh.security.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeId
+from shoal.mesh.security.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeId, spiffe_id_of_peercert
 
 __all__ = [
     "RENEW_FRACTION",
@@ -63,15 +63,6 @@ def make_csr(key: ec.EllipticCurvePrivateKey, identity: SpiffeId) -> bytes:
         .sign(key, hashes.SHA256())
         .public_bytes(serialization.Encoding.PEM)
     )
-
-
-def spiffe_id_of_peercert(peercert: Mapping[str, Any] | None) -> str | None:
-    """The one ``spiffe://`` URI SAN of a verified peer certificate (``getpeercert()``)."""
-    if not peercert:
-        return None
-    uris = [v for kind, v in peercert.get("subjectAltName", ())
-            if kind == "URI" and v.startswith("spiffe://")]
-    return uris[0] if len(uris) == 1 else None
 
 
 def _spiffe_id_of(cert: x509.Certificate, where: str) -> SpiffeId:

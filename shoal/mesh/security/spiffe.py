@@ -8,7 +8,9 @@ comparison is an identity comparison.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from shoal.errors import CertificateError
 
@@ -78,3 +80,12 @@ class SpiffeId:
 def _short(value: object) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def spiffe_id_of_peercert(peercert: Mapping[str, Any] | None) -> str | None:
+    """The one ``spiffe://`` URI SAN of a verified peer certificate (``getpeercert()``)."""
+    if not peercert:
+        return None
+    uris = [v for kind, v in peercert.get("subjectAltName", ())
+            if kind == "URI" and v.startswith("spiffe://")]
+    return uris[0] if len(uris) == 1 else None

@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import enum
 import logging
 import socket
 import ssl
@@ -35,41 +34,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from shoal.errors import CertificateError, ConfigError, ShoalError
-from shoal.mesh.security.identity import Identity, request_identity, spiffe_id_of_peercert
+from shoal.errors import CertificateError, ShoalError
+from shoal.mesh.security.identity import Identity, request_identity
 from shoal.mesh.security.issuance import BUNDLE_KEY
-from shoal.mesh.security.spiffe import SpiffeId
+from shoal.mesh.security.mode import MtlsMode
+from shoal.mesh.security.spiffe import SpiffeId, spiffe_id_of_peercert
 
 __all__ = ["MeshTLS", "MtlsMode", "PermissiveListener", "SpiffeMismatch", "rotate_forever"]
 
 log = logging.getLogger("shoal.mesh.security")
-
-
-class MtlsMode(enum.StrEnum):
-    """``security.mtls`` in the manifest."""
-
-    STRICT = "strict"
-    PERMISSIVE = "permissive"
-    OFF = "off"
-
-    @classmethod
-    def parse(cls, value: object, *, where: str = "security.mtls") -> MtlsMode:
-        """From a manifest value; a ``ConfigError`` names the allowed ones."""
-        try:
-            return cls(value)  # type: ignore[arg-type]
-        except ValueError:
-            raise ConfigError(f"{where}: expected strict, permissive or off, got "
-                              f"{value!r:.60}") from None
-
-    @property
-    def accepts_plaintext(self) -> bool:
-        """Whether a server in this mode takes connections without TLS."""
-        return self is not MtlsMode.STRICT
-
-    @property
-    def uses_tls(self) -> bool:
-        """Whether servers in this mode terminate TLS at all."""
-        return self is not MtlsMode.OFF
 
 
 class SpiffeMismatch(ssl.SSLCertVerificationError):

@@ -1,0 +1,154 @@
+"""Instances forked from the fork server: ready, restarted after kill -9 with the exit
+seen, reseeded, nothing left behind; a dead server means plain starts; bad requests get
+an answer, not a crash."""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from shoal.control.forkserver import SERVER_FD, ForkedProcess, ForkServer
+from shoal.control.restart import RestartPolicy
+from shoal.control.supervisor import Supervisor
+
+ROOT = Path(__file__).resolve().parents[2]
+APP = "tests.sdk.instance_app:svc"
+FAST = RestartPolicy(initial_backoff="20ms", max_backoff="100ms", stable_after="5s",
+                     crash_loop_exits=3, jitter=0.0)
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}").exists() and "zombie" not in Path(
+        f"/proc/{pid}/status").read_text()
+
+
+def _supervisor(tmp_path: Path, lines: list[str]) -> Supervisor:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SDK_TEST_DIR": str(tmp_path),
+           "PYTHONUNBUFFERED": "1"}
+
+    def launch(service: str, instance_id: str, port: int) -> list[str]:
+        return [sys.executable, "-m", "shoal.instance", "--app", APP,
+                "--listen", f"127.0.0.1:{port}", "--broker", f"sqlite:///{tmp_path}/e.db",
+                "--store", f"sqlite:///{tmp_path}/s.db", "--instance-id", instance_id]
+
+    return Supervisor(launch, policy=FAST, output=lines.append, grace=5.0, env=env,
+                      cwd=str(ROOT), forkserver=ForkServer(env, str(ROOT)))
+
+
+async def _wait(predicate, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.02)
+
+
+async def test_forked_instances_serve_restart_after_kill_9_and_leave_nothing(
+        tmp_path: Path) -> None:
+    lines: list[str] = []
+    sup = _supervisor(tmp_path, lines)
+    server = sup.forkserver
+    assert server is not None
+    try:
+        await sup.scale("sdk-echo", 2)
+        await sup.wait_ready(30)
+        first, second = sup.of("sdk-echo")
+        assert isinstance(first.process, ForkedProcess)
+        server_pid = server._process.pid  # type: ignore[union-attr]
+        assert _parent(first.pid) == _parent(second.pid) == server_pid  # type: ignore[arg-type]
+        assert first.ready_info["instance"] == "sdk-echo-1"
+        old = first.pid
+        assert old is not None
+        os.kill(old, signal.SIGKILL)
+        await _wait(lambda: first.pid not in (None, old) and first.ready.is_set())
+        assert first.life.restarts == 1
+        assert any("killed by SIGKILL" in line for line in lines), lines
+        pids = [first.pid, second.pid]
+    finally:
+        await sup.close()
+    assert not any(_alive(pid) for pid in pids if pid is not None)
+    assert not _alive(server_pid)
+
+
+async def test_children_of_a_killed_server_stop_and_later_starts_do_not_fork(
+        tmp_path: Path) -> None:
+    lines: list[str] = []
+    sup = _supervisor(tmp_path, lines)
+    server = sup.forkserver
+    assert server is not None
+    try:
+        await sup.scale("sdk-echo", 1)
+        await sup.wait_ready(30)
+        (inst,) = sup.of("sdk-echo")
+        forked = inst.pid
+        os.kill(server._process.pid, signal.SIGKILL)  # type: ignore[union-attr]
+        # the child gets SIGTERM (it dies with the server), drains and exits; the
+        # supervisor sees it through its pidfd and starts it again, without the server
+        await _wait(lambda: inst.pid not in (None, forked) and inst.ready.is_set(), 30)
+        assert not isinstance(inst.process, ForkedProcess)
+        assert not _alive(forked)  # type: ignore[arg-type]
+    finally:
+        await sup.close()
+
+
+def test_the_server_answers_bad_requests_and_keeps_serving(tmp_path: Path) -> None:
+    ours, theirs = socket.socketpair()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import socket, shoal.control.forkserver as f; "
+         f"f.serve(socket.socket(fileno={SERVER_FD}))"],
+        env=env, pass_fds=(theirs.fileno(), SERVER_FD),
+        preexec_fn=lambda: os.dup2(theirs.fileno(), SERVER_FD))
+    theirs.close()
+    reader = ours.makefile("rb")
+    try:
+        assert "ready" in json.loads(reader.readline())
+        ours.sendall(b"not json\n")
+        assert json.loads(reader.readline())["error"].startswith("bad request")
+        ours.sendall(b'{"argv": ["--app", "x:y"]}\n')  # no output descriptor
+        assert "one output fd" in json.loads(reader.readline())["error"]
+        ours.sendall(b"x" * (2 << 20) + b"\n")  # oversized
+        assert "bad request" in json.loads(reader.readline())["error"]
+        # a real request still works: an instance with a bad app exits 2, reported
+        r, w = os.pipe()
+        request = {"argv": ["--app", "tests.sdk.nowhere:svc"], "env": env,
+                   "cwd": str(ROOT)}
+        ours.sendmsg([json.dumps(request).encode() + b"\n"],
+                     [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [w]))])
+        os.close(w)
+        pid = json.loads(reader.readline())["pid"]
+        assert json.loads(reader.readline()) == {"exit": pid, "status": 2}
+        with os.fdopen(r, "rb") as out:
+            assert b"no module named 'tests.sdk.nowhere'" in out.read()
+    finally:
+        reader.close()
+        ours.close()  # hang up: the server exits
+        assert proc.wait(10) == 0
+
+
+def test_forked_children_get_fresh_random_state() -> None:
+    code = ("import os, random, shoal.context as c, shoal.control.forkserver as f\n"
+            "r, w = os.pipe()\n"
+            "for _ in range(2):\n"
+            "    if os.fork() == 0:\n"
+            "        f._reseed(); os.write(w, b'%d %d\\n' % (c._random.getrandbits(64),"
+            " random.getrandbits(64))); os._exit(0)\n"
+            "    os.wait()\n"
+            "os.close(w); print(os.read(r, 1000).decode())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=30, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    first, second = out.stdout.split("\n")[:2]
+    assert first.split()[0] != second.split()[0] and first.split()[1] != second.split()[1]
