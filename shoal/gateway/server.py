@@ -124,6 +124,10 @@ LINGER_SECONDS = 2.0
 HeaderPairs = Iterable[tuple[bytes | str, bytes | str]]
 Body = bytes | bytearray | memoryview | AsyncIterable[bytes] | None
 Handler = Callable[["Request"], "Awaitable[Any] | Response"]
+FastHandler = Callable[["Request", Callable[["Request", Any], None]], Any]
+"""``fast_handle(request, answer)``: what ``handler`` returns, or an object with
+``answer_later = True``, ``cancel()`` and ``done()`` that calls ``answer(request, result)``
+later (from a protocol callback: no task)."""
 
 _INF = math.inf
 # read deadline kinds (index into the connection's timeout table)
@@ -360,7 +364,7 @@ class Request:
         self._head_sent = False
         self._responded = False
         self._refusal: ClientRequestError | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._task: Any = None  # an asyncio.Task, or a fast handler's answer to come
         self._split: tuple[bytes, bytes, str | None] | None = None
 
     def __repr__(self) -> str:
@@ -436,6 +440,22 @@ class Request:
             if chunk is None:
                 break
             parts.append(chunk)
+        self._content = parts[0] if len(parts) == 1 else b"".join(parts)
+        return self._content
+
+    def complete_body(self) -> bytes | None:
+        """The whole body if it has all arrived and nothing consumed it (kept, like
+        ``body()``); else None. ``b""`` for a request without a body."""
+        if self._content is not None:
+            return self._content
+        if not self._complete or self._streamed or self._error is not None or \
+                self._expect_continue:
+            return None
+        parts = list(self._chunks)
+        if self._tail is not None:
+            parts.append(bytes(self._tail))
+        self._streamed = True
+        self._drop_buffer()
         self._content = parts[0] if len(parts) == 1 else b"".join(parts)
         return self._content
 
@@ -594,6 +614,7 @@ class _ServerConnection(asyncio.Protocol):
         "_discarded",
         "_drain_waiter",
         "_eof",
+        "_fast",
         "_feed_len",
         "_feed_seq",
         "_feeding",
@@ -633,6 +654,7 @@ class _ServerConnection(asyncio.Protocol):
         self._server = server
         self._loop = server._loop
         self._handler = server.handler
+        self._fast = server._fast
         limits = self._limits = server.limits
         self._max_head = limits.max_header_bytes
         self._max_headers = limits.max_headers
@@ -1087,14 +1109,32 @@ class _ServerConnection(asyncio.Protocol):
         if req._refusal is not None:
             self._write_refusal(req._refusal, req)
             return
+        fast = self._fast
         try:
-            result = self._handler(req)
+            if fast is not None and req._complete:
+                result = fast(req, self._answer)
+                if getattr(result, "answer_later", False) is True:
+                    req._task = result  # cancelled like a task if the client leaves
+                    return
+            else:
+                result = self._handler(req)
         except ClientRequestError as exc:
             self._write_refusal(exc, req)
             return
         except Exception:
             log.exception("gateway: handler failed on %s %r", req.method, req.target)
             result = _internal_error("handler-error", "the request handler failed")
+        self._answer(req, result)
+
+    def _answer(self, req: Request, result: Any) -> None:
+        """Write the handler's ``result`` for ``req`` (the active request): a response at
+        once, or in a task if it is awaitable or streams. The fast handler calls it later."""
+        if self._closed or req is not self._active or req._head_sent:
+            if hasattr(result, "close"):  # a coroutine, or an upstream response
+                with contextlib.suppress(Exception):
+                    result.close()
+            return
+        req._task = None
         if type(result) is not Response and hasattr(result, "__await__"):
             req._task = self._loop.create_task(self._run(req, result))
             return
@@ -1401,6 +1441,15 @@ def _close_quietly(resp: Any) -> None:
             close()
 
 
+def _fast_handler_of(handler: Handler) -> FastHandler | None:
+    """The fast handler that goes with ``handler``: ``obj.fast_handle`` when ``handler`` is
+    the bound method ``obj.handle`` (the gateway's), else None."""
+    owner = getattr(handler, "__self__", None)
+    if owner is None or getattr(handler, "__name__", None) != "handle":
+        return None
+    return getattr(owner, "fast_handle", None)
+
+
 def _remove_stale_socket(path: str) -> None:
     """Remove a unix socket left by an earlier run (never a regular file or directory)."""
     with contextlib.suppress(OSError):
@@ -1414,6 +1463,7 @@ class HttpServer:
 
     def __init__(self, handler: Handler, *, limits: ServerLimits | None = None,
                  ssl: _ssl.SSLContext | None = None) -> None:
+        self._fast: FastHandler | None = None
         self.handler = handler
         self.ssl = ssl  # TLS on every listener (shoal.mesh.security builds mesh contexts)
         self.limits = limits if limits is not None else ServerLimits()
@@ -1428,6 +1478,16 @@ class HttpServer:
         shortest = min(self.limits.header_timeout, self.limits.keep_alive_timeout,
                        self.limits.body_timeout, self.limits.send_timeout, LINGER_SECONDS)
         self._tick = min(max(shortest / 4, 0.02), 1.0)
+
+    @property
+    def handler(self) -> Handler:
+        """What answers requests (on connections opened after it was set)."""
+        return self._handler
+
+    @handler.setter
+    def handler(self, handler: Handler) -> None:
+        self._handler = handler
+        self._fast = _fast_handler_of(handler)
 
     @property
     def connections(self) -> int:
