@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (the env fixture is imported from test_proxy and requested by name)
 """The gateway's fast path (``Gateway.fast_handle`` + ``Upstream.start``): it is taken for
 plain requests on a warm pool, with no task per request, and whatever it cannot finish
 falls back to the coroutine path with the same behaviour. Real sockets throughout: aiohttp
@@ -119,7 +120,7 @@ async def test_what_the_fast_path_cannot_do_falls_back(
          "fault": {"abort": {"status": 418, "percent": 100}}},
         {"match": {"path": {"prefix": "/"}}, "service": "orders"}], wait={"orders": 1})
     with counting(monkeypatch) as counts:
-        resp, seen = await env.json("GET", "/cold")  # no idle connection yet
+        resp, _ = await env.json("GET", "/cold")  # no idle connection yet
         assert resp.status == 200
         assert counts["fast"] == 0 and counts["run_tasks"] == 1
         resp = await env.request("GET", "/fault")
@@ -141,7 +142,7 @@ async def test_pipelined_requests_are_answered_in_order(
     await env.start([{"match": {"path": {"prefix": "/"}}, "service": "orders"}],
                     wait={"orders": 1})
     resp, _ = await env.json("GET", "/warm")
-    assert env.server is not None
+    assert resp.status == 200 and env.server is not None
     with counting(monkeypatch) as counts:
         reader, writer = await asyncio.open_connection("127.0.0.1", env.server.port)
         try:
@@ -303,7 +304,7 @@ async def test_client_leaving_mid_fast_try_frees_the_slot(env: Env) -> None:
         assert env.server is not None
         resp = await env.request("GET", "/warm")
         await resp.aread()
-        reader, writer = await asyncio.open_connection("127.0.0.1", env.server.port)
+        _reader, writer = await asyncio.open_connection("127.0.0.1", env.server.port)
         writer.write(b"GET /stall HTTP/1.1\r\nhost: a\r\n\r\n")
         await asyncio.wait_for(arrived.wait(), 5)
         upstream = next(iter(env.gateway._upstreams.values()))  # type: ignore[union-attr]
