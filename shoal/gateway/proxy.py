@@ -28,6 +28,15 @@ Decisions, written down once:
   (injected abort), ``events`` (the HTTP binding), or the mesh layer that gave up
   (``balancer``, ``circuit-breaker``, ``retry-budget``, ``timeout``, ``upstream``) with its
   own status. An upstream's own error response is relayed as it is.
+* **A fast path, the same behaviour.** ``fast_handle`` (which ``HttpServer`` calls for a
+  request whose body has arrived) routes like ``handle`` and, for a route with no fault and
+  no mirror, a body of at most ``BUFFER_MAX``, and an idle pooled connection, sends the
+  request with ``Upstream.start`` and answers from the upstream protocol's callback: no
+  task and no coroutine. Anything else, and a try that must be retried, continues on the
+  coroutine path from where it stopped, with what was decided kept (route, destination,
+  endpoint), so no choice is made twice. Observability: ``on_route`` is called the same;
+  ``observe_gateway`` with metrics or tracing on wraps ``handle``, and then the server
+  finds no fast handler and every request takes the coroutine path.
 * **Mirrors are fire-and-forget** and only for buffered bodies; at most ``MAX_MIRRORS``
   are in flight (more are skipped, never queued), and their responses are discarded.
 """

@@ -11,8 +11,15 @@ Decisions, written down once:
 * **One task per request, or none.** Parsing, validation and writing run in the protocol's
   callbacks. An async handler runs in one task, which also writes the response; a handler
   that returns a ``Response`` synchronously (bytes body) runs with no task at all. Nothing
-  runs in a thread. The handler is started after the read that completed its head has been
-  parsed, so a small body that came along is already complete when it runs.
+  runs in a thread. The handler is started after the read that completed its head has
+  been parsed, so a small body that came along is already complete when it runs.
+* **A fast handler** goes with a handler that is the bound method ``obj.handle`` of an
+  object with ``fast_handle(request, answer)`` (the gateway's ``Gateway``): a request
+  whose body has wholly arrived is given to it instead. It returns what ``handle`` would
+  (answered as above), or an object with ``answer_later = True``, ``cancel()`` and
+  ``done()``: the request is then answered when the fast handler calls
+  ``answer(request, result)`` from a protocol callback (no task, no coroutine), and is
+  cancelled like a task if the client leaves or shutdown gives up on it.
 * **Timeouts without timers.** One sweep per server, every quarter of the shortest timeout
   (at most 1 s), compares each connection's deadline to the clock: starting or finishing a
   request is an attribute store, never a timer handle. The header timeout runs from the

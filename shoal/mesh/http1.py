@@ -6,7 +6,9 @@ connections per endpoint. A request runs entirely in the caller's task: the head
 with one bytes join and written with one ``transport.write``; the caller awaits one future
 that the protocol resolves as soon as the response head is parsed. No task is created per
 request and nothing runs in a thread (only resolving a host *name* when a connection opens
-may; mesh addresses are IP literals or unix paths, which never do).
+may; mesh addresses are IP literals or unix paths, which never do). ``send_nowait`` (on a
+connection from ``ConnectionPool.take_idle``) needs no caller task at all: the exchange
+reports to an ``ExchangeListener``'s callbacks (the gateway's fast path).
 
 Decisions, written down once:
 

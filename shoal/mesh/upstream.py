@@ -21,7 +21,10 @@ object* whenever membership or health changes (``EndpointCache.endpoints`` and t
 gateway's subsets do), so the healthy subset is computed once per list and the balancer
 skips its membership bookkeeping while the list stays the same; the predicate is asked per
 call only while outlier detection has an instance ejected. Per-try timeouts share one
-timer (``shoal.mesh.deadlines``) instead of arming a loop timer per try. When the stack
+timer (``shoal.mesh.deadlines``) instead of arming a loop timer per try. ``start`` runs the
+first try with no task when an idle pooled connection is there (``shoal.mesh.fast_try``):
+the same steps, split into ``_try_begin``, ``_try_end`` and ``_verdict``, which ``send``'s
+loop uses too; a retry after it goes on in ``send``'s loop, in a task. When the stack
 gives up it raises a ``MeshError`` naming the layer and why (no endpoint, circuit open,
 retry budget spent, timeout after N tries), or relays the upstream's own error response.
 """
