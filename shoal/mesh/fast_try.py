@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from shoal.errors import MeshError, TransportError
-from shoal.mesh.deadlines import Expiry
+from shoal.mesh.deadlines import Deadlines, Expiry
 from shoal.mesh.endpoint import Endpoint
 from shoal.mesh.http1 import HeaderList, Http1Connection, Response
 from shoal.mesh.resilience import Failure, Outcome, classify
@@ -38,7 +38,8 @@ class FastTry:
 
     answer_later = True  # the gateway's server: the answer comes through a callback
 
-    __slots__ = ("_began", "_body", "_conn", "_deliver", "_endpoint", "_expiry", "_finished",
+    __slots__ = ("_began", "_body", "_conn", "_deadlines", "_deliver", "_endpoint", "_expiry",
+                 "_finished",
                  "_hash_key", "_headers", "_method", "_resp", "_start", "_target", "_timeout",
                  "_upstream")
 
@@ -58,6 +59,7 @@ class FastTry:
         self._conn: Http1Connection | None = None
         self._began = 0.0
         self._expiry: Expiry | None = None
+        self._deadlines: Deadlines | None = None
         self._resp: Response | None = None
         self._finished = False
 
@@ -66,7 +68,8 @@ class FastTry:
         self._conn = conn
         self._began = began
         if self._timeout is not None:
-            self._expiry = self._upstream.deadlines().start(self, self._timeout)  # type: ignore[arg-type]
+            deadlines = self._deadlines = self._upstream.deadlines()
+            self._expiry = deadlines.start(self, self._timeout)  # type: ignore[arg-type]
 
     # -- task-like: for the deadline and the server ------------------------------------
     def done(self) -> bool:
@@ -109,7 +112,7 @@ class FastTry:
         self._finished = True
         self._resp = None
         if self._expiry is not None:
-            self._upstream.deadlines().finish(self._expiry)
+            self._deadlines.finish(self._expiry)  # type: ignore[union-attr]
 
     def _settle(self, outcome: Outcome, response: Response | None,
                 error: BaseException | None) -> None:
