@@ -32,6 +32,10 @@ __all__ = ["Deliver", "FastTry"]
 Deliver = Callable[[Response | BaseException | Awaitable[Response]], None]
 
 
+def _delivered(result: object) -> None:
+    """Stands in for ``deliver`` once it was called (never called again)."""
+
+
 class FastTry:
     """One try in flight on one pooled connection; ends by calling ``deliver`` once,
     unless cancelled by its caller."""
@@ -88,6 +92,7 @@ class FastTry:
             self._settle(Failure.TIMEOUT, None, TimeoutError())
         else:
             self._end()
+            self._deliver = _delivered
             self._upstream._try_cancelled(self._endpoint, self._began)
         return True
 
@@ -109,16 +114,20 @@ class FastTry:
 
     # -- the verdict -------------------------------------------------------------------
     def _end(self) -> None:
+        """Finished: drop what refers back to us (the expiry names us as its task), so
+        that no reference cycle is left for the garbage collector."""
         self._finished = True
-        self._resp = None
-        if self._expiry is not None:
-            self._deadlines.finish(self._expiry)  # type: ignore[union-attr]
+        self._resp = self._conn = None
+        expiry, self._expiry = self._expiry, None
+        if expiry is not None:
+            self._deadlines.finish(expiry)  # type: ignore[union-attr]
 
     def _settle(self, outcome: Outcome, response: Response | None,
                 error: BaseException | None) -> None:
         if self._finished:
             return
         self._end()
+        deliver, self._deliver = self._deliver, _delivered
         upstream = self._upstream
         upstream._try_end(self._endpoint, self._began, outcome)
         body_size = 0 if self._body is None else len(self._body)
@@ -126,10 +135,10 @@ class FastTry:
             final = upstream._verdict(1, self._method, outcome, response, error, body_size,
                                       self._timeout)
         except (MeshError, TransportError) as exc:
-            self._deliver(exc)
+            deliver(exc)
             return
         if final is not None:
-            self._deliver(final)
+            deliver(final)
             return
-        self._deliver(upstream._resume(self._method, self._target, self._headers, self._body,
+        deliver(upstream._resume(self._method, self._target, self._headers, self._body,
                                        self._hash_key, self._start, 1, [self._endpoint]))
