@@ -1116,15 +1116,11 @@ class _ServerConnection(asyncio.Protocol):
         if req._refusal is not None:
             self._write_refusal(req._refusal, req)
             return
-        fast = self._fast
+        if self._fast is not None and req._complete:
+            self._server._soon(self._start_fast, req)  # with the others of this loop turn
+            return
         try:
-            if fast is not None and req._complete:
-                result = fast(req, self._answer)
-                if getattr(result, "answer_later", False) is True:
-                    req._task = result  # cancelled like a task if the client leaves
-                    return
-            else:
-                result = self._handler(req)
+            result = self._handler(req)
         except ClientRequestError as exc:
             self._write_refusal(exc, req)
             return
@@ -1132,6 +1128,27 @@ class _ServerConnection(asyncio.Protocol):
             log.exception("gateway: handler failed on %s %r", req.method, req.target)
             result = _internal_error("handler-error", "the request handler failed")
         self._answer(req, result)
+
+    def _start_fast(self, req: Request) -> None:
+        """Run the fast handler for ``req`` (deferred by ``_start``)."""
+        if self._closed or req is not self._active:
+            return
+        try:
+            result = self._fast(req, self._answer_soon)  # type: ignore[misc]
+            if getattr(result, "answer_later", False) is True:
+                req._task = result  # cancelled like a task if the client leaves
+                return
+        except ClientRequestError as exc:
+            self._write_refusal(exc, req)
+            return
+        except Exception:
+            log.exception("gateway: handler failed on %s %r", req.method, req.target)
+            result = _internal_error("handler-error", "the request handler failed")
+        self._answer(req, result)
+
+    def _answer_soon(self, req: Request, result: Any) -> None:
+        """``_answer``, deferred with the others of this loop turn (the fast handler's)."""
+        self._server._soon(self._answer, req, result)
 
     def _answer(self, req: Request, result: Any) -> None:
         """Write the handler's ``result`` for ``req`` (the active request): a response at
@@ -1482,6 +1499,7 @@ class HttpServer:
         self._shutting = False
         self._sweep_handle: asyncio.TimerHandle | None = None
         self._all_closed: asyncio.Future[None] | None = None
+        self._later: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
         shortest = min(self.limits.header_timeout, self.limits.keep_alive_timeout,
                        self.limits.body_timeout, self.limits.send_timeout, LINGER_SECONDS)
         self._tick = min(max(shortest / 4, 0.02), 1.0)
@@ -1608,6 +1626,24 @@ class HttpServer:
         self._conns.discard(conn)
         if not self._conns and self._all_closed is not None and not self._all_closed.done():
             self._all_closed.set_result(None)
+
+    def _soon(self, fn: Callable[..., None], *args: Any) -> None:
+        """Call ``fn(*args)`` once the loop has run this turn's I/O callbacks, together
+        with the others deferred in this turn (one loop callback for all of them). The fast
+        path's writes are so grouped as the coroutine path's are by the task scheduler: a
+        peer woken by the first finds the rest ready, and its answers come back together."""
+        later = self._later
+        later.append((fn, args))
+        if len(later) == 1:
+            self._loop.call_soon(self._run_later)
+
+    def _run_later(self) -> None:
+        later, self._later = self._later, []
+        for fn, args in later:
+            try:
+                fn(*args)
+            except Exception:  # pragma: no cover - a bug must not stop the others
+                log.exception("gateway: deferred %r failed", fn)
 
     def _sweep(self) -> None:
         """Expire deadlines of every connection (one timer for the whole server)."""
