@@ -19,7 +19,12 @@ Decisions, written down once:
   (answered as above), or an object with ``answer_later = True``, ``cancel()`` and
   ``done()``: the request is then answered when the fast handler calls
   ``answer(request, result)`` from a protocol callback (no task, no coroutine), and is
-  cancelled like a task if the client leaves or shutdown gives up on it.
+  cancelled like a task if the client leaves or shutdown gives up on it. Both the fast
+  handler's start and its answer are deferred until the loop turn's I/O callbacks are done
+  and run together (``HttpServer._soon``), so that its writes go out grouped, as the task
+  scheduler groups the coroutine path's: written one at a time from the I/O callbacks, each
+  woke its peer alone, and the fast path measured ~10% *more* CPU per request than the
+  coroutine path instead of ~25% less.
 * **Timeouts without timers.** One sweep per server, every quarter of the shortest timeout
   (at most 1 s), compares each connection's deadline to the clock: starting or finishing a
   request is an attribute store, never a timer handle. The header timeout runs from the
