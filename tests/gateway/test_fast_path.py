@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import socket
 import struct
@@ -319,3 +320,23 @@ async def test_client_leaving_mid_fast_try_frees_the_slot(env: Env) -> None:
         assert upstream.breaker.active == 0 and upstream.stats.failures == 0
     finally:
         slow.close()
+
+
+async def test_fast_requests_leave_nothing_for_the_garbage_collector(env: Env) -> None:
+    await env.backends.add("orders", "o1")
+    await env.start([{"match": {"path": {"prefix": "/"}}, "service": "orders",
+                      "timeouts": {"request": "5s"}}], wait={"orders": 1})
+    resp, _ = await env.json("GET", "/warm")
+    assert resp.status == 200
+    gc.collect()
+    gc.disable()
+    try:
+        for i in range(30):
+            resp, _ = await env.json("GET", f"/g/{i}")
+            assert resp.status == 200
+        # freed by reference counting alone: a reference cycle per request (a try and
+        # its deadline naming each other) would leave them all here until a collection
+        left = [o for o in gc.get_objects() if type(o) is FastTry]
+    finally:
+        gc.enable()
+    assert len(left) <= 1, left
