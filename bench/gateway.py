@@ -9,6 +9,8 @@ after a warm-up. Proxies measured, all in the same run:
 
 * ``shoal``: the gateway (``HttpServer`` + ``Gateway`` + ``Upstream``) in one process on
   uvloop, one route to one service whose two endpoints are registered in a memory store;
+* ``shoal-coro``: the same with the fast path off (every request in a task through
+  ``Gateway.handle``, the coroutine path), to show what the fast path buys;
 * ``shoal-2w``: the same with ``--workers 2`` (``shoal.gateway.workers``, SO_REUSEPORT);
 * ``nginx``: nginx as a proxy, one worker, upstream keepalive;
 * ``haproxy``: haproxy, ``nbthread 1``, ``http-reuse always``;
@@ -45,7 +47,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _servers import _wait_port, free_port
 
-PROXIES = ("shoal", "shoal-2w", "nginx", "haproxy", "aiohttp")
+PROXIES = ("shoal", "shoal-coro", "shoal-2w", "nginx", "haproxy", "aiohttp")
 BODY = '{"message":"Hello, World!"}'
 
 WRK_SCRIPT = """
@@ -170,10 +172,11 @@ def serve_aiohttp(port: int, backends: list[int]) -> None:
     web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
 
 
-def serve_shoal(port: int, backends: list[int], workers: int) -> None:
+def serve_shoal(port: int, backends: list[int], workers: int, fast: bool = True) -> None:
     """The bench-only launcher: one route to service ``hello`` (round robin), whose two
     endpoints each worker registers in its own memory store."""
     import contextlib as cl
+    import functools
     import uuid
 
     from shoal.gateway.proxy import Gateway
@@ -195,8 +198,8 @@ def serve_shoal(port: int, backends: list[int], workers: int) -> None:
         cache = await EndpointCache(store).start()
         await cache.wait_for("hello", lambda eps: len(eps) == len(backends))
         gateway = Gateway(routes, cache, services=services)
-        try:
-            yield gateway.handle
+        try:  # a partial is not the bound ``handle``: the server then has no fast handler
+            yield gateway.handle if fast else functools.partial(Gateway.handle, gateway)
         finally:
             await gateway.aclose()
             await cache.close()
@@ -295,7 +298,8 @@ def proxy_command(kind: str, port: int, backends: list[int], d: str, tools: dict
                 "--backends", ports]
     workers = 2 if kind == "shoal-2w" else 1
     return [sys.executable, __file__, "--serve", "shoal", "--port", str(port),
-            "--backends", ports, "--workers", str(workers)]
+            "--backends", ports, "--workers", str(workers),
+            *(["--coroutine-path"] if kind == "shoal-coro" else [])]
 
 
 def measure(kind: str, tools: dict[str, str], script: str, backends: list[int], d: str,
@@ -324,13 +328,14 @@ def main() -> None:
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--backends", help=argparse.SUPPRESS)
     ap.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--coroutine-path", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
         backends = [int(p) for p in args.backends.split(",")]
         if args.serve == "aiohttp":
             serve_aiohttp(args.port, backends)
         else:
-            serve_shoal(args.port, backends, args.workers)
+            serve_shoal(args.port, backends, args.workers, fast=not args.coroutine_path)
         return
 
     kinds = tuple(args.only.split(",")) if args.only else PROXIES
@@ -377,6 +382,11 @@ def main() -> None:
                 # CPU per request: the figure a machine shared with other work distorts least
                 ratios[f"{peer}_vs_shoal_cpu_per_req"] = round(
                     final[peer]["proxy_cpu_us_per_req"] / cpu, 2)
+        if "shoal-coro" in final:
+            coro = final["shoal-coro"]
+            ratios["shoal_vs_shoal_coro_rps"] = round(shoal / coro["rps"], 2)
+            ratios["shoal_coro_vs_shoal_cpu_per_req"] = round(
+                coro["proxy_cpu_us_per_req"] / cpu, 2)
         if "shoal-2w" in final:
             ratios["shoal_2w_vs_shoal_rps"] = round(final["shoal-2w"]["rps"] / shoal, 2)
     for name, value in ratios.items():

@@ -28,6 +28,15 @@ Decisions, written down once:
   (injected abort), ``events`` (the HTTP binding), or the mesh layer that gave up
   (``balancer``, ``circuit-breaker``, ``retry-budget``, ``timeout``, ``upstream``) with its
   own status. An upstream's own error response is relayed as it is.
+* **A fast path, the same behaviour.** ``fast_handle`` (which ``HttpServer`` calls for a
+  request whose body has arrived) routes like ``handle`` and, for a route with no fault and
+  no mirror, a body of at most ``BUFFER_MAX``, and an idle pooled connection, sends the
+  request with ``Upstream.start`` and answers from the upstream protocol's callback: no
+  task and no coroutine. Anything else, and a try that must be retried, continues on the
+  coroutine path from where it stopped, with what was decided kept (route, destination,
+  endpoint), so no choice is made twice. Observability: ``on_route`` is called the same;
+  ``observe_gateway`` with metrics or tracing on wraps ``handle``, and then the server
+  finds no fast handler and every request takes the coroutine path.
 * **Mirrors are fire-and-forget** and only for buffered bodies; at most ``MAX_MIRRORS``
   are in flight (more are skipped, never queued), and their responses are discarded.
 """
@@ -40,7 +49,7 @@ import itertools
 import logging
 import os
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import unquote
 
@@ -55,7 +64,9 @@ from shoal.gateway.routes import Destination, InvalidPath, Route, RouteMatch, Ro
 from shoal.gateway.server import Request, Response
 from shoal.mesh.ejections import EjectionReporter
 from shoal.mesh.endpoint import Endpoint
+from shoal.mesh.fast_try import FastTry
 from shoal.mesh.http1 import Body
+from shoal.mesh.http1 import Response as UpstreamResponse
 from shoal.mesh.registry import EndpointCache
 from shoal.mesh.security.tls import MeshTLS
 from shoal.mesh.upstream import Upstream
@@ -149,9 +160,62 @@ class Gateway:
     # -- the handler -----------------------------------------------------------------------
     async def handle(self, request: Request) -> Any:
         """Answer one request: an event publish, a proxied call, or a JSON error."""
+        routed = self._route(request)
+        if type(routed) is not tuple:
+            return await routed if hasattr(routed, "__await__") else routed
+        return await self._proxy(request, *routed)
+
+    def fast_handle(self, request: Request, answer: Callable[[Request, Any], None]) -> Any:
+        """``handle`` without a task or a coroutine for the common case (the server calls it
+        for a request whose body has all arrived, see ``shoal.gateway.server``).
+
+        A route with no fault and no mirror, a body of at most ``BUFFER_MAX`` bytes, and an
+        idle pooled connection to the endpoint the balancer picks: the request is written at
+        once (``Upstream.start``) and a ``FastTry`` is returned, whose callback gives
+        ``answer(request, response)`` the same response ``handle`` would return. Anything
+        else returns what ``handle`` would (an awaitable from where this one stopped: the
+        route matched and the destination chosen are kept), and so does a try that must be
+        retried (the retry runs in a task). One stack, one behaviour: only the scheduling
+        differs."""
+        routed = self._route(request)
+        if type(routed) is not tuple:
+            return routed
+        m, destination = routed
+        route = m.route
+        length = request.content_length
+        if route.fault is not None or route.mirror is not None or request.chunked or (
+                length is not None and length > BUFFER_MAX):
+            return self._proxy(request, m, destination)
+        body = request.complete_body() if length else None
+        if length and body is None:
+            return self._proxy(request, m, destination)
+        headers = self._upstream_headers(request, m)
+        upstream = self.upstream(m, destination)
+        hash_key = None
+        hash_header = upstream.policy.load_balancer.hash_header
+        if hash_header:
+            hash_key = request.headers.get(hash_header)
+
+        def deliver(result: Any) -> None:
+            if isinstance(result, UpstreamResponse):
+                answer(request, self._relay(m, result))
+            elif isinstance(result, BaseException):
+                answer(request, _mesh_error(result))
+            else:
+                answer(request, self._relayed(m, result))
+
+        started = upstream.start(request.method, m.target, headers, body or None, deliver,
+                                 hash_key=hash_key)
+        if type(started) is FastTry:
+            return started
+        return self._relayed(m, started)  # type: ignore[arg-type]
+
+    def _route(self, request: Request) -> Any:
+        """The route match and destination for ``request``, or what answers it instead
+        (an error ``Response``, or the events endpoint's coroutine)."""
         if request.method == "POST" and request.raw_path.startswith(EVENTS_PREFIX):
             refusal = None if self.edge is None else self.edge.check(request, None)
-            return refusal or await self._publish(request)
+            return refusal or self._publish(request)
         host = request.host or ""
         try:
             m = self.routes.match(request.method, host, request.raw_path, request.headers,
@@ -165,10 +229,14 @@ class Gateway:
         if m is None:
             return Response.error(404, "no-route", f"no route for {request.method} "
                                   f"{host}{request.path}", layer="router")
-        rng = self.rng
-        destination = m.choose_destination(rng)
+        destination = m.choose_destination(self.rng)
         if self.on_route is not None:
             self.on_route(m.route, destination.service)
+        return m, destination
+
+    async def _proxy(self, request: Request, m: RouteMatch, destination: Destination) -> Any:
+        """The routed request through fault injection, mirroring and the upstream's stack."""
+        rng = self.rng
         fault = m.fault_decision(rng)
         if fault.delay:
             await asyncio.sleep(fault.delay)
@@ -192,10 +260,20 @@ class Gateway:
         target = m.target
         if (body is None or isinstance(body, bytes)) and m.should_mirror(rng):
             self._mirror(m, request.method, target, headers, body)
+        return await self._relayed(
+            m, upstream.send(request.method, target, headers, body, hash_key=hash_key))
+
+    async def _relayed(self, m: RouteMatch, pending: Awaitable[UpstreamResponse]) -> Any:
+        """The answer to relay once ``pending`` (an upstream call) ends."""
         try:
-            resp = await upstream.send(request.method, target, headers, body, hash_key=hash_key)
+            resp = await pending
         except (MeshError, TransportError) as exc:
-            return Response.error(exc.status, _reason(exc), str(exc), layer=exc.layer)
+            return _mesh_error(exc)
+        return self._relay(m, resp)
+
+    def _relay(self, m: RouteMatch, resp: UpstreamResponse) -> Any:
+        """The upstream's response as relayed: hop-by-hop headers dropped, the route's
+        edits; as bytes if the whole body is here, else streamed."""
         out = _strip(resp.headers, HOP_BY_HOP)
         if m.response_headers:
             out = m.response_headers.apply_bytes(out)
@@ -371,6 +449,14 @@ def _request_id() -> bytes:
     """A new ``X-Request-Id``: 32 hex digits, a random per-process prefix and a counter
     (unique without a syscall or a ``uuid4`` per request)."""
     return b"%s%016x" % (_ID_PREFIX, next(_ID_COUNTER) & 0xFFFFFFFFFFFFFFFF)
+
+
+def _mesh_error(exc: BaseException) -> Response:
+    """The answer for the error the mesh stack gave up with (anything else is re-raised:
+    the server answers it as a handler failure)."""
+    if isinstance(exc, MeshError | TransportError):
+        return Response.error(exc.status, _reason(exc), str(exc), layer=exc.layer)
+    raise exc
 
 
 def _reason(exc: BaseException) -> str:

@@ -11,8 +11,20 @@ Decisions, written down once:
 * **One task per request, or none.** Parsing, validation and writing run in the protocol's
   callbacks. An async handler runs in one task, which also writes the response; a handler
   that returns a ``Response`` synchronously (bytes body) runs with no task at all. Nothing
-  runs in a thread. The handler is started after the read that completed its head has been
-  parsed, so a small body that came along is already complete when it runs.
+  runs in a thread. The handler is started after the read that completed its head has
+  been parsed, so a small body that came along is already complete when it runs.
+* **A fast handler** goes with a handler that is the bound method ``obj.handle`` of an
+  object with ``fast_handle(request, answer)`` (the gateway's ``Gateway``): a request
+  whose body has wholly arrived is given to it instead. It returns what ``handle`` would
+  (answered as above), or an object with ``answer_later = True``, ``cancel()`` and
+  ``done()``: the request is then answered when the fast handler calls
+  ``answer(request, result)`` from a protocol callback (no task, no coroutine), and is
+  cancelled like a task if the client leaves or shutdown gives up on it. Both the fast
+  handler's start and its answer are deferred until the loop turn's I/O callbacks are done
+  and run together (``HttpServer._soon``), so that its writes go out grouped, as the task
+  scheduler groups the coroutine path's: written one at a time from the I/O callbacks, each
+  woke its peer alone, and the fast path measured ~10% *more* CPU per request than the
+  coroutine path instead of ~25% less.
 * **Timeouts without timers.** One sweep per server, every quarter of the shortest timeout
   (at most 1 s), compares each connection's deadline to the clock: starting or finishing a
   request is an attribute store, never a timer handle. The header timeout runs from the
@@ -124,6 +136,10 @@ LINGER_SECONDS = 2.0
 HeaderPairs = Iterable[tuple[bytes | str, bytes | str]]
 Body = bytes | bytearray | memoryview | AsyncIterable[bytes] | None
 Handler = Callable[["Request"], "Awaitable[Any] | Response"]
+FastHandler = Callable[["Request", Callable[["Request", Any], None]], Any]
+"""``fast_handle(request, answer)``: what ``handler`` returns, or an object with
+``answer_later = True``, ``cancel()`` and ``done()`` that calls ``answer(request, result)``
+later (from a protocol callback: no task)."""
 
 _INF = math.inf
 # read deadline kinds (index into the connection's timeout table)
@@ -360,7 +376,7 @@ class Request:
         self._head_sent = False
         self._responded = False
         self._refusal: ClientRequestError | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._task: Any = None  # an asyncio.Task, or a fast handler's answer to come
         self._split: tuple[bytes, bytes, str | None] | None = None
 
     def __repr__(self) -> str:
@@ -436,6 +452,22 @@ class Request:
             if chunk is None:
                 break
             parts.append(chunk)
+        self._content = parts[0] if len(parts) == 1 else b"".join(parts)
+        return self._content
+
+    def complete_body(self) -> bytes | None:
+        """The whole body if it has all arrived and nothing consumed it (kept, like
+        ``body()``); else None. ``b""`` for a request without a body."""
+        if self._content is not None:
+            return self._content
+        if not self._complete or self._streamed or self._error is not None or \
+                self._expect_continue:
+            return None
+        parts = list(self._chunks)
+        if self._tail is not None:
+            parts.append(bytes(self._tail))
+        self._streamed = True
+        self._drop_buffer()
         self._content = parts[0] if len(parts) == 1 else b"".join(parts)
         return self._content
 
@@ -594,6 +626,7 @@ class _ServerConnection(asyncio.Protocol):
         "_discarded",
         "_drain_waiter",
         "_eof",
+        "_fast",
         "_feed_len",
         "_feed_seq",
         "_feeding",
@@ -633,6 +666,7 @@ class _ServerConnection(asyncio.Protocol):
         self._server = server
         self._loop = server._loop
         self._handler = server.handler
+        self._fast = server._fast
         limits = self._limits = server.limits
         self._max_head = limits.max_header_bytes
         self._max_headers = limits.max_headers
@@ -1087,6 +1121,9 @@ class _ServerConnection(asyncio.Protocol):
         if req._refusal is not None:
             self._write_refusal(req._refusal, req)
             return
+        if self._fast is not None and req._complete:
+            self._server._soon(self._start_fast, req)  # with the others of this loop turn
+            return
         try:
             result = self._handler(req)
         except ClientRequestError as exc:
@@ -1095,6 +1132,38 @@ class _ServerConnection(asyncio.Protocol):
         except Exception:
             log.exception("gateway: handler failed on %s %r", req.method, req.target)
             result = _internal_error("handler-error", "the request handler failed")
+        self._answer(req, result)
+
+    def _start_fast(self, req: Request) -> None:
+        """Run the fast handler for ``req`` (deferred by ``_start``)."""
+        if self._closed or req is not self._active:
+            return
+        try:
+            result = self._fast(req, self._answer_soon)  # type: ignore[misc]
+            if getattr(result, "answer_later", False) is True:
+                req._task = result  # cancelled like a task if the client leaves
+                return
+        except ClientRequestError as exc:
+            self._write_refusal(exc, req)
+            return
+        except Exception:
+            log.exception("gateway: handler failed on %s %r", req.method, req.target)
+            result = _internal_error("handler-error", "the request handler failed")
+        self._answer(req, result)
+
+    def _answer_soon(self, req: Request, result: Any) -> None:
+        """``_answer``, deferred with the others of this loop turn (the fast handler's)."""
+        self._server._soon(self._answer, req, result)
+
+    def _answer(self, req: Request, result: Any) -> None:
+        """Write the handler's ``result`` for ``req`` (the active request): a response at
+        once, or in a task if it is awaitable or streams. The fast handler calls it later."""
+        if self._closed or req is not self._active or req._head_sent:
+            if hasattr(result, "close"):  # a coroutine, or an upstream response
+                with contextlib.suppress(Exception):
+                    result.close()
+            return
+        req._task = None
         if type(result) is not Response and hasattr(result, "__await__"):
             req._task = self._loop.create_task(self._run(req, result))
             return
@@ -1401,6 +1470,15 @@ def _close_quietly(resp: Any) -> None:
             close()
 
 
+def _fast_handler_of(handler: Handler) -> FastHandler | None:
+    """The fast handler that goes with ``handler``: ``obj.fast_handle`` when ``handler`` is
+    the bound method ``obj.handle`` (the gateway's), else None."""
+    owner = getattr(handler, "__self__", None)
+    if owner is None or getattr(handler, "__name__", None) != "handle":
+        return None
+    return getattr(owner, "fast_handle", None)
+
+
 def _remove_stale_socket(path: str) -> None:
     """Remove a unix socket left by an earlier run (never a regular file or directory)."""
     with contextlib.suppress(OSError):
@@ -1414,6 +1492,7 @@ class HttpServer:
 
     def __init__(self, handler: Handler, *, limits: ServerLimits | None = None,
                  ssl: _ssl.SSLContext | None = None) -> None:
+        self._fast: FastHandler | None = None
         self.handler = handler
         self.ssl = ssl  # TLS on every listener (shoal.mesh.security builds mesh contexts)
         self.limits = limits if limits is not None else ServerLimits()
@@ -1425,9 +1504,20 @@ class HttpServer:
         self._shutting = False
         self._sweep_handle: asyncio.TimerHandle | None = None
         self._all_closed: asyncio.Future[None] | None = None
+        self._later: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
         shortest = min(self.limits.header_timeout, self.limits.keep_alive_timeout,
                        self.limits.body_timeout, self.limits.send_timeout, LINGER_SECONDS)
         self._tick = min(max(shortest / 4, 0.02), 1.0)
+
+    @property
+    def handler(self) -> Handler:
+        """What answers requests (on connections opened after it was set)."""
+        return self._handler
+
+    @handler.setter
+    def handler(self, handler: Handler) -> None:
+        self._handler = handler
+        self._fast = _fast_handler_of(handler)
 
     @property
     def connections(self) -> int:
@@ -1541,6 +1631,24 @@ class HttpServer:
         self._conns.discard(conn)
         if not self._conns and self._all_closed is not None and not self._all_closed.done():
             self._all_closed.set_result(None)
+
+    def _soon(self, fn: Callable[..., None], *args: Any) -> None:
+        """Call ``fn(*args)`` once the loop has run this turn's I/O callbacks, together
+        with the others deferred in this turn (one loop callback for all of them). The fast
+        path's writes are so grouped as the coroutine path's are by the task scheduler: a
+        peer woken by the first finds the rest ready, and its answers come back together."""
+        later = self._later
+        later.append((fn, args))
+        if len(later) == 1:
+            self._loop.call_soon(self._run_later)
+
+    def _run_later(self) -> None:
+        later, self._later = self._later, []
+        for fn, args in later:
+            try:
+                fn(*args)
+            except Exception:  # pragma: no cover - a bug must not stop the others
+                log.exception("gateway: deferred %r failed", fn)
 
     def _sweep(self) -> None:
         """Expire deadlines of every connection (one timer for the whole server)."""

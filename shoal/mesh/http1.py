@@ -6,7 +6,9 @@ connections per endpoint. A request runs entirely in the caller's task: the head
 with one bytes join and written with one ``transport.write``; the caller awaits one future
 that the protocol resolves as soon as the response head is parsed. No task is created per
 request and nothing runs in a thread (only resolving a host *name* when a connection opens
-may; mesh addresses are IP literals or unix paths, which never do).
+may; mesh addresses are IP literals or unix paths, which never do). ``send_nowait`` (on a
+connection from ``ConnectionPool.take_idle``) needs no caller task at all: the exchange
+reports to an ``ExchangeListener``'s callbacks (the gateway's fast path).
 
 Decisions, written down once:
 
@@ -57,7 +59,7 @@ import ssl as _ssl
 import weakref
 from collections.abc import AsyncIterable, Callable, Iterable
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import httptools
 import msgspec
@@ -330,13 +332,30 @@ class ChunkIterator:
         return chunk
 
 
+class ExchangeListener(Protocol):
+    """Callbacks of an exchange begun with ``Http1Connection.send_nowait``; exactly one of
+    ``on_complete``, ``on_partial`` or ``on_failed`` ends it, always outside the parser."""
+
+    def on_head(self, resp: Response) -> None:
+        """The head arrived (called while parsing: keep ``resp``, do nothing else)."""
+
+    def on_complete(self, resp: Response) -> None:
+        """The whole response arrived; the connection is back in its pool."""
+
+    def on_partial(self, resp: Response) -> None:
+        """The head arrived but not all of the body: ``resp`` streams the rest."""
+
+    def on_failed(self, exc: BaseException, resp: Response | None) -> None:
+        """The exchange failed (``resp``: its head, if it had arrived)."""
+
+
 class Http1Connection(asyncio.Protocol):
     """One HTTP/1.1 client connection; one exchange at a time, reusable when keep-alive."""
 
     __slots__ = (
         "_broken", "_content_length", "_drain_waiter", "_eof", "_head_bytes", "_head_done",
         "_head_only", "_head_size", "_head_waiter", "_headers", "_host_line", "_in_exchange",
-        "_keep_alive", "_loop", "_message_done", "_owner", "_parser", "_poller",
+        "_keep_alive", "_listener", "_loop", "_message_done", "_owner", "_parser", "_poller",
         "_raw_remaining", "_reading_paused", "_reason", "_request_done", "_response_ref",
         "_transport", "_write_paused", "closed", "exchanges", "idle_since", "label", "target",
     )
@@ -370,6 +389,7 @@ class Http1Connection(asyncio.Protocol):
         self._raw_remaining = 0
         self._response_ref: weakref.ref[Response] | None = None
         self._head_waiter: asyncio.Future[Response] | None = None
+        self._listener: ExchangeListener | None = None  # an exchange begun by send_nowait
         self._reading_paused = False
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
@@ -469,6 +489,34 @@ class Http1Connection(asyncio.Protocol):
         if self._head_waiter is waiter:
             self._head_waiter = None  # the caller owns the response; only it may keep it alive
         return resp
+
+    def send_nowait(self, method: bytes, target: bytes, headers: HeaderList,
+                    body: bytes | None, listener: ExchangeListener) -> None:
+        """Write a request with no body or a bytes body, without awaiting anything: the
+        response is reported to ``listener``'s callbacks (see ``ExchangeListener``).
+
+        Raises what ``request`` raises before writing (``ValueError`` for a bad header,
+        ``ConnectionLost(request_sent=False)`` if the connection is dead); then no callback
+        is ever made and the connection is back in its pool (or closed)."""
+        if self._in_exchange:
+            raise RuntimeError(f"{self!r} already has an exchange in progress")
+        self._begin_exchange(method == b"HEAD")
+        try:
+            head, _, _ = self._encode_head(method, target, headers, body)
+        except BaseException:
+            self._in_exchange = False
+            if self._owner is not None:
+                self._owner._release(self, self.is_reusable())
+            raise
+        t = self._transport
+        if self.closed or self._eof or t is None or t.is_closing():
+            exc = ConnectionLost(self.label, f"connection to {self.label} was closed by the "
+                                 "peer before the request was written", request_sent=False)
+            self._end_exchange_failed(exc)
+            raise exc
+        t.write(head if body is None else head + body)
+        self._request_done = True
+        self._listener = listener
 
     # -- request encoding and sending ------------------------------------------------
     def _encode_head(self, method: bytes, target: bytes, headers: HeaderList, body: Body
@@ -589,6 +637,7 @@ class Http1Connection(asyncio.Protocol):
     def _complete_exchange(self) -> None:
         """The last byte of the response has arrived: hand the connection back."""
         resp = self._response()
+        listener, self._listener = self._listener, None
         self._response_ref = None
         self._head_waiter = None
         self._in_exchange = False
@@ -605,6 +654,8 @@ class Http1Connection(asyncio.Protocol):
             resp._finish()
         if self._owner is not None:
             self._owner._release(self, reusable)
+        if listener is not None and resp is not None:
+            listener.on_complete(resp)  # the connection is back in its pool already
 
     def _end_exchange_failed(self, exc: BaseException) -> None:
         """The exchange failed: deliver ``exc`` to whoever waits and drop the connection."""
@@ -613,6 +664,7 @@ class Http1Connection(asyncio.Protocol):
         self._in_exchange = False
         waiter, resp = self._head_waiter, self._response()
         self._head_waiter = self._response_ref = None
+        listener, self._listener = self._listener, None
         if waiter is not None and not waiter.done():
             waiter.set_exception(exc)
         elif resp is not None:
@@ -620,12 +672,15 @@ class Http1Connection(asyncio.Protocol):
         self._close_transport()
         if self._owner is not None:
             self._owner._release(self, False)
+        if listener is not None:
+            listener.on_failed(exc, resp)
 
     def _abort_exchange(self) -> None:
         """The caller gave up (cancelled, closed the response early): drop the connection."""
         if not self._in_exchange:
             return
         self._in_exchange = False
+        self._listener = None  # whoever aborts knows: no callback
         waiter, resp = self._head_waiter, self._response()
         self._head_waiter = self._response_ref = None
         if waiter is not None and not waiter.done():
@@ -702,6 +757,11 @@ class Http1Connection(asyncio.Protocol):
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
                 self._protocol_error(f"response head exceeds {MAX_HEAD_BYTES} bytes")
+        elif self._listener is not None:  # a head without all of its body: it streams
+            listener, self._listener = self._listener, None
+            resp = self._response()
+            if resp is not None:
+                listener.on_partial(resp)
 
     def _raw_body(self, data: bytes) -> None:
         """Body bytes of a large Content-Length response, past the parser."""
@@ -792,6 +852,8 @@ class Http1Connection(asyncio.Protocol):
         waiter = self._head_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(resp)
+        elif self._listener is not None:
+            self._listener.on_head(resp)  # it keeps the response alive
         if self._head_only:  # the parser cannot know a HEAD response has no body
             self._keep_alive = parser.should_keep_alive()
             self._message_done = True
@@ -880,6 +942,18 @@ class ConnectionPool:
         conn = await self._acquire(fresh=True)
         self.active += 1
         return await conn.request(method, target, headers, body)
+
+    def take_idle(self) -> Http1Connection | None:
+        """An idle connection for ``Http1Connection.send_nowait``, counted active (its
+        exchange's end, or ``give_back``, releases it), or None if none is idle."""
+        conn = self._checkout()
+        if conn is not None:
+            self.active += 1
+        return conn
+
+    def give_back(self, conn: Http1Connection) -> None:
+        """Return a connection from ``take_idle`` unused."""
+        self._release(conn, conn.is_reusable())
 
     async def aclose(self) -> None:
         """Close idle connections now, in-flight ones when their exchange ends."""

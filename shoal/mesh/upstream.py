@@ -21,7 +21,10 @@ object* whenever membership or health changes (``EndpointCache.endpoints`` and t
 gateway's subsets do), so the healthy subset is computed once per list and the balancer
 skips its membership bookkeeping while the list stays the same; the predicate is asked per
 call only while outlier detection has an instance ejected. Per-try timeouts share one
-timer (``shoal.mesh.deadlines``) instead of arming a loop timer per try. When the stack
+timer (``shoal.mesh.deadlines``) instead of arming a loop timer per try. ``start`` runs the
+first try with no task when an idle pooled connection is there (``shoal.mesh.fast_try``):
+the same steps, split into ``_try_begin``, ``_try_end`` and ``_verdict``, which ``send``'s
+loop uses too; a retry after it goes on in ``send``'s loop, in a task. When the stack
 gives up it raises a ``MeshError`` naming the layer and why (no endpoint, circuit open,
 retry budget spent, timeout after N tries), or relays the upstream's own error response.
 """
@@ -30,7 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from shoal.errors import (
@@ -43,6 +46,7 @@ from shoal.errors import (
 )
 from shoal.mesh.deadlines import Deadlines
 from shoal.mesh.endpoint import Endpoint
+from shoal.mesh.fast_try import FastTry
 from shoal.mesh.http1 import Body, ConnectionPool, HeaderList, Response
 from shoal.mesh.resilience import (
     CircuitBreaker,
@@ -126,14 +130,70 @@ class Upstream:
         ``body`` is bytes (replayable, so retriable) or an async iterable (streamed, so
         never retried once a try has started sending it).
         """
+        return await self._send(method, target, headers, body, hash_key, self._begin(), 0, [],
+                                None)
+
+    def start(
+        self,
+        method: str,
+        target: str,
+        headers: HeaderList,
+        body: bytes | None,
+        deliver: Callable[[Response | BaseException | Awaitable[Response]], None],
+        *,
+        hash_key: str | bytes | None = None,
+    ) -> FastTry | Awaitable[Response]:
+        """``send`` without a task for the common case: when the first try can go out at
+        once on an idle pooled connection, write it and return its ``FastTry`` (its
+        ``deliver(result)`` is called later with the response, the ``MeshError`` or
+        ``TransportError`` the stack gave up with, or an awaitable that goes on retrying).
+        Otherwise return the awaitable that does what ``send`` does, from where this
+        stopped (the endpoint already picked is kept)."""
+        begun = self._begin()
+        timeout = self.retry.try_timeout(0.0)
+        try:
+            endpoint = self._pick(hash_key, ())
+        except MeshError:
+            return self._send(method, target, headers, body, hash_key, begun, 0, [], None)
+        if timeout is not None and timeout <= 0:
+            return self._send(method, target, headers, body, hash_key, begun, 0, [], endpoint)
+        pool = self._pool(endpoint)
+        conn = pool.take_idle()
+        if conn is None:
+            return self._send(method, target, headers, body, hash_key, begun, 0, [], endpoint)
+        if not self.breaker.allow():
+            pool.give_back(conn)
+            return self._send(method, target, headers, body, hash_key, begun, 0, [], endpoint)
+        attempt = FastTry(self, endpoint, method, target, headers, body, hash_key, begun,
+                          timeout, deliver)
+        began = self._try_begin(endpoint)
+        try:
+            conn.send_nowait(method.encode("latin-1"), target.encode("latin-1"), headers, body,
+                             attempt)
+        except TransportError:  # dead after all (take_idle polled it): a new connection
+            self._try_cancelled(endpoint, began)
+            self.stats.tries -= 1
+            return self._send(method, target, headers, body, hash_key, begun, 0, [], endpoint)
+        except BaseException:  # a bad header: raised, as ``send`` would
+            self._try_cancelled(endpoint, began)
+            raise
+        attempt.sent(conn, began)
+        return attempt
+
+    def _begin(self) -> float:
+        """Count a new request; its start time."""
         start = self._clock()
         self.stats.requests += 1
         self.budget.record_request(start)
+        return start
+
+    async def _send(self, method: str, target: str, headers: HeaderList, body: Body,
+                    hash_key: str | bytes | None, start: float, attempt: int,
+                    tried: list[Endpoint], picked: Endpoint | None) -> Response:
+        """The retry loop, from try ``attempt + 1`` (``picked``: its endpoint, if chosen)."""
         body_size = len(body) if isinstance(body, bytes | bytearray | memoryview) else (
             0 if body is None else None
         )
-        tried: list[Endpoint] = []
-        attempt = 0
         while True:
             attempt += 1
             timeout = self.retry.try_timeout(self._clock() - start)
@@ -142,35 +202,55 @@ class Upstream:
                 raise UpstreamTimeout(
                     self.service, self.policy.timeouts.request or 0.0, attempts=attempt - 1
                 )
-            endpoint = self._pick(hash_key, tried)
+            if picked is not None:
+                endpoint, picked = picked, None
+            else:
+                endpoint = self._pick(hash_key, tried)
             if not self.breaker.allow():  # a slot at once is the usual case: no await
                 await self._wait_for_slot()
             outcome, response, error = await self._try(
                 endpoint, method, target, headers, body, timeout
             )
-            if response is not None and not self.retry.is_retriable(outcome):
-                if outcome >= 500:  # type: ignore[operator]
-                    self.breaker.count_failure()
-                return response
-            refusal = self.retry.refusal(attempt, method, outcome, body_size)
-            now = self._clock()
-            if refusal is None and not self.budget.try_retry(now):
-                refusal = self.budget.explain(now)
-                if response is None:
-                    self.breaker.count_failure()
-                    raise RetryBudgetExhausted(self.service, refusal) from error
-            if refusal is not None:
-                if response is None or outcome >= 500:  # type: ignore[operator]
-                    self.breaker.count_failure()  # the request failed, after every try
-                if response is not None:
-                    return response  # the upstream's own error answer, relayed as it is
-                self.stats.failures += 1
-                raise self._give_up(outcome, error, attempt, timeout) from error
-            if response is not None:
-                response.close()
-            self.stats.retries += 1
+            final = self._verdict(attempt, method, outcome, response, error, body_size, timeout)
+            if final is not None:
+                return final
             tried.append(endpoint)
             await asyncio.sleep(self.retry.backoff(attempt))
+
+    async def _resume(self, method: str, target: str, headers: HeaderList, body: Body,
+                      hash_key: str | bytes | None, start: float, attempt: int,
+                      tried: list[Endpoint]) -> Response:
+        """Retry after a ``FastTry`` that failed (``_send`` after the backoff)."""
+        await asyncio.sleep(self.retry.backoff(attempt))
+        return await self._send(method, target, headers, body, hash_key, start, attempt, tried,
+                                None)
+
+    def _verdict(self, attempt: int, method: str, outcome: Outcome, response: Response | None,
+                 error: BaseException | None, body_size: int | None,
+                 timeout: float | None) -> Response | None:
+        """After try ``attempt``: the response to return, None to retry, or raise."""
+        if response is not None and not self.retry.is_retriable(outcome):
+            if outcome >= 500:  # type: ignore[operator]
+                self.breaker.count_failure()
+            return response
+        refusal = self.retry.refusal(attempt, method, outcome, body_size)
+        now = self._clock()
+        if refusal is None and not self.budget.try_retry(now):
+            refusal = self.budget.explain(now)
+            if response is None:
+                self.breaker.count_failure()
+                raise RetryBudgetExhausted(self.service, refusal) from error
+        if refusal is not None:
+            if response is None or outcome >= 500:  # type: ignore[operator]
+                self.breaker.count_failure()  # the request failed, after every try
+            if response is not None:
+                return response  # the upstream's own error answer, relayed as it is
+            self.stats.failures += 1
+            raise self._give_up(outcome, error, attempt, timeout) from error
+        if response is not None:
+            response.close()
+        self.stats.retries += 1
+        return None
 
     def _pick(self, hash_key: str | bytes | None, tried: Sequence[Endpoint]) -> Endpoint:
         endpoints = self._endpoints()
@@ -229,6 +309,14 @@ class Upstream:
                 waiter.set_result(None)
                 return
 
+    def _pool(self, endpoint: Endpoint) -> ConnectionPool:
+        pool = self._pools.get(endpoint.address)
+        if pool is None:
+            pool = self._pools[endpoint.address] = ConnectionPool(
+                endpoint.address, **self._pool_options  # type: ignore[arg-type]
+            )
+        return pool
+
     async def _try(
         self,
         endpoint: Endpoint,
@@ -239,17 +327,8 @@ class Upstream:
         timeout: float | None,
     ) -> tuple[Outcome, Response | None, BaseException | None]:
         """One try on one endpoint; feeds balancer, breaker and outlier detection."""
-        self.stats.tries += 1
-        if self._series is not None:
-            self._series.picked(endpoint.instance_id)
-        pool = self._pools.get(endpoint.address)
-        if pool is None:
-            pool = self._pools[endpoint.address] = ConnectionPool(
-                endpoint.address, **self._pool_options  # type: ignore[arg-type]
-            )
-        balancer = self.balancer
-        balancer.on_start(endpoint)
-        began = self._clock()
+        pool = self._pool(endpoint)
+        began = self._try_begin(endpoint)
         response: Response | None = None
         error: BaseException | None = None
         try:
@@ -258,9 +337,7 @@ class Upstream:
             else:
                 # Not ``asyncio.timeout``: a loop timer armed and disarmed per try costs
                 # more than the rest of the stack (see ``shoal.mesh.deadlines``).
-                deadlines = self._deadlines
-                if deadlines is None:
-                    deadlines = self._deadlines = Deadlines(asyncio.get_running_loop())
+                deadlines = self.deadlines()
                 expiry = deadlines.start(
                     asyncio.current_task(deadlines.loop), timeout)  # type: ignore[arg-type]
                 try:
@@ -276,14 +353,39 @@ class Upstream:
             error = exc
             outcome = classify(exc) or Failure.RESET
         except BaseException:
-            balancer.on_finish(endpoint, self._clock() - began, ok=False)
-            self.breaker.on_cancel()
-            self._release_slot()
+            self._try_cancelled(endpoint, began)
             raise
+        self._try_end(endpoint, began, outcome)
+        return outcome, response, error
+
+    def deadlines(self) -> Deadlines:
+        """The per-try timeouts' one timer (made on first use)."""
+        deadlines = self._deadlines
+        if deadlines is None:
+            deadlines = self._deadlines = Deadlines(asyncio.get_running_loop())
+        return deadlines
+
+    def _try_begin(self, endpoint: Endpoint) -> float:
+        """A try on ``endpoint`` starts: count it; its start time."""
+        self.stats.tries += 1
+        if self._series is not None:
+            self._series.picked(endpoint.instance_id)
+        self.balancer.on_start(endpoint)
+        return self._clock()
+
+    def _try_cancelled(self, endpoint: Endpoint, began: float) -> None:
+        """A try ended without a verdict (cancelled): free what it took."""
+        self.balancer.on_finish(endpoint, self._clock() - began, ok=False)
+        self.breaker.on_cancel()
+        self._release_slot()
+
+    def _try_end(self, endpoint: Endpoint, began: float, outcome: Outcome) -> None:
+        """A try's outcome: feed balancer, breaker and outlier detection."""
         now = self._clock()
         failed = not isinstance(outcome, int) or outcome >= 500
+        balancer = self.balancer
         balancer.on_finish(endpoint, now - began, ok=not failed)
-        if failed:  # the request's verdict (after its retries) is counted in ``send``
+        if failed:  # the request's verdict (after its retries) is counted in ``_verdict``
             self.breaker.on_failure(counted=False)
         else:
             self.breaker.on_success()
@@ -296,7 +398,6 @@ class Upstream:
             for ejection in self.outliers.evaluate(now):
                 self._ejected(ejection, now)
             self.outliers.expire(now)
-        return outcome, response, error
 
     def _ejected(self, ejection: Ejection, now: float) -> None:
         self.stats.ejections += 1
