@@ -144,13 +144,18 @@ class Subscription:
         """Run the handler with retries; dead-letter or drop as it says. Never raises."""
         attempt = 0
         series = self._series
+        recorded = False
+        if _tracing.tracer is not None:  # decided once for every try of the event
+            carried = _tracing.unsampled(event.extensions.get("traceparent"))
+            _tracing.carry(carried)  # in the worker's (or this event's) task context
+            recorded = carried is None  # else no span: the event's trace is carried on
         while True:
             attempt += 1
             try:
-                if _tracing.tracer is None:
-                    await self._call(event)
-                else:
+                if recorded:
                     await self._traced_call(record, event)
+                else:
+                    await self._call(event)
                 self.stats.handled += 1
                 if series is not None:
                     series.success += 1

@@ -112,7 +112,7 @@ def observe_gateway(gateway: Any, *, metrics: _metrics.Metrics | None = None) ->
             return m.route("gateway", EVENTS_ROUTE, "gateway")
         return m.route("gateway", "unmatched", "gateway")
 
-    return _observed(handle, "gateway", fallback)
+    return _observed(handle, "gateway", fallback, in_context=False)
 
 
 def observe_handler(handler: Handler, service: str, *,
@@ -141,7 +141,8 @@ def observe_handler(handler: Handler, service: str, *,
 
 
 def _observed(handle: Callable[[Request], Awaitable[Any]], service: str,
-              fallback: Callable[[Request], _metrics.RouteSeries | None] | None) -> Handler:
+              fallback: Callable[[Request], _metrics.RouteSeries | None] | None,
+              in_context: bool = True) -> Handler:
     async def observed(request: Request) -> Any:
         exchange = _Exchange()
         token = _exchange.set(exchange)
@@ -152,7 +153,7 @@ def _observed(handle: Callable[[Request], Awaitable[Any]], service: str,
             if tracer is None:
                 resp = await handle(request)
             else:
-                resp = await _traced(handle, request, service)
+                resp = await _traced(handle, request, service, in_context)
             status = resp.status
             return resp
         finally:
@@ -169,25 +170,42 @@ def _observed(handle: Callable[[Request], Awaitable[Any]], service: str,
 
 
 async def _traced(handle: Callable[[Request], Awaitable[Any]], request: Request,
-                  service: str) -> Any:
+                  service: str, in_context: bool) -> Any:
     """Run ``handle`` in a server span continuing the request's ``traceparent``; the
-    request's ``traceparent`` header is replaced by the span's (the next hop's parent)."""
+    request's ``traceparent`` header is replaced by the span's (the next hop's parent).
+
+    A request left unrecorded gets no span: its header goes on as it came (flags ``00``),
+    or a new unsampled trace's when it had none or a malformed one; ``in_context`` makes
+    that ``traceparent`` current for the handler (whose calls and publishes send it on),
+    which the gateway, forwarding the header itself, does not need."""
     headers = request.headers
-    with _tracing.server_span(service, request.method, request.path,
-                              headers.get(b"traceparent")) as scope:
-        own = scope.traceparent.encode()
-        for i, (name, _) in enumerate(headers):
-            if name.lower() == b"traceparent":
-                headers[i] = (name, own)
-                break
-        else:
-            headers.append((b"traceparent", own))
+    given = headers.get(b"traceparent")
+    carried = _tracing.unsampled(given)
+    if carried is not None:
+        own = carried.encode()
+        if own != given:
+            _set_traceparent(headers, own)
+        if not in_context:
+            return await handle(request)
+        with _tracing.Carried(carried):
+            return await handle(request)
+    with _tracing.server_scope(service, request.method, request.path, given) as scope:
+        _set_traceparent(headers, scope.traceparent.encode())
         resp = await handle(request)
         exchange = _exchange.get()
         if exchange is not None and exchange.route is not None:
             scope.rename(f"{request.method} {exchange.route}", exchange.route)
         scope.set_status(resp.status)
         return resp
+
+
+def _set_traceparent(headers: Any, value: bytes) -> None:
+    """Replace the request's ``traceparent`` header with ``value`` (or add it)."""
+    for i, (name, _) in enumerate(headers):
+        if name.lower() == b"traceparent":
+            headers[i] = (name, value)
+            return
+    headers.append((b"traceparent", value))
 
 
 class ObservedASGI:
