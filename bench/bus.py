@@ -6,6 +6,14 @@
 With ``--broker nats...``: Shoal's bus on that NATS JetStream (broker and store) against
 the raw nats-py client doing the same work on the same server, in interleaved rounds;
 the ratios are Shoal / raw client (the overhead target: >= 0.85).
+    python bench/bus.py --observability [--events 100000] [--rounds 5]
+
+With ``--observability``: Shoal's bus on SQLite alone, with metrics and tracing off against
+both on (``enable_metrics()``; ``enable_tracing_from_env()`` at the default sampling ratio,
+exporting OTLP/HTTP in batches to a local collector stub process), in interleaved rounds
+in this process (alternating which goes first; a fresh log each round); the JSON line
+has ``observability_ratios`` (on / off medians of publish, publish (single), consume:
+1.0 is free) and the per-round ratios.
     python bench/bus.py --broker redis://HOST:PORT   # or --broker redis: start a redis-server
 
 With ``--broker redis...``: Shoal's bus on that Redis (broker and store; a fresh key
@@ -43,7 +51,7 @@ from pathlib import Path
 import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _servers import nats_server, redis_server
+from _servers import nats_server, otlp_collector, redis_server
 
 PAYLOAD = "x" * 175
 BATCH = 1000
@@ -392,6 +400,58 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
     return result
 
 
+def observability(on: bool) -> None:
+    """Metrics and tracing both on (tracing as ``OTEL_*`` says), or both off."""
+    from shoal.observability import disable_metrics, enable_metrics
+    from shoal.observability.tracing import disable_tracing, enable_tracing_from_env
+
+    disable_tracing()  # flushes the previous round's spans
+    disable_metrics()
+    if on:
+        enable_metrics()
+        if enable_tracing_from_env("bench-bus") is None:
+            raise SystemExit("--observability: OTEL_EXPORTER_OTLP_ENDPOINT is not set")
+
+
+async def observability_main(args: argparse.Namespace) -> dict[str, object]:
+    """Shoal's bus with observability off against metrics + tracing on, same run."""
+    n = args.events
+    result: dict[str, object] = {"events": n, "rounds": args.rounds, "broker": "sqlite",
+                                 "payload_bytes": len(PAYLOAD), "cores": os.cpu_count(),
+                                 "load_average_1m": [round(os.getloadavg()[0], 2)]}
+    rounds: dict[str, list[dict[str, float]]] = {"off": [], "on": []}
+    with tempfile.TemporaryDirectory() as d, otlp_collector() as endpoint:
+        os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = endpoint
+        result["tracing"] = {"exporter": "OTLP/HTTP to a local collector stub",
+                             "sampler": os.environ.get("OTEL_TRACES_SAMPLER", "default"),
+                             "sampler_arg": os.environ.get("OTEL_TRACES_SAMPLER_ARG")}
+        try:
+            for r in range(args.rounds):
+                for mode in ("off", "on") if r % 2 == 0 else ("on", "off"):
+                    observability(mode == "on")
+                    os.mkdir(f"{d}/{mode}{r}")
+                    fig = await shoal_throughput(f"sqlite:///{d}/{mode}{r}/events.db", n)
+                    rounds[mode].append(fig)
+                    print(f"  round {r} {mode:3} " + "  ".join(
+                        f"{k} {v:,.0f}/s" for k, v in fig.items()), file=sys.stderr)
+        finally:
+            observability(False)
+            del os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"]
+    off, on = median_of(rounds["off"]), median_of(rounds["on"])
+    result["off"] = {k: round(v) for k, v in off.items()}
+    result["on"] = {k: round(v) for k, v in on.items()}
+    result["observability_ratios"] = {k: round(on[k] / off[k], 3) for k in off}
+    result["observability_ratios_per_round"] = {
+        k: [round(b[k] / a[k], 3) for a, b in zip(rounds["off"], rounds["on"], strict=True)]
+        for k in off}
+    result["load_average_1m"].append(round(os.getloadavg()[0], 2))  # type: ignore[attr-defined]
+    for mode, fig in (("off", off), ("on", on)):
+        print(f"observability {mode:3}  publish {fig['publish']:>10,.0f}/s  "
+              f"single {fig['publish_single']:>10,.0f}/s  consume {fig['consume']:>10,.0f}/s")
+    print("on / off:", result["observability_ratios"])
+    return result
+
+
 async def publish_cpu_per_event(base: str, n: int) -> dict[str, float]:
     """This process's CPU per event published in batches of 1,000 (load-independent)."""
     import uuid
@@ -517,10 +577,14 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--rate", type=int, default=5000)
     parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--observability", action="store_true",
+                        help="Shoal alone, observability off against metrics + tracing on")
     parser.add_argument("--broker", help="nats://HOST:PORT or redis://HOST:PORT (or nats / "
                         "redis: start one): Shoal on it against that backend's raw client")
     args = parser.parse_args()
-    if args.broker and args.broker.startswith("redis"):
+    if args.observability:
+        run = observability_main(args)
+    elif args.broker and args.broker.startswith("redis"):
         run = redis_broker_main(args)
     elif args.broker:
         run = nats_broker_main(args)

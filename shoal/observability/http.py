@@ -146,14 +146,20 @@ def _observed(handle: Callable[[Request], Awaitable[Any]], service: str,
     async def observed(request: Request) -> Any:
         exchange = _Exchange()
         token = _exchange.set(exchange)
-        tracer = _tracing.tracer
         start = time.perf_counter()
         status = 500
         try:
-            if tracer is None:
+            scope = None if _tracing.tracer is None else _server_scope(request, service,
+                                                                       in_context)
+            if scope is None:
                 resp = await handle(request)
             else:
-                resp = await _traced(handle, request, service, in_context)
+                with scope:
+                    resp = await handle(request)
+                    if scope.span is not None:
+                        if exchange.route is not None:
+                            scope.rename(f"{request.method} {exchange.route}", exchange.route)
+                        scope.set_status(resp.status)
             status = resp.status
             return resp
         finally:
@@ -169,34 +175,25 @@ def _observed(handle: Callable[[Request], Awaitable[Any]], service: str,
     return observed
 
 
-async def _traced(handle: Callable[[Request], Awaitable[Any]], request: Request,
-                  service: str, in_context: bool) -> Any:
-    """Run ``handle`` in a server span continuing the request's ``traceparent``; the
-    request's ``traceparent`` header is replaced by the span's (the next hop's parent).
-
-    A request left unrecorded gets no span: its header goes on as it came (flags ``00``),
-    or a new unsampled trace's when it had none or a malformed one; ``in_context`` makes
-    that ``traceparent`` current for the handler (whose calls and publishes send it on),
-    which the gateway, forwarding the header itself, does not need."""
+def _server_scope(request: Request, service: str, in_context: bool
+                  ) -> _tracing.Scope | _tracing.Carried | None:
+    """The tracing of one request, decided before it runs: a recorded ``SERVER`` span
+    continuing its ``traceparent``, whose own replaces the request's header (the next
+    hop's parent); or, left unrecorded, no span: the header goes on as it came (flags
+    ``00``), or a new unsampled trace's when it had none or a malformed one. Then
+    ``in_context`` makes that ``traceparent`` current for the handler (whose calls and
+    publishes send it on); the gateway, forwarding the header itself, needs nothing."""
     headers = request.headers
     given = headers.get(b"traceparent")
     carried = _tracing.unsampled(given)
-    if carried is not None:
-        own = carried.encode()
-        if own != given:
-            _set_traceparent(headers, own)
-        if not in_context:
-            return await handle(request)
-        with _tracing.Carried(carried):
-            return await handle(request)
-    with _tracing.server_scope(service, request.method, request.path, given) as scope:
+    if carried is None:
+        scope = _tracing.server_scope(service, request.method, request.path, given)
         _set_traceparent(headers, scope.traceparent.encode())
-        resp = await handle(request)
-        exchange = _exchange.get()
-        if exchange is not None and exchange.route is not None:
-            scope.rename(f"{request.method} {exchange.route}", exchange.route)
-        scope.set_status(resp.status)
-        return resp
+        return scope
+    own = carried.encode()
+    if own != given:
+        _set_traceparent(headers, own)
+    return _tracing.Carried(carried) if in_context else None
 
 
 def _set_traceparent(headers: Any, value: bytes) -> None:
