@@ -66,24 +66,29 @@ def percentiles(samples: list[float]) -> dict[str, float]:
 
 
 # -- Shoal ---------------------------------------------------------------------------
-async def shoal_throughput(url: str, n: int) -> dict[str, float]:
+async def shoal_throughput(url: str, n: int, cpu: bool = False) -> dict[str, float]:
+    """Events/s of each phase; ``cpu``: also this process's CPU microseconds per event
+    (``*_cpu_us``, every thread: the figure a shared machine distorts least)."""
     from shoal.events import EventBus, Message
 
+    used: dict[str, float] = {}
     async with EventBus.connect(url) as bus:
         await bus.create_topic("bench", partitions=8)
         msgs = [Message(PAYLOAD, key=f"k{i % 64}") for i in range(BATCH)]
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         for _ in range(n // BATCH):
             await bus.publish_many("bench", msgs)
         publish = n / (time.perf_counter() - t)
+        used["publish_cpu_us"] = (time.process_time() - c) / n * 1e6
 
         await bus.create_topic("bench1", partitions=8)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         for _ in range(n // BATCH // 2):
             await asyncio.gather(
                 *(bus.publish("bench1", PAYLOAD, key=f"k{i % 64}") for i in range(BATCH))
             )
         single = (n // 2) / (time.perf_counter() - t)
+        used["publish_single_cpu_us"] = (time.process_time() - c) / (n // 2) * 1e6
 
         done = asyncio.Event()
         count = 0
@@ -94,12 +99,14 @@ async def shoal_throughput(url: str, n: int) -> dict[str, float]:
             if count == n:
                 done.set()
 
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         sub = await bus.subscribe("bench", "g", handler)
         await done.wait()
         await sub.close()  # includes the final offset commit
         consume = n / (time.perf_counter() - t)
-    return {"publish": publish, "publish_single": single, "consume": consume}
+        used["consume_cpu_us"] = (time.process_time() - c) / n * 1e6
+    out = {"publish": publish, "publish_single": single, "consume": consume}
+    return {**out, **used} if cpu else out
 
 
 async def shoal_fsync_cost(directory: str, n: int) -> dict[str, float]:
@@ -430,25 +437,33 @@ async def observability_main(args: argparse.Namespace) -> dict[str, object]:
                 for mode in ("off", "on") if r % 2 == 0 else ("on", "off"):
                     observability(mode == "on")
                     os.mkdir(f"{d}/{mode}{r}")
-                    fig = await shoal_throughput(f"sqlite:///{d}/{mode}{r}/events.db", n)
+                    fig = await shoal_throughput(f"sqlite:///{d}/{mode}{r}/events.db", n,
+                                                 cpu=True)
                     rounds[mode].append(fig)
                     print(f"  round {r} {mode:3} " + "  ".join(
-                        f"{k} {v:,.0f}/s" for k, v in fig.items()), file=sys.stderr)
+                        f"{k} {v:,.1f}" for k, v in fig.items()), file=sys.stderr)
         finally:
             observability(False)
             del os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"]
     off, on = median_of(rounds["off"]), median_of(rounds["on"])
-    result["off"] = {k: round(v) for k, v in off.items()}
-    result["on"] = {k: round(v) for k, v in on.items()}
-    result["observability_ratios"] = {k: round(on[k] / off[k], 3) for k in off}
+    result["off"] = {k: round(v, 2) for k, v in off.items()}
+    result["on"] = {k: round(v, 2) for k, v in on.items()}
+
+    def share(a: dict[str, float], b: dict[str, float], k: str) -> float:
+        """on / off for a rate, off / on for CPU per event: 1.0 is free either way."""
+        return round(a[k] / b[k] if k.endswith("_cpu_us") else b[k] / a[k], 3)
+
+    result["observability_ratios"] = {k: share(off, on, k) for k in off}
     result["observability_ratios_per_round"] = {
-        k: [round(b[k] / a[k], 3) for a, b in zip(rounds["off"], rounds["on"], strict=True)]
+        k: [share(a, b, k) for a, b in zip(rounds["off"], rounds["on"], strict=True)]
         for k in off}
     result["load_average_1m"].append(round(os.getloadavg()[0], 2))  # type: ignore[attr-defined]
     for mode, fig in (("off", off), ("on", on)):
-        print(f"observability {mode:3}  publish {fig['publish']:>10,.0f}/s  "
-              f"single {fig['publish_single']:>10,.0f}/s  consume {fig['consume']:>10,.0f}/s")
-    print("on / off:", result["observability_ratios"])
+        print(f"observability {mode:3}  publish {fig['publish']:>10,.0f}/s "
+              f"({fig['publish_cpu_us']:.2f} us CPU/event)  single "
+              f"{fig['publish_single']:>10,.0f}/s ({fig['publish_single_cpu_us']:.2f} us)  "
+              f"consume {fig['consume']:>10,.0f}/s ({fig['consume_cpu_us']:.2f} us)")
+    print("on against off (1.0 is free):", result["observability_ratios"])
     return result
 
 
