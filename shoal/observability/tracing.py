@@ -18,6 +18,16 @@ Where spans come from:
   (so the order's trace contains its consumers: one trace per flow, not one per hop) and
   current while the handler runs, so its own calls and publishes join the trace.
 
+Sampling is decided first, by Shoal, before any SDK object exists (``unsampled``): a hop
+under a parent whose sampled flag is off, or a new trace the ratio leaves out
+(``sample_ratio``, else ``OTEL_TRACES_SAMPLER``/``_ARG``, else ``DEFAULT_SAMPLE_RATIO``
+= 1%), makes no span and attaches no OpenTelemetry context: it only carries its
+``traceparent`` on (flags ``00``; a new trace gets new ids, a parent's is passed on
+unchanged, as W3C allows a participant that records nothing), in one context variable
+for the code it runs, in the header the gateway forwards, in the events it publishes.
+So every hop agrees with the first one, and an unrecorded request costs a check of its
+``traceparent``, not a span. Only recorded hops pay the SDK's span (``Scope``).
+
 Decision: the provider is Shoal's own (``provider``), not the process-global one, so
 enabling Shoal's tracing never fights another library over the global; the current span
 is OpenTelemetry's context, so spans of other instrumentations nest with ours.
