@@ -349,7 +349,8 @@ def measure(kind: str, tools: dict[str, str], script: str, backends: list[int], 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--duration", type=float, default=10.0)
-    ap.add_argument("--warmup", type=float, default=2.0)
+    ap.add_argument("--warmup", type=float, help="seconds of load before measuring (default "
+                    "2; 6 with --observability: past the span exporter's first batch, 5 s in)")
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--only", help="comma-separated proxies to measure (default: all but "
@@ -371,6 +372,8 @@ def main() -> None:
             serve_shoal(args.port, backends, args.workers, args.observe)
         return
 
+    if args.warmup is None:
+        args.warmup = 6.0 if args.observability or "shoal-obs" in (args.only or "") else 2.0
     kinds = tuple(args.only.split(",")) if args.only else (
         OBSERVED if args.observability else PROXIES)
     unknown = set(kinds) - {*PROXIES, *OBSERVED}
