@@ -73,3 +73,38 @@ def nats_server() -> Iterator[str | None]:
         finally:
             proc.terminate()
             proc.wait()
+
+
+_OTLP_STUB = """
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+class Collect(BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length") or 0))
+        self.send_response(200)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Collect).serve_forever()
+"""
+
+
+@contextlib.contextmanager
+def otlp_collector() -> Iterator[str]:
+    """A throwaway OTLP/HTTP collector stub (answers every POST with 200, keeps nothing);
+    yields the endpoint for ``OTEL_EXPORTER_OTLP_ENDPOINT``."""
+    import sys
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", _OTLP_STUB, str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_port(port, proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait()

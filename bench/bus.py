@@ -6,6 +6,14 @@
 With ``--broker nats...``: Shoal's bus on that NATS JetStream (broker and store) against
 the raw nats-py client doing the same work on the same server, in interleaved rounds;
 the ratios are Shoal / raw client (the overhead target: >= 0.85).
+    python bench/bus.py --observability [--events 100000] [--rounds 5]
+
+With ``--observability``: Shoal's bus on SQLite alone, with metrics and tracing off against
+both on (``enable_metrics()``; ``enable_tracing_from_env()`` at the default sampling ratio,
+exporting OTLP/HTTP in batches to a local collector stub process), in interleaved rounds
+in this process (alternating which goes first; a fresh log each round); the JSON line
+has ``observability_ratios`` (on / off medians of publish, publish (single), consume:
+1.0 is free) and the per-round ratios.
     python bench/bus.py --broker redis://HOST:PORT   # or --broker redis: start a redis-server
 
 With ``--broker redis...``: Shoal's bus on that Redis (broker and store; a fresh key
@@ -43,7 +51,7 @@ from pathlib import Path
 import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _servers import nats_server, redis_server
+from _servers import nats_server, otlp_collector, redis_server
 
 PAYLOAD = "x" * 175
 BATCH = 1000
@@ -58,24 +66,29 @@ def percentiles(samples: list[float]) -> dict[str, float]:
 
 
 # -- Shoal ---------------------------------------------------------------------------
-async def shoal_throughput(url: str, n: int) -> dict[str, float]:
+async def shoal_throughput(url: str, n: int, cpu: bool = False) -> dict[str, float]:
+    """Events/s of each phase; ``cpu``: also this process's CPU microseconds per event
+    (``*_cpu_us``, every thread: the figure a shared machine distorts least)."""
     from shoal.events import EventBus, Message
 
+    used: dict[str, float] = {}
     async with EventBus.connect(url) as bus:
         await bus.create_topic("bench", partitions=8)
         msgs = [Message(PAYLOAD, key=f"k{i % 64}") for i in range(BATCH)]
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         for _ in range(n // BATCH):
             await bus.publish_many("bench", msgs)
         publish = n / (time.perf_counter() - t)
+        used["publish_cpu_us"] = (time.process_time() - c) / n * 1e6
 
         await bus.create_topic("bench1", partitions=8)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         for _ in range(n // BATCH // 2):
             await asyncio.gather(
                 *(bus.publish("bench1", PAYLOAD, key=f"k{i % 64}") for i in range(BATCH))
             )
         single = (n // 2) / (time.perf_counter() - t)
+        used["publish_single_cpu_us"] = (time.process_time() - c) / (n // 2) * 1e6
 
         done = asyncio.Event()
         count = 0
@@ -86,12 +99,14 @@ async def shoal_throughput(url: str, n: int) -> dict[str, float]:
             if count == n:
                 done.set()
 
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         sub = await bus.subscribe("bench", "g", handler)
         await done.wait()
         await sub.close()  # includes the final offset commit
         consume = n / (time.perf_counter() - t)
-    return {"publish": publish, "publish_single": single, "consume": consume}
+        used["consume_cpu_us"] = (time.process_time() - c) / n * 1e6
+    out = {"publish": publish, "publish_single": single, "consume": consume}
+    return {**out, **used} if cpu else out
 
 
 async def shoal_fsync_cost(directory: str, n: int) -> dict[str, float]:
@@ -392,6 +407,66 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
     return result
 
 
+def observability(on: bool) -> None:
+    """Metrics and tracing both on (tracing as ``OTEL_*`` says), or both off."""
+    from shoal.observability import disable_metrics, enable_metrics
+    from shoal.observability.tracing import disable_tracing, enable_tracing_from_env
+
+    disable_tracing()  # flushes the previous round's spans
+    disable_metrics()
+    if on:
+        enable_metrics()
+        if enable_tracing_from_env("bench-bus") is None:
+            raise SystemExit("--observability: OTEL_EXPORTER_OTLP_ENDPOINT is not set")
+
+
+async def observability_main(args: argparse.Namespace) -> dict[str, object]:
+    """Shoal's bus with observability off against metrics + tracing on, same run."""
+    n = args.events
+    result: dict[str, object] = {"events": n, "rounds": args.rounds, "broker": "sqlite",
+                                 "payload_bytes": len(PAYLOAD), "cores": os.cpu_count(),
+                                 "load_average_1m": [round(os.getloadavg()[0], 2)]}
+    rounds: dict[str, list[dict[str, float]]] = {"off": [], "on": []}
+    with tempfile.TemporaryDirectory() as d, otlp_collector() as endpoint:
+        os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = endpoint
+        result["tracing"] = {"exporter": "OTLP/HTTP to a local collector stub",
+                             "sampler": os.environ.get("OTEL_TRACES_SAMPLER", "default"),
+                             "sampler_arg": os.environ.get("OTEL_TRACES_SAMPLER_ARG")}
+        try:
+            for r in range(args.rounds):
+                for mode in ("off", "on") if r % 2 == 0 else ("on", "off"):
+                    observability(mode == "on")
+                    os.mkdir(f"{d}/{mode}{r}")
+                    fig = await shoal_throughput(f"sqlite:///{d}/{mode}{r}/events.db", n,
+                                                 cpu=True)
+                    rounds[mode].append(fig)
+                    print(f"  round {r} {mode:3} " + "  ".join(
+                        f"{k} {v:,.1f}" for k, v in fig.items()), file=sys.stderr)
+        finally:
+            observability(False)
+            del os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"]
+    off, on = median_of(rounds["off"]), median_of(rounds["on"])
+    result["off"] = {k: round(v, 2) for k, v in off.items()}
+    result["on"] = {k: round(v, 2) for k, v in on.items()}
+
+    def share(a: dict[str, float], b: dict[str, float], k: str) -> float:
+        """on / off for a rate, off / on for CPU per event: 1.0 is free either way."""
+        return round(a[k] / b[k] if k.endswith("_cpu_us") else b[k] / a[k], 3)
+
+    result["observability_ratios"] = {k: share(off, on, k) for k in off}
+    result["observability_ratios_per_round"] = {
+        k: [share(a, b, k) for a, b in zip(rounds["off"], rounds["on"], strict=True)]
+        for k in off}
+    result["load_average_1m"].append(round(os.getloadavg()[0], 2))  # type: ignore[attr-defined]
+    for mode, fig in (("off", off), ("on", on)):
+        print(f"observability {mode:3}  publish {fig['publish']:>10,.0f}/s "
+              f"({fig['publish_cpu_us']:.2f} us CPU/event)  single "
+              f"{fig['publish_single']:>10,.0f}/s ({fig['publish_single_cpu_us']:.2f} us)  "
+              f"consume {fig['consume']:>10,.0f}/s ({fig['consume_cpu_us']:.2f} us)")
+    print("on against off (1.0 is free):", result["observability_ratios"])
+    return result
+
+
 async def publish_cpu_per_event(base: str, n: int) -> dict[str, float]:
     """This process's CPU per event published in batches of 1,000 (load-independent)."""
     import uuid
@@ -517,10 +592,14 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--rate", type=int, default=5000)
     parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--observability", action="store_true",
+                        help="Shoal alone, observability off against metrics + tracing on")
     parser.add_argument("--broker", help="nats://HOST:PORT or redis://HOST:PORT (or nats / "
                         "redis: start one): Shoal on it against that backend's raw client")
     args = parser.parse_args()
-    if args.broker and args.broker.startswith("redis"):
+    if args.observability:
+        run = observability_main(args)
+    elif args.broker and args.broker.startswith("redis"):
         run = redis_broker_main(args)
     elif args.broker:
         run = nats_broker_main(args)

@@ -12,6 +12,11 @@ after a warm-up. Proxies measured, all in the same run:
 * ``shoal-coro``: the same with the fast path off (every request in a task through
   ``Gateway.handle``, the coroutine path), to show what the fast path buys;
 * ``shoal-2w``: the same with ``--workers 2`` (``shoal.gateway.workers``, SO_REUSEPORT);
+* ``shoal-obs``: ``shoal`` with metrics and tracing on, as ``shoal up`` runs its gateway
+  (``enable_metrics()``, ``enable_tracing_from_env()``, ``observe_gateway``): tracing at
+  the default sampling ratio, exporting OTLP/HTTP in batches to a local collector stub
+  (the nginx backend answering ``POST /v1/traces`` with 200); measured only when asked
+  (``--only`` or ``--observability``);
 * ``nginx``: nginx as a proxy, one worker, upstream keepalive;
 * ``haproxy``: haproxy, ``nbthread 1``, ``http-reuse always``;
 * ``aiohttp``: a plain aiohttp.web reverse proxy on uvloop, one ``ClientSession``
@@ -25,6 +30,14 @@ machine, which the 1-minute load average before and after the run shows). With
 ``--rounds`` > 1 the proxies are measured in interleaved rounds and each one's median round
 (by requests/s) is kept. The last line is one JSON object with every figure and the ratios
 against shoal (requests/s, and CPU per request).
+
+    python bench/gateway.py --observability [--rounds 5] [--taskset 1]
+
+measures ``shoal`` and ``shoal-obs`` only, in interleaved rounds (alternating which goes
+first), and puts ``observability_rps_ratio`` (median of ``shoal-obs`` / median of
+``shoal``, requests/s), ``observability_cpu_ratio`` (CPU per request, ``shoal`` /
+``shoal-obs``: 1.0 means free) and the per-round ratios in the JSON line. ``--taskset``
+pins every proxy to those CPUs (``taskset -c``), the same for both sides.
 """
 
 from __future__ import annotations
@@ -48,6 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _servers import _wait_port, free_port
 
 PROXIES = ("shoal", "shoal-coro", "shoal-2w", "nginx", "haproxy", "aiohttp")
+OBSERVED = ("shoal", "shoal-obs")  # --observability: off against metrics + tracing
 BODY = '{"message":"Hello, World!"}'
 
 WRK_SCRIPT = """
@@ -172,9 +186,11 @@ def serve_aiohttp(port: int, backends: list[int]) -> None:
     web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
 
 
-def serve_shoal(port: int, backends: list[int], workers: int, fast: bool = True) -> None:
+def serve_shoal(port: int, backends: list[int], workers: int, fast: bool = True,
+                observe: bool = False) -> None:
     """The bench-only launcher: one route to service ``hello`` (round robin), whose two
-    endpoints each worker registers in its own memory store."""
+    endpoints each worker registers in its own memory store. ``observe``: metrics and
+    tracing on (``OTEL_EXPORTER_OTLP_ENDPOINT`` set by the driver), as under ``shoal up``."""
     import contextlib as cl
     import functools
     import uuid
@@ -198,10 +214,22 @@ def serve_shoal(port: int, backends: list[int], workers: int, fast: bool = True)
         cache = await EndpointCache(store).start()
         await cache.wait_for("hello", lambda eps: len(eps) == len(backends))
         gateway = Gateway(routes, cache, services=services)
+        handler = gateway.handle if fast else functools.partial(Gateway.handle, gateway)
+        if observe:
+            from shoal.observability import enable_metrics
+            from shoal.observability.http import observe_gateway
+            from shoal.observability.tracing import disable_tracing, enable_tracing_from_env
+
+            enable_metrics()  # before the gateway's upstreams take their series
+            if enable_tracing_from_env("gateway") is None:
+                raise SystemExit("shoal-obs: OTEL_EXPORTER_OTLP_ENDPOINT is not set")
+            handler = observe_gateway(gateway)
         try:  # a partial is not the bound ``handle``: the server then has no fast handler
-            yield gateway.handle if fast else functools.partial(Gateway.handle, gateway)
+            yield handler
         finally:
             await gateway.aclose()
+            if observe:
+                disable_tracing()
             await cache.close()
             await registry.close()
             await store.close()
@@ -297,8 +325,9 @@ def proxy_command(kind: str, port: int, backends: list[int], d: str, tools: dict
         return [sys.executable, __file__, "--serve", "aiohttp", "--port", str(port),
                 "--backends", ports]
     workers = 2 if kind == "shoal-2w" else 1
+    observe = ["--observe"] if kind == "shoal-obs" else []
     return [sys.executable, __file__, "--serve", "shoal", "--port", str(port),
-            "--backends", ports, "--workers", str(workers),
+            "--backends", ports, "--workers", str(workers), *observe,
             *(["--coroutine-path"] if kind == "shoal-coro" else [])]
 
 
@@ -306,7 +335,12 @@ def measure(kind: str, tools: dict[str, str], script: str, backends: list[int], 
             args: argparse.Namespace) -> dict[str, float]:
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-    with running(proxy_command(kind, port, backends, d, tools), port, env) as pid:
+    if kind == "shoal-obs":  # the collector stub: the nginx backend answers any POST with 200
+        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{backends[0]}"
+    cmd = proxy_command(kind, port, backends, d, tools)
+    if args.taskset:
+        cmd = ["taskset", "-c", args.taskset, *cmd]
+    with running(cmd, port, env) as pid:
         warm = run_wrk(tools["wrk"], script, port, args.connections, args.warmup)
         if warm["errors"]:
             raise SystemExit(f"{kind}: {warm['errors']} errors during the warm-up")
@@ -320,10 +354,16 @@ def measure(kind: str, tools: dict[str, str], script: str, backends: list[int], 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--duration", type=float, default=10.0)
-    ap.add_argument("--warmup", type=float, default=2.0)
+    ap.add_argument("--warmup", type=float, help="seconds of load before measuring (default "
+                    "2; 6 with --observability: past the span exporter's first batch, 5 s in)")
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=1)
-    ap.add_argument("--only", help="comma-separated proxies to measure (default: all)")
+    ap.add_argument("--only", help="comma-separated proxies to measure (default: all but "
+                    "shoal-obs)")
+    ap.add_argument("--observability", action="store_true",
+                    help="measure shoal against shoal-obs (metrics + tracing) only")
+    ap.add_argument("--taskset", help="CPU list every proxy is pinned to (taskset -c)")
+    ap.add_argument("--observe", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--serve", choices=("shoal", "aiohttp"), help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--backends", help=argparse.SUPPRESS)
@@ -335,10 +375,18 @@ def main() -> None:
         if args.serve == "aiohttp":
             serve_aiohttp(args.port, backends)
         else:
-            serve_shoal(args.port, backends, args.workers, fast=not args.coroutine_path)
+            serve_shoal(args.port, backends, args.workers, fast=not args.coroutine_path,
+                        observe=args.observe)
         return
 
-    kinds = tuple(args.only.split(",")) if args.only else PROXIES
+    if args.warmup is None:
+        args.warmup = 6.0 if args.observability or "shoal-obs" in (args.only or "") else 2.0
+    kinds = tuple(args.only.split(",")) if args.only else (
+        OBSERVED if args.observability else PROXIES)
+    unknown = set(kinds) - {*PROXIES, *OBSERVED}
+    if unknown:
+        raise SystemExit(f"--only: unknown proxies {sorted(unknown)}; known: "
+                         f"{', '.join((*PROXIES, 'shoal-obs'))}")
     load = [round(os.getloadavg()[0], 2)]
     tools = ensure_tools()
     results: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
@@ -352,8 +400,9 @@ def main() -> None:
         backend_cmd = [tools["nginx"], "-p", d, "-c", str(conf), "-e",
                        f"{d}/backend.stderr.log"]
         with running(backend_cmd, backends[0]):
-            for _ in range(args.rounds):
-                for kind in kinds:
+            for r in range(args.rounds):
+                order = kinds if r % 2 == 0 else kinds[::-1]  # neither side always first
+                for kind in order:
                     r = measure(kind, tools, script, backends, d, args)
                     results[kind].append(r)
                     print(f"  {kind:9} {r}", file=sys.stderr)
@@ -372,7 +421,7 @@ def main() -> None:
     for kind, r in final.items():
         print(f"{kind:9} {r['rps']:>9} {r['p50_ms']:>8} {r['p99_ms']:>8} {r['errors']:>7} "
               f"{r['proxy_cpu_us_per_req']:>11}")
-    ratios: dict[str, float] = {}
+    ratios: dict[str, Any] = {}
     if "shoal" in final:
         shoal = final["shoal"]["rps"]
         cpu = final["shoal"]["proxy_cpu_us_per_req"]
@@ -389,9 +438,20 @@ def main() -> None:
                 coro["proxy_cpu_us_per_req"] / cpu, 2)
         if "shoal-2w" in final:
             ratios["shoal_2w_vs_shoal_rps"] = round(final["shoal-2w"]["rps"] / shoal, 2)
+        if "shoal-obs" in final:  # what metrics + tracing cost: 1.0 is free
+            ratios["observability_rps_ratio"] = round(
+                statistics.median(r["rps"] for r in results["shoal-obs"])
+                / statistics.median(r["rps"] for r in results["shoal"]), 3)
+            ratios["observability_cpu_ratio"] = round(
+                statistics.median(r["proxy_cpu_us_per_req"] for r in results["shoal"])
+                / statistics.median(r["proxy_cpu_us_per_req"] for r in results["shoal-obs"]), 3)
+            ratios["observability_rps_ratio_per_round"] = [
+                round(o["rps"] / b["rps"], 3)
+                for o, b in zip(results["shoal-obs"], results["shoal"], strict=True)]
     for name, value in ratios.items():
         print(f"{name:24} {value}")
     print(json.dumps({"bench": "gateway", "connections": args.connections,
+                      "taskset": args.taskset,
                       "duration_s": args.duration, "rounds": args.rounds, "cpus": os.cpu_count(),
                       "load_average_1m": [load[0], round(os.getloadavg()[0], 2)],
                       "proxies": final, **ratios}))

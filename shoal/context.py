@@ -25,7 +25,18 @@ _ZERO_SPAN = "0" * 16
 # Ids need to be unique, not secret (W3C: "randomly generated"); the Mersenne Twister is
 # seeded from os.urandom and costs a fraction of a syscall per id.
 _random = random.Random()
-os.register_at_fork(after_in_child=_random.seed)  # a forked child must not repeat our ids
+_ID_BATCH = 64
+_ids: list[str] = []
+"""Unused ``trace-id-parent-id`` pairs of new traces, made ``_ID_BATCH`` at a time (one
+``randbytes`` and one ``hex`` for many: a new trace costs a list pop, not two formats)."""
+
+
+def _reseed() -> None:
+    _random.seed()
+    _ids.clear()
+
+
+os.register_at_fork(after_in_child=_reseed)  # a forked child must not repeat our ids
 
 current_traceparent: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "shoal_traceparent", default=None)
@@ -71,9 +82,20 @@ def new_span_id() -> str:
     return f"{_random.getrandbits(64) or 1:016x}"
 
 
+def _refill() -> None:
+    h = _random.randbytes(24 * _ID_BATCH).hex()
+    _ids.extend(f"{h[i:i + 32]}-{h[i + 32:i + 48]}" for i in range(0, 48 * _ID_BATCH, 48)
+                if h[i:i + 32] != _ZERO_TRACE and h[i + 32:i + 48] != _ZERO_SPAN)
+
+
 def new_traceparent(*, sampled: bool = True) -> str:
-    """The context of a new trace (a root span)."""
-    return f"00-{_random.getrandbits(128) or 1:032x}-{new_span_id()}-{'01' if sampled else '00'}"
+    """The context of a new trace (a root span): random, non-zero trace and parent ids."""
+    try:
+        ids = _ids.pop()
+    except IndexError:
+        _refill()
+        ids = _ids.pop()
+    return "00-" + ids + ("-01" if sampled else "-00")
 
 
 def child_of(parent: str | None) -> str:

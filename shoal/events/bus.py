@@ -36,6 +36,11 @@ if TYPE_CHECKING:  # shoal.mesh imports the bus: the policy module is loaded on 
 DEFAULT_PARTITIONS = 8
 
 
+
+class _Traced(dict[str, Any]):
+    """The ``traceparent`` extension the tracing hooks add to a batch's events: well-formed
+    by construction, so ``_prepare`` copies it instead of checking it again per event."""
+
 class PublishAck(msgspec.Struct, frozen=True, gc=False):
     """Where a published event went: topic, partition, offset, and whether it was a duplicate."""
 
@@ -215,7 +220,12 @@ class EventBus:
         ts_ms: int,
     ) -> tuple[Event, Append]:
         """Validate, build the envelope, and place it: the one path every publish takes."""
-        ext = check_extensions(extensions) if extensions else {}
+        if not extensions:
+            ext = {}
+        elif extensions.__class__ is _Traced:  # made by the tracing hooks: valid as it is
+            ext = dict(extensions)
+        else:
+            ext = check_extensions(extensions)
         if key is None:
             partition = next(self._round_robin) % spec.partitions
         elif isinstance(key, str):
@@ -262,9 +272,15 @@ class EventBus:
     ) -> PublishAck:
         """Append one event; returns once it is durable. A repeated ``id`` is not re-added."""
         if _tracing.tracer is not None:  # a producer span; its context travels in the event
-            with _tracing.producer_span(topic, (extensions or {}).get("traceparent")) as scope:
-                traced = {**(extensions or {}), "traceparent": scope.traceparent}
-                return await self._publish(topic, data, key, type, id, traced)
+            given = extensions.get("traceparent") if extensions else None
+            carried = _tracing.unsampled_here() if given is None else _tracing.unsampled(given)
+            if carried is None:
+                with _tracing.producer_scope(topic, given) as scope:
+                    traced = {**(extensions or {}), "traceparent": scope.traceparent}
+                    return await self._publish(topic, data, key, type, id, traced)
+            if carried is not given:  # unrecorded: no span, the trace goes on in the event
+                extensions = {**extensions, "traceparent": carried} if extensions else \
+                    _Traced(traceparent=carried)
         return await self._publish(topic, data, key, type, id, extensions)
 
     async def _publish(
@@ -287,8 +303,11 @@ class EventBus:
     async def publish_many(self, topic: str, messages: Iterable[Message | Any]) -> list[PublishAck]:
         """Append many events in one batch; each item is a ``Message`` or plain data."""
         if _tracing.tracer is not None:  # one producer span for the batch
-            with _tracing.producer_span(topic) as scope:
-                return await self._publish_many(topic, messages, scope.traceparent)
+            carried = _tracing.unsampled_here()
+            if carried is None:
+                with _tracing.producer_scope(topic) as scope:
+                    return await self._publish_many(topic, messages, scope.traceparent)
+            return await self._publish_many(topic, messages, carried)
         return await self._publish_many(topic, messages)
 
     async def _publish_many(self, topic: str, messages: Iterable[Message | Any],
@@ -298,7 +317,7 @@ class EventBus:
         when, ts_ms = datetime.fromtimestamp(t, UTC), int(t * 1000)
         events, appends = [], []
         prepare = self._prepare
-        traced = None if traceparent is None else {"traceparent": traceparent}
+        traced = None if traceparent is None else _Traced(traceparent=traceparent)
         for m in messages:
             if isinstance(m, Message):
                 ext = m.extensions

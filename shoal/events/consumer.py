@@ -82,6 +82,8 @@ class Subscription:
         self.stats = SubscriptionStats()
         m = _metrics.active()
         self._series = m.consumer(topic, group) if m is not None else None
+        self._trace_parent: Any = None  # the last event's traceparent and its decision
+        self._trace_carried: str | None = None
         self._is_async = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
             getattr(handler, "__call__", None)  # noqa: B004 - async callable objects
         )
@@ -140,39 +142,50 @@ class Subscription:
                                     record.offset):
             return await self._call(event)
 
-    async def handle(self, record: Record, event: Event) -> None:
-        """Run the handler with retries; dead-letter or drop as it says. Never raises."""
+    async def handle(self, record: Record, event: Event, counted: bool = True) -> bool:
+        """Run the handler with retries; dead-letter or drop as it says. Never raises.
+        True when the handler succeeded; ``counted=False``: its success is counted by the
+        caller (a partition worker counts a read batch at once)."""
         attempt = 0
-        series = self._series
+        series = self._series if counted else None
+        recorded = False
+        if _tracing.tracer is not None:  # decided once for every try of the event
+            parent = event.extensions.get("traceparent")
+            if parent is None or parent != self._trace_parent:  # a batch shares its parent
+                self._trace_parent = parent
+                self._trace_carried = _tracing.unsampled(parent)
+            carried = self._trace_carried
+            _tracing.carry(carried)  # in the worker's (or this event's) task context
+            recorded = carried is None  # else no span: the event's trace is carried on
         while True:
             attempt += 1
             try:
-                if _tracing.tracer is None:
-                    await self._call(event)
-                else:
+                if recorded:
                     await self._traced_call(record, event)
+                else:
+                    await self._call(event)
                 self.stats.handled += 1
                 if series is not None:
                     series.success += 1
                     series.latency.observe(time.time() - record.timestamp_ms / 1000)
-                return
+                return True
             except Drop as exc:
                 self.stats.dropped += 1
-                if series is not None:
-                    series.drop += 1
+                if self._series is not None:
+                    self._series.drop += 1
                 log.info("dropped %s/%s@%s: %s", self.topic, record.partition, record.offset, exc)
-                return
+                return False
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 if attempt >= self.retry.attempts:
                     await self._dead_letter(record, event, exc, attempt)
-                    if series is not None:
-                        series.dead_letter += 1
-                    return
+                    if self._series is not None:
+                        self._series.dead_letter += 1
+                    return False
                 self.stats.retried += 1
-                if series is not None:
-                    series.retry += 1
+                if self._series is not None:
+                    self._series.retry += 1
                 await asyncio.sleep(self.retry.backoff(attempt, self._rng))
 
     async def _dead_letter(
@@ -217,6 +230,8 @@ class _PartitionWorker:
         self._last_commit = 0.0
         self.moved = False  # our committed offset was changed by someone else
         self._key = offset_key(sub.topic, sub.group, partition)
+        # With one event at a time, successes are counted per read batch, not per event.
+        self._batched = sub._series if sub.concurrency == 1 else None
 
     async def _initial_offset(self) -> int:
         sub, store = self.sub, self.sub.bus.store
@@ -349,11 +364,16 @@ class _PartitionWorker:
                         finally:
                             self.idle = False
                         continue
+                    handled, failed = 0, None
                     for record in records:
                         if self.stopping:
                             break
-                        await self._dispatch(record, tracker)
+                        if not await self._dispatch(record, tracker):
+                            failed = [*(failed or ()), handled]
+                        handled += 1
                         offset = record.offset + 1
+                    if self._batched is not None and handled:  # successes, once a batch
+                        self._batched.handled(records, handled, failed, time.time())
                     if time.monotonic() - last_commit >= COMMIT_INTERVAL:
                         self._commit_in_background(tracker.committable)
                     last_commit = self._last_commit
@@ -369,15 +389,17 @@ class _PartitionWorker:
                 with contextlib.suppress(Exception):
                     await self._commit_now(self.tracker.committable)
 
-    async def _dispatch(self, record: Record, tracker: OffsetTracker) -> None:
+    async def _dispatch(self, record: Record, tracker: OffsetTracker) -> bool:
+        """Handle (or, with concurrency, start handling) one record; False if it was
+        handled here and did not succeed."""
         sub = self.sub
         event = decode_record(record.value)
         tracker.dispatched(record.offset)
         if sub.concurrency == 1:
             async with sub._slots:
-                await sub.handle(record, event)
+                ok = await sub.handle(record, event, self._batched is None)
             tracker.handled(record.offset)
-            return
+            return ok
         await sub._slots.acquire()
         key = record.key
         previous = sub._key_tails.get(key) if key is not None else None
@@ -400,6 +422,7 @@ class _PartitionWorker:
         task = asyncio.create_task(handle())
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
+        return True
 
     async def _drain(self) -> None:
         while self._inflight:

@@ -110,12 +110,18 @@ class MeshClient:
             hash_key = next((v for k, v in pairs if k.lower() == wanted), None)
         if _tracing.tracer is not None:  # a client span; its context goes in traceparent
             given = next((v for k, v in pairs if k.lower() == "traceparent"), None)
-            with _tracing.client_span(service, method, target, given) as scope:
+            carried = _tracing.unsampled_here() if given is None else _tracing.unsampled(given)
+            if carried is None:
+                with _tracing.client_scope(service, method, target, given) as scope:
+                    pairs = [(k, v) for k, v in pairs if k.lower() != "traceparent"]
+                    pairs.append(("traceparent", scope.traceparent))
+                    resp = await upstream.send(method, target, pairs, content,
+                                               hash_key=hash_key)
+                    scope.set_status(resp.status)
+                    return resp
+            if carried is not given:  # unrecorded: no span, the trace goes on in the header
                 pairs = [(k, v) for k, v in pairs if k.lower() != "traceparent"]
-                pairs.append(("traceparent", scope.traceparent))
-                resp = await upstream.send(method, target, pairs, content, hash_key=hash_key)
-                scope.set_status(resp.status)
-                return resp
+                pairs.append(("traceparent", carried))
         return await upstream.send(method, target, pairs, content, hash_key=hash_key)
 
     async def get(self, url: str, **kwargs: Any) -> Response:

@@ -112,7 +112,7 @@ def observe_gateway(gateway: Any, *, metrics: _metrics.Metrics | None = None) ->
             return m.route("gateway", EVENTS_ROUTE, "gateway")
         return m.route("gateway", "unmatched", "gateway")
 
-    return _observed(handle, "gateway", fallback)
+    return _observed(handle, "gateway", fallback, in_context=False)
 
 
 def observe_handler(handler: Handler, service: str, *,
@@ -141,18 +141,25 @@ def observe_handler(handler: Handler, service: str, *,
 
 
 def _observed(handle: Callable[[Request], Awaitable[Any]], service: str,
-              fallback: Callable[[Request], _metrics.RouteSeries | None] | None) -> Handler:
+              fallback: Callable[[Request], _metrics.RouteSeries | None] | None,
+              in_context: bool = True) -> Handler:
     async def observed(request: Request) -> Any:
         exchange = _Exchange()
         token = _exchange.set(exchange)
-        tracer = _tracing.tracer
         start = time.perf_counter()
         status = 500
         try:
-            if tracer is None:
+            scope = None if _tracing.tracer is None else _server_scope(request, service,
+                                                                       in_context)
+            if scope is None:
                 resp = await handle(request)
             else:
-                resp = await _traced(handle, request, service)
+                with scope:
+                    resp = await handle(request)
+                    if scope.span is not None:
+                        if exchange.route is not None:
+                            scope.rename(f"{request.method} {exchange.route}", exchange.route)
+                        scope.set_status(resp.status)
             status = resp.status
             return resp
         finally:
@@ -168,26 +175,34 @@ def _observed(handle: Callable[[Request], Awaitable[Any]], service: str,
     return observed
 
 
-async def _traced(handle: Callable[[Request], Awaitable[Any]], request: Request,
-                  service: str) -> Any:
-    """Run ``handle`` in a server span continuing the request's ``traceparent``; the
-    request's ``traceparent`` header is replaced by the span's (the next hop's parent)."""
+def _server_scope(request: Request, service: str, in_context: bool
+                  ) -> _tracing.Scope | _tracing.Carried | None:
+    """The tracing of one request, decided before it runs: a recorded ``SERVER`` span
+    continuing its ``traceparent``, whose own replaces the request's header (the next
+    hop's parent); or, left unrecorded, no span: the header goes on as it came (flags
+    ``00``), or a new unsampled trace's when it had none or a malformed one. Then
+    ``in_context`` makes that ``traceparent`` current for the handler (whose calls and
+    publishes send it on); the gateway, forwarding the header itself, needs nothing."""
     headers = request.headers
-    with _tracing.server_span(service, request.method, request.path,
-                              headers.get(b"traceparent")) as scope:
-        own = scope.traceparent.encode()
-        for i, (name, _) in enumerate(headers):
-            if name.lower() == b"traceparent":
-                headers[i] = (name, own)
-                break
-        else:
-            headers.append((b"traceparent", own))
-        resp = await handle(request)
-        exchange = _exchange.get()
-        if exchange is not None and exchange.route is not None:
-            scope.rename(f"{request.method} {exchange.route}", exchange.route)
-        scope.set_status(resp.status)
-        return resp
+    given = headers.get(b"traceparent")
+    carried = _tracing.unsampled(given)
+    if carried is None:
+        scope = _tracing.server_scope(service, request.method, request.path, given)
+        _set_traceparent(headers, scope.traceparent.encode())
+        return scope
+    own = carried.encode()
+    if own != given:
+        _set_traceparent(headers, own)
+    return _tracing.Carried(carried) if in_context else None
+
+
+def _set_traceparent(headers: Any, value: bytes) -> None:
+    """Replace the request's ``traceparent`` header with ``value`` (or add it)."""
+    for i, (name, _) in enumerate(headers):
+        if name.lower() == b"traceparent":
+            headers[i] = (name, value)
+            return
+    headers.append((b"traceparent", value))
 
 
 class ObservedASGI:

@@ -36,7 +36,7 @@ from __future__ import annotations
 import threading
 import weakref
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -94,6 +94,11 @@ class LatencyHistogram:
         """Count one observation of ``value`` seconds."""
         self.counts[bisect_left(self.bounds, value)] += 1
         self.sum += value
+
+    def observe_n(self, value: float, n: int) -> None:
+        """Count ``n`` observations of ``value`` seconds."""
+        self.counts[bisect_left(self.bounds, value)] += n
+        self.sum += value * n
 
     @property
     def count(self) -> int:
@@ -163,6 +168,29 @@ class ConsumerSeries:
         self.group = group
         self.success = self.retry = self.dead_letter = self.drop = 0
         self.latency = LatencyHistogram(EVENT_BUCKETS)
+
+    def handled(self, records: Sequence[Any], n: int, failed: Sequence[int] | None,
+                now: float) -> None:
+        """Count the successes among the first ``n`` of ``records`` (a read batch handled in
+        order; ``failed``: the indexes that did not succeed), each with its latency from its
+        append (``timestamp_ms``) to ``now``, the batch's end. Records appended in the
+        same millisecond (a ``publish_many``) are one bisect."""
+        latency = self.latency
+        now_ms = now * 1000
+        last, run = None, 0
+        for i in range(n):
+            if failed is not None and i in failed:
+                continue
+            ts = records[i].timestamp_ms
+            if ts == last:
+                run += 1
+                continue
+            if run:
+                latency.observe_n((now_ms - last) / 1000, run)  # type: ignore[operator]
+            last, run = ts, 1
+        if run:
+            latency.observe_n((now_ms - last) / 1000, run)  # type: ignore[operator]
+        self.success += n - (len(failed) if failed is not None else 0)
 
 
 class UpstreamSeries:

@@ -18,6 +18,16 @@ Where spans come from:
   (so the order's trace contains its consumers: one trace per flow, not one per hop) and
   current while the handler runs, so its own calls and publishes join the trace.
 
+Sampling is decided first, by Shoal, before any SDK object exists (``unsampled``): a hop
+under a parent whose sampled flag is off, or a new trace the ratio leaves out
+(``sample_ratio``, else ``OTEL_TRACES_SAMPLER``/``_ARG``, else ``DEFAULT_SAMPLE_RATIO``
+= 1%), makes no span and attaches no OpenTelemetry context: it only carries its
+``traceparent`` on (flags ``00``; a new trace gets new ids, a parent's is passed on
+unchanged, as W3C allows a participant that records nothing), in one context variable
+for the code it runs, in the header the gateway forwards, in the events it publishes.
+So every hop agrees with the first one, and an unrecorded request costs a check of its
+``traceparent``, not a span. Only recorded hops pay the SDK's span (``Scope``).
+
 Decision: the provider is Shoal's own (``provider``), not the process-global one, so
 enabling Shoal's tracing never fights another library over the global; the current span
 is OpenTelemetry's context, so spans of other instrumentations nest with ours.
@@ -56,7 +66,7 @@ if TYPE_CHECKING:  # at run time, _load_otel() binds these names
         TraceState,
     )
 
-from shoal.context import MAX_TRACEPARENT, child_of, match_traceparent
+from shoal.context import MAX_TRACEPARENT, child_of, match_traceparent, new_traceparent
 from shoal.errors import ConfigError
 
 __all__ = [
@@ -74,7 +84,44 @@ tracer: trace.Tracer | None = None
 provider: TracerProvider | None = None
 """The provider behind ``tracer`` (flush it with ``provider.force_flush()``)."""
 
-_root_ratio = 1.0  # share of new traces recorded (``sample_ratio``)
+DEFAULT_SAMPLE_RATIO = 0.01
+"""Share of new traces recorded when neither ``sample_ratio=`` nor ``OTEL_TRACES_SAMPLER``
+says (1%, as Istio): a request whose parent was sampled is always recorded, so a client
+sending ``traceparent`` with flags ``01`` gets its whole trace."""
+SAMPLERS = ("always_on", "always_off", "traceidratio", "parentbased_always_on",
+            "parentbased_always_off", "parentbased_traceidratio")
+"""``OTEL_TRACES_SAMPLER`` values understood; all follow a parent's decision."""
+
+_root_ratio = DEFAULT_SAMPLE_RATIO  # share of new traces recorded (``sample_ratio``)
+
+
+def sample_ratio_from_env(environ: Mapping[str, str] | None = None) -> float:
+    """The share of new traces to record, from ``OTEL_TRACES_SAMPLER`` and
+    ``OTEL_TRACES_SAMPLER_ARG`` (OpenTelemetry's names); ``DEFAULT_SAMPLE_RATIO`` when unset.
+    Shoal decides before any SDK object exists and always follows a parent's decision, so
+    ``always_on`` and ``parentbased_always_on`` mean the same here."""
+    env = os.environ if environ is None else environ
+    name = env.get("OTEL_TRACES_SAMPLER", "").strip().lower()
+    if not name:
+        return DEFAULT_SAMPLE_RATIO
+    if name in ("always_on", "parentbased_always_on"):
+        return 1.0
+    if name in ("always_off", "parentbased_always_off"):
+        return 0.0
+    if name not in SAMPLERS:
+        raise ConfigError(f"OTEL_TRACES_SAMPLER: {name[:60]!r} is not a sampler Shoal "
+                          f"supports (one of {', '.join(SAMPLERS)})")
+    arg = env.get("OTEL_TRACES_SAMPLER_ARG", "").strip()
+    if not arg:
+        return 1.0  # OpenTelemetry's default argument of the ratio samplers
+    try:
+        ratio = float(arg) if len(arg) <= 32 else -1.0
+    except ValueError:
+        ratio = -1.0
+    if not 0.0 <= ratio <= 1.0:  # also NaN
+        raise ConfigError(f"OTEL_TRACES_SAMPLER_ARG: {name} needs a ratio within 0..1, "
+                          f"got {arg[:60]!r}")
+    return ratio
 
 _OTEL_NAMES = ("otel_context", "trace", "Resource", "TracerProvider", "BatchSpanProcessor",
                "SimpleSpanProcessor", "ALWAYS_ON", "ParentBased", "Link", "NonRecordingSpan",
@@ -131,18 +178,20 @@ def enable_tracing(
     """Turn tracing on: spans go to ``exporter``, or OTLP/HTTP at ``endpoint`` (else
     ``$OTEL_EXPORTER_OTLP_ENDPOINT``). ``batch`` (default: on for OTLP, off for a given
     exporter) batches exports in a background thread. ``sample_ratio`` keeps that share
-    of new traces (a traced request's parent decision is always followed); default: the
-    ``OTEL_TRACES_SAMPLER`` environment, else every trace."""
+    of new traces (a request's parent decision is always followed); default:
+    ``sample_ratio_from_env()`` (``OTEL_TRACES_SAMPLER``, else ``DEFAULT_SAMPLE_RATIO``).
+
+    The decision is Shoal's, made before any SDK object exists: a trace left out costs no
+    span, only its ``traceparent`` (flags ``00``) carried on to the next hops."""
     global tracer, provider
     global _root_ratio
     _load_otel()
-    sampler = None
-    _root_ratio = 1.0
-    if sample_ratio is not None:
-        if not isinstance(sample_ratio, int | float) or not 0.0 <= sample_ratio <= 1.0:
-            raise ConfigError(f"tracing: sample_ratio must be within 0..1, got {sample_ratio!r}")
-        _root_ratio = float(sample_ratio)  # new traces are sampled in Scope, before the SDK
-        sampler = ParentBased(ALWAYS_ON)
+    if sample_ratio is None:
+        ratio = sample_ratio_from_env()
+    elif not isinstance(sample_ratio, int | float) or not 0.0 <= sample_ratio <= 1.0:
+        raise ConfigError(f"tracing: sample_ratio must be within 0..1, got {sample_ratio!r}")
+    else:
+        ratio = float(sample_ratio)
     if exporter is None:
         url = endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
         if not url:
@@ -157,7 +206,10 @@ def enable_tracing(
     name = service_name or os.environ.get("OTEL_SERVICE_NAME") or "shoal"
     if provider is not None:
         provider.shutdown()
-    provider = TracerProvider(resource=Resource.create({"service.name": name}), sampler=sampler)
+    _root_ratio = ratio
+    # Every span the SDK is asked for is one Shoal decided to record.
+    provider = TracerProvider(resource=Resource.create({"service.name": name}),
+                              sampler=ParentBased(ALWAYS_ON))
     processor: SpanProcessor = BatchSpanProcessor(exporter) if batch else \
         SimpleSpanProcessor(exporter)
     provider.add_span_processor(processor)
@@ -184,12 +236,14 @@ def disable_tracing() -> None:
 
 
 # -- propagation ------------------------------------------------------------------------
-_last_valid: tuple[Any, tuple[str, re.Match[str]] | None] = (None, None)
+_Valid = tuple[str, re.Match[str], bool]  # version-00 text, its match, the sampled flag
+_last_valid: tuple[Any, _Valid | None] = (None, None)
 
 
-def _valid(value: Any) -> tuple[str, re.Match[str]] | None:
-    """``value`` as text and its match if it is a well-formed ``traceparent``. The last
-    answer is kept: the events of one batch share their producer's ``traceparent``."""
+def _valid(value: Any) -> _Valid | None:
+    """``value`` as version-00 text, its match and its sampled flag if it is a well-formed
+    ``traceparent``, else ``None``. The last answer is kept: the events of one batch share
+    their producer's ``traceparent``."""
     global _last_valid
     last = _last_valid
     if value is last[0] or (value == last[0] and value is not None):
@@ -199,9 +253,14 @@ def _valid(value: Any) -> tuple[str, re.Match[str]] | None:
     return answer
 
 
-def _check(value: Any) -> tuple[str, re.Match[str]] | None:
+def _check(value: Any) -> _Valid | None:
     m = match_traceparent(value)
-    return None if m is None else (m.string, m)
+    if m is None:
+        return None
+    text = m.string
+    if len(text) != 55:  # a higher version, read by its first four fields, sent as 00
+        text = "00" + text[2:55]
+    return text, m, bool(int(m.group(4), 16) & 1)
 
 
 def parse_traceparent(value: str | bytes | None) -> SpanContext | None:
@@ -242,10 +301,10 @@ def traceparent_of_context(sc: trace.SpanContext) -> str:
 
 def current_traceparent() -> str | None:
     """The ``traceparent`` the current code would send on, or ``None`` outside any trace."""
+    carried = _unsampled.get()
+    if carried is not None:
+        return carried
     _load_otel()
-    unsampled = _unsampled.get()
-    if unsampled is not None:
-        return unsampled
     span = trace.get_current_span()
     if not span.get_span_context().is_valid:
         return None
@@ -253,62 +312,91 @@ def current_traceparent() -> str | None:
 
 
 _random = random.Random()
-_IN_PROCESS = object()  # Scope's default parent: the current span
+os.register_at_fork(after_in_child=_random.seed)  # a forked child decides on its own
 _unsampled: ContextVar[str | None] = ContextVar("shoal_unsampled_traceparent", default=None)
 """Inside a trace that is not recorded: the ``traceparent`` to send on (no span exists)."""
 
 
-class Scope:
-    """A span current for a ``with`` block; an exception marks it failed and goes on.
+# -- the decision, before any SDK object ------------------------------------------------
+def _new_trace() -> str | None:
+    """A new trace: ``None`` if the ratio records it, else its ``traceparent`` (a new trace
+    id and span id, flags ``00``) to carry on."""
+    ratio = _root_ratio
+    if ratio >= 1.0 or (ratio > 0.0 and _random.random() < ratio):
+        return None
+    return new_traceparent(sampled=False)
 
-    The sampling decision is made here before any SDK object exists: under a parent that
-    was not sampled, or for a new trace the root ratio leaves out, no span is made at all
-    and OpenTelemetry's context is not touched; the block runs with the ``traceparent`` to
-    send on (sampled flag off) in one context variable, so a trace that is not recorded
-    costs a regular expression and a variable, not a span. ``parent`` is a ``traceparent``
-    (text or bytes; ``None`` or malformed: a new trace), or by default the current span.
-    """
+
+def unsampled(parent: Any) -> str | None:
+    """Whether a hop under ``parent`` (a ``traceparent``, text or bytes; ``None`` or
+    malformed: a new trace) goes unrecorded: then the ``traceparent`` to carry on (the
+    parent's own, flags ``00``, or a new trace's), else ``None`` (record a span).
+
+    Under an unsampled parent the hop keeps the parent's ``parent-id`` (W3C lets a
+    participant that records nothing pass it on unchanged); a new trace gets new ids."""
+    valid = _valid(parent)
+    if valid is None:
+        return _new_trace()
+    return None if valid[2] else valid[0]
+
+
+def unsampled_here() -> str | None:
+    """``unsampled`` for a hop under the current code's trace (else a new trace)."""
+    carried = _unsampled.get()
+    if carried is not None:
+        return carried
+    _load_otel()
+    sc = trace.get_current_span().get_span_context()
+    if sc.is_valid:
+        return None if sc.trace_flags.sampled else traceparent_of_context(sc)
+    return _new_trace()
+
+
+def carry(traceparent: str | None) -> None:
+    """Make ``traceparent`` the current unsampled trace in this task's context, with no
+    reset: for a loop (a partition worker) whose every iteration sets its own."""
+    if _unsampled.get() is not traceparent:
+        _unsampled.set(traceparent)
+
+
+class Carried:
+    """A hop left unrecorded, for a ``with`` block: its ``traceparent`` is current
+    (``current_traceparent()``, and what calls and publishes inside send on); no span."""
+
+    __slots__ = ("_token", "traceparent")
+    span = None
+
+    def __init__(self, traceparent: str) -> None:
+        self.traceparent = traceparent
+
+    def __enter__(self) -> Carried:
+        self._token = _unsampled.set(self.traceparent)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _unsampled.reset(self._token)
+
+    def set_status(self, status: int) -> None:
+        """Nothing is recorded."""
+
+    def rename(self, name: str, route: str) -> None:
+        """Nothing is recorded."""
+
+
+class Scope:
+    """A recorded span current for a ``with`` block; an exception marks it failed and goes
+    on. Made only for hops the decision (``unsampled``) records. ``parent``: the remote or
+    in-process span it continues (``None``: the root of a new trace)."""
 
     __slots__ = ("_token", "_unsampled_token", "span", "traceparent")
 
-    def __init__(self, name: str, kind: SpanKind, parent: Any = _IN_PROCESS,
+    def __init__(self, name: str, kind: SpanKind, parent: SpanContext | None,
                  attributes: Callable[[], Mapping[str, Any]] | None = None,
                  link_parent: bool = False) -> None:
-        _load_otel()
-        self.span = None
-        self._token = None
-        sc: SpanContext | None = None
-        if parent is _IN_PROCESS:
-            unsampled = _unsampled.get()
-            if unsampled is not None:
-                self.traceparent = unsampled
-                self._unsampled_token = None  # already in place
-                return
-            current = trace.get_current_span().get_span_context()
-            sc = current if current.is_valid else None
-        else:
-            valid = _valid(parent)
-            if valid is not None:
-                text, m = valid
-                if not int(m.group(4), 16) & 1:  # the parent was not sampled: follow it
-                    self.traceparent = text if len(text) == 55 else text[:55]
-                    self._unsampled_token = _unsampled.set(self.traceparent)
-                    return
-                sc = SpanContext(int(m.group(2), 16), int(m.group(3), 16), True,
-                                 TraceFlags(1))
-        if sc is None and _root_ratio < 1.0 and _random.random() >= _root_ratio:
-            self.traceparent = (f"00-{_random.getrandbits(128) or 1:032x}-"
-                                f"{_random.getrandbits(64) or 1:016x}-00")
-            self._unsampled_token = _unsampled.set(self.traceparent)
-            return
-        if sc is not None and not sc.trace_flags.sampled:  # an in-process unsampled span
-            self.traceparent = traceparent_of_context(sc)
-            self._unsampled_token = None
-            return
         assert tracer is not None, "tracing is off"
-        ctx = otel_context.Context() if sc is None else trace.set_span_in_context(
-            NonRecordingSpan(sc))
-        links = [Link(sc)] if link_parent and sc is not None else None
+        ctx = otel_context.Context() if parent is None else trace.set_span_in_context(
+            NonRecordingSpan(parent))
+        links = [Link(parent)] if link_parent and parent is not None else None
         s = self.span = tracer.start_span(name, ctx, kind, links=links)
         if attributes is not None and s.is_recording():
             s.set_attributes(attributes())
@@ -324,23 +412,35 @@ class Scope:
         if self._unsampled_token is not None:
             _unsampled.reset(self._unsampled_token)
         s = self.span
-        if s is not None:
-            if exc is not None:
-                s.record_exception(exc)
-                s.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"[:500]))
-            s.end()
-            otel_context.detach(self._token)  # type: ignore[arg-type]
+        if exc is not None:
+            s.record_exception(exc)
+            s.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"[:500]))
+        s.end()
+        otel_context.detach(self._token)
 
     def set_status(self, status: int) -> None:
         """Record an HTTP status (5xx marks the span failed)."""
-        if self.span is not None:
-            set_status(self.span, status)
+        set_status(self.span, status)
 
     def rename(self, name: str, route: str) -> None:
         """Name the span after the route that took the request."""
-        if self.span is not None:
-            self.span.update_name(name)
-            self.span.set_attribute("http.route", route)
+        self.span.update_name(name)
+        self.span.set_attribute("http.route", route)
+
+
+def _remote(parent: Any) -> SpanContext | None:
+    """The sampled remote span a recorded hop continues (``None``: a new trace)."""
+    valid = _valid(parent)
+    if valid is None:
+        return None
+    m = valid[1]
+    return SpanContext(int(m.group(2), 16), int(m.group(3), 16), True, TraceFlags(1))
+
+
+def _here() -> SpanContext | None:
+    """The in-process span a recorded hop continues (``None``: a new trace)."""
+    sc = trace.get_current_span().get_span_context()
+    return sc if sc.is_valid else None
 
 
 @contextlib.contextmanager
@@ -354,44 +454,71 @@ def span(name: str, kind: SpanKind, parent: otel_context.Context | None = None,
         yield s
 
 
-# -- the hooks' helpers -----------------------------------------------------------------
-def producer_span(topic: str, traceparent: Any = None) -> Scope:
+# -- the hooks' helpers: each decides first, and makes a span only when it records ----
+def producer_span(topic: str, traceparent: Any = None) -> Scope | Carried:
     """A ``PRODUCER`` span around a publish; its ``traceparent`` goes into the events. A
     caller's own ``traceparent`` extension is the parent, else the current span."""
+    carried = unsampled_here() if traceparent is None else unsampled(traceparent)
+    if carried is not None:
+        return Carried(carried)
+    return producer_scope(topic, traceparent)
+
+
+def producer_scope(topic: str, traceparent: Any = None) -> Scope:
+    """``producer_span`` once decided recorded (``unsampled``/``unsampled_here``)."""
     _load_otel()
-    parent = _IN_PROCESS if traceparent is None else traceparent
-    return Scope(f"{topic} publish", SpanKind.PRODUCER, parent, lambda: {
-        "messaging.system": "shoal", "messaging.destination.name": topic,
-        "messaging.operation.type": "send"})
+    return Scope(f"{topic} publish", SpanKind.PRODUCER,
+                 _here() if traceparent is None else _remote(traceparent), lambda: {
+                     "messaging.system": "shoal", "messaging.destination.name": topic,
+                     "messaging.operation.type": "send"})
 
 
 def consumer_span(topic: str, group: str, event: Any, partition: int, offset: int) -> Scope:
-    """A ``CONSUMER`` span around one handling of ``event``, child of its ``traceparent``
-    (and linked to it, for tools that draw messaging as links); a new trace without one."""
+    """A recorded ``CONSUMER`` span around one handling of ``event``, child of its
+    ``traceparent`` (and linked to it, for tools that draw messaging as links); a new
+    trace without one. The caller decided (``unsampled``) that this hop is recorded."""
     _load_otel()
     parent = event.extensions.get("traceparent")
-    return Scope(f"{topic} process", SpanKind.CONSUMER, parent, lambda: {
+    return Scope(f"{topic} process", SpanKind.CONSUMER, _remote(parent), lambda: {
         "messaging.system": "shoal", "messaging.destination.name": topic,
         "messaging.consumer.group.name": group, "messaging.message.id": event.id,
         "messaging.destination.partition.id": str(partition),
         "messaging.operation.type": "process", "shoal.offset": offset}, link_parent=True)
 
 
-def client_span(service: str, method: str, target: str, traceparent: Any = None) -> Scope:
+def client_span(service: str, method: str, target: str, traceparent: Any = None
+                ) -> Scope | Carried:
     """A ``CLIENT`` span around a mesh call; send its ``traceparent``. A ``traceparent`` the
     caller gave is the parent, else the current span."""
+    carried = unsampled_here() if traceparent is None else unsampled(traceparent)
+    if carried is not None:
+        return Carried(carried)
+    return client_scope(service, method, target, traceparent)
+
+
+def client_scope(service: str, method: str, target: str, traceparent: Any = None) -> Scope:
+    """``client_span`` once decided recorded (``unsampled``/``unsampled_here``)."""
     _load_otel()
-    parent = _IN_PROCESS if traceparent is None else traceparent
-    return Scope(f"{method} {service}", SpanKind.CLIENT, parent, lambda: {
-        "http.request.method": method, "server.address": service,
-        "url.path": target.split("?", 1)[0][:256], "shoal.service": service})
+    return Scope(f"{method} {service}", SpanKind.CLIENT,
+                 _here() if traceparent is None else _remote(traceparent), lambda: {
+                     "http.request.method": method, "server.address": service,
+                     "url.path": target.split("?", 1)[0][:256], "shoal.service": service})
 
 
 def server_span(service: str, method: str, path: str, traceparent: bytes | str | None
-                ) -> Scope:
+                ) -> Scope | Carried:
     """A ``SERVER`` span for one request, continuing its ``traceparent`` (else a new trace)."""
+    carried = unsampled(traceparent)
+    if carried is not None:
+        return Carried(carried)
+    return server_scope(service, method, path, traceparent)
+
+
+def server_scope(service: str, method: str, path: str, traceparent: bytes | str | None
+                 ) -> Scope:
+    """``server_span`` once decided recorded (``unsampled``)."""
     _load_otel()
-    return Scope(f"{method} {service}", SpanKind.SERVER, traceparent,
+    return Scope(f"{method} {service}", SpanKind.SERVER, _remote(traceparent),
                  lambda: {"http.request.method": method, "url.path": path[:256],
                           "shoal.service": service})
 

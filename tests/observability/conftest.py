@@ -25,7 +25,7 @@ def fresh_metrics() -> Iterator[metrics.Metrics]:
 def spans() -> Iterator[InMemorySpanExporter]:
     """Tracing on, into memory."""
     exporter = InMemorySpanExporter()
-    tracing.enable_tracing(exporter, service_name="test")
+    tracing.enable_tracing(exporter, service_name="test", sample_ratio=1.0)
     try:
         yield exporter
     finally:

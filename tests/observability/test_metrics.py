@@ -95,6 +95,7 @@ async def test_outcomes_retry_dead_letter_and_drop_are_counted(fresh_metrics: Me
     outcomes = {o: value(s, "shoal_events_delivered_total", topic="t", group="g", outcome=o)
                 for o in metrics.OUTCOMES}
     assert outcomes == {"success": 2, "retry": 2, "dead_letter": 1, "drop": 1}
+    assert value(s, "shoal_event_latency_seconds_count", topic="t", group="g") == 2
     assert value(s, "shoal_events_published_total", topic="t.dlq") == 1
     assert value(s, "shoal_events_published_total", topic="t") == 4
     assert set(lag) >= {("t", "g")}

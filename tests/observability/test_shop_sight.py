@@ -110,7 +110,7 @@ async def test_the_running_shop_is_seen(tmp_path: Path) -> None:
     manifest.write_text(MANIFEST.format(dir=tmp_path))
     async with collector() as (spans, endpoint):
         env = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
-               "OTEL_BSP_SCHEDULE_DELAY": "100",
+               "OTEL_BSP_SCHEDULE_DELAY": "100", "OTEL_TRACES_SAMPLER": "always_on",
                "PYTHONPATH": f"{SHOP}{os.pathsep}{ROOT}"}
         log = (tmp_path / "up.log").open("wb")
         process = await asyncio.create_subprocess_exec(

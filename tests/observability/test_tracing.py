@@ -145,6 +145,7 @@ async def test_otlp_export_reaches_a_collector(monkeypatch: pytest.MonkeyPatch) 
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     try:
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_on")  # the default records 1%
         assert tracing.enable_tracing_from_env("otlp-test") is not None
         async with EventBus.connect("memory://trace-otlp") as bus:
             await bus.publish("t", 1)
