@@ -35,8 +35,8 @@ Decisions, written down once:
   task and no coroutine. Anything else, and a try that must be retried, continues on the
   coroutine path from where it stopped, with what was decided kept (route, destination,
   endpoint), so no choice is made twice. Observability: ``on_route`` is called the same;
-  ``observe_gateway`` with metrics or tracing on wraps ``handle``, and then the server
-  finds no fast handler and every request takes the coroutine path.
+  ``observe_gateway`` keeps the fast path (its ``fast_handle`` counts the request), and
+  only a request whose trace is recorded takes the coroutine path.
 * **Mirrors are fire-and-forget** and only for buffered bodies; at most ``MAX_MIRRORS``
   are in flight (more are skipped, never queued), and their responses are discarded.
 """

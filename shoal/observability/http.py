@@ -112,7 +112,108 @@ def observe_gateway(gateway: Any, *, metrics: _metrics.Metrics | None = None) ->
             return m.route("gateway", EVENTS_ROUTE, "gateway")
         return m.route("gateway", "unmatched", "gateway")
 
-    return _observed(handle, "gateway", fallback, in_context=False)
+    observed = _observed(handle, "gateway", fallback, in_context=False)
+    fast = getattr(gateway, "fast_handle", None)
+    if fast is None:
+        return observed
+    return _ObservedGateway(observed, fast, fallback).handle
+
+
+class _ObservedGateway:
+    """The observed gateway with its fast path kept: ``handle`` is the coroutine path
+    (``_observed``), ``fast_handle`` counts a request the same way without a task. A request
+    whose trace is recorded (1% of new traces by default) takes ``handle``: its span needs
+    a context around the whole exchange. ``HttpServer`` pairs the bound ``handle`` with
+    ``fast_handle`` (``shoal.gateway.server``)."""
+
+    __slots__ = ("_fallback", "_fast", "_observed")
+
+    def __init__(self, observed: Handler, fast: Callable[..., Any],
+                 fallback: Callable[[Request], _metrics.RouteSeries | None]) -> None:
+        self._observed, self._fast, self._fallback = observed, fast, fallback
+
+    def handle(self, request: Request) -> Any:
+        """The coroutine path (``_observed``)."""
+        return self._observed(request)
+
+    def fast_handle(self, request: Request, answer: Callable[[Request, Any], None]) -> Any:
+        """``Gateway.fast_handle`` with the request counted under its route, as ``handle``
+        counts it; a recorded trace goes to ``handle``."""
+        if _tracing.tracer is not None:
+            given = request.headers.get(b"traceparent")
+            carried = _tracing.unsampled(given)
+            if carried is None:
+                return self._observed(request)
+            own = carried.encode()
+            if own != given:
+                _set_traceparent(request.headers, own)
+        exchange = _Exchange()
+        token = _exchange.set(exchange)
+        start = time.perf_counter()
+        def deliver(req: Request, resp: Any) -> None:  # a fast try's answer
+            if hasattr(resp, "__await__"):  # retried in a task: counted when it ends
+                answer(req, self._later(req, exchange, start, resp))
+            else:
+                self._finish(req, exchange, start, resp)
+                answer(req, resp)
+
+        try:
+            result = self._fast(request, deliver)
+        except BaseException:
+            _exchange.reset(token)
+            self._finish(request, exchange, start, None)
+            raise
+        _exchange.reset(token)
+        if getattr(result, "answer_later", False) is True:
+            return _Counted(result, self, request, exchange, start)
+        if hasattr(result, "__await__"):
+            return self._later(request, exchange, start, result)  # the coroutine path's rest
+        self._finish(request, exchange, start, result)
+        return result
+
+    async def _later(self, request: Request, exchange: _Exchange, start: float,
+                     pending: Awaitable[Any]) -> Any:
+        resp = None
+        try:
+            resp = await pending
+            return resp
+        finally:
+            self._finish(request, exchange, start, resp)
+
+    def _finish(self, request: Request, exchange: _Exchange, start: float, resp: Any) -> None:
+        """Count the request once: its status (500 when it ended without a response)."""
+        series = exchange.series
+        if series is not None:
+            exchange.series = None
+            series.in_flight -= 1
+        elif exchange.route is not None:
+            return  # counted already (or metrics are off)
+        else:
+            series = self._fallback(request)
+            exchange.route = "-"
+        if series is not None:
+            series.finished(getattr(resp, "status", 500), time.perf_counter() - start)
+
+
+class _Counted:
+    """A fast try the server may cancel (the client left): the request is then counted."""
+
+    __slots__ = ("_exchange", "_observer", "_request", "_start", "_try")
+    answer_later = True
+
+    def __init__(self, fast_try: Any, observer: _ObservedGateway, request: Request,
+                 exchange: _Exchange, start: float) -> None:
+        self._try, self._observer, self._request = fast_try, observer, request
+        self._exchange, self._start = exchange, start
+
+    def done(self) -> bool:
+        return self._try.done()
+
+    def cancel(self, msg: object = None) -> bool:
+        cancelled = self._try.cancel(msg)
+        if cancelled:
+            self._observer._finish(self._request, self._exchange, self._start, None)
+        return cancelled
 
 
 def observe_handler(handler: Handler, service: str, *,

@@ -340,3 +340,47 @@ async def test_fast_requests_leave_nothing_for_the_garbage_collector(env: Env) -
     finally:
         gc.enable()
     assert len(left) <= 1, left
+
+
+async def test_observed_gateway_keeps_the_fast_path_and_counts_each_request(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``observe_gateway`` with metrics and tracing on (as ``shoal up`` runs it): unrecorded
+    requests still take the fast path and are counted once under their route; a request
+    whose trace is recorded takes the coroutine path and gets its span."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from shoal.observability import metrics, tracing
+    from shoal.observability.http import observe_gateway
+
+    await env.backends.add("orders", "o1")
+    metrics.disable_metrics()
+    m = metrics.enable_metrics()
+    spans = InMemorySpanExporter()
+    tracing.enable_tracing(spans, service_name="gw", sample_ratio=0.0)
+    try:
+        await env.start([{"name": "orders", "match": {"path": {"prefix": "/o"}},
+                          "service": "orders"}], wait={"orders": 1})
+        assert env.server is not None and env.gateway is not None
+        env.server.handler = observe_gateway(env.gateway)
+        resp, _ = await env.json("GET", "/o/warm")  # opens the pooled connection
+        with counting(monkeypatch) as counts:
+            for i in range(20):
+                resp, seen = await env.json("GET", f"/o/{i}")
+                assert resp.status == 200
+                sent = {k.lower(): v for k, v in seen["headers"]}["traceparent"]
+                assert sent.endswith("-00")  # unrecorded: carried on, no span
+            resp = await env.request("GET", "/nowhere")
+            assert resp.status == 404
+            await resp.aread()
+            parent = "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"
+            resp, seen = await env.json("GET", "/o/traced", headers=[("traceparent", parent)])
+            assert resp.status == 200
+        assert counts == {"fast": 20, "failed_fast": 0, "run_tasks": 1}  # the traced one
+        series = m.route("orders", "orders", "gateway")
+        assert series.codes == {200: 22} and series.in_flight == 0
+        assert m.route("gateway", "unmatched", "gateway").codes == {404: 1}
+        tracing.provider.force_flush()  # type: ignore[union-attr]
+        assert [s.name for s in spans.get_finished_spans()] == ["GET orders"]
+    finally:
+        tracing.disable_tracing()
+        metrics.disable_metrics()
