@@ -9,23 +9,27 @@ uvloop, calls it through ``MeshClient`` - the whole proxyless stack - once witho
 (``plain``, the peer) and once with ``tls=MeshTLS(...)`` (``mtls``: client certificate,
 the server's SPIFFE id checked), interleaved over ``--rounds`` rounds after a warm-up,
 so connections are open and handshakes are not what is measured: this is the steady
-cost of TLS records on keep-alive connections. Identities come from a fresh CA, issued
-from CSRs like an instance's.
+cost of TLS records on keep-alive connections (the server keeps idle connections for
+the whole run, and ``connections opened`` shows that no round reconnected). Identities
+come from a fresh CA, issued from CSRs like an instance's.
 
-Figures per mode: ``--concurrency`` closed-loop workers (req/s, p50, client CPU per
-request) and sequential calls (p50). Headline: throughput ratio mtls/plain (the target:
-at least 0.85, i.e. at most 15% lower). The last line is one JSON object.
+Figures per mode: ``--concurrency`` closed-loop workers (req/s, p50, client and server
+CPU per request) and sequential calls (p50). Headline: throughput ratio mtls/plain (the
+target: at least 0.85, i.e. at most 15% lower). The last line is one JSON object; the
+load average before and after is printed, since the machine is shared.
 
-Measured so far (2 shared CPUs under heavy load from other jobs, 10000 requests, 3
-rounds): concurrent ratio 0.21 and 0.26, sequential 0.39 and 0.58 - the target is NOT
-met. Where it goes: OpenSSL's own work is about 6 us per exchange (both sides, memory
-BIOs, measured alone); a bare uvloop echo over TLS costs about 30 us more CPU per
-exchange than over TCP, and the full HTTP path 35-100 us more (worse with 32 connections
-than with one). That is the event loop's memory-BIO TLS machinery (a Python-level
-``SSLObject`` call per record, a 256 KiB read buffer per call), not the mesh's code: the
-SNI swap and SPIFFE check run once per handshake, and plain ``ssl.SSLContext`` objects
-measure no better. Closing the gap needs TLS below Python (kernel TLS, which asyncio's
-memory BIOs cannot use, or a native terminator).
+Where the cost was: the event loop's TLS transport handed a plain ``asyncio.Protocol``
+each read as ``SSLObject.read(262144)`` - a fresh 256 KiB ``bytes`` per read, i.e. an
+mmap, a page fault, an mremap and a munmap on both ends of every call (``strace -c``:
+one of each per read; ``perf``: page faults and munmap about 12% of all CPU). The client
+and server connections over TLS are now ``BufferedProtocol``s decrypting into one reused
+buffer (``shoal.mesh.tls_reads``). Measured in one run before/after (2 shared CPUs,
+10000 requests, 3 rounds, see the commit log for the series): concurrent ratio 0.56
+before (0.21 and 0.26 measured earlier), 0.9-1.0 after; CPU per request at 32
+connections, client/server, plain ~25/23 us, mtls 75/80 us before, ~40/45 us after. What
+remains is OpenSSL's record work and the loop's TLS bookkeeping, about 10-20 us per side;
+it shows most with one connection (sequential ratio ~0.6: each call wakes both processes,
+so nothing is amortized and the TLS code runs from cold caches).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _measure import closed_loop
 
 from shoal.control.ca import CertificateAuthority
-from shoal.gateway.server import HttpServer, Response
+from shoal.gateway.server import HttpServer, Request, Response, ServerLimits
 from shoal.mesh.client import MeshClient
 from shoal.mesh.registry import Instance, Registry
 from shoal.mesh.security import Identity, MeshTLS
@@ -71,11 +76,20 @@ def issue(ca: CertificateAuthority, service: str) -> Identity:
 
 
 # -- the backend process ------------------------------------------------------------------
+def answer(request: Request) -> Response:
+    """``ok``; on ``/cpu`` this process's CPU seconds so far (read between phases)."""
+    if request.path == "/cpu":
+        return Response(repr(time.process_time()).encode())
+    return OK
+
+
 async def serve(directory: str) -> None:
     d = Path(directory)
     identity = Identity.load(d / "cert.pem", d / "key.pem", d / "bundle.pem")
-    plain = HttpServer(lambda request: OK)
-    mtls = HttpServer(lambda request: OK, ssl=MeshTLS(identity).server_context)
+    # Idle connections of one mode wait while the other runs: keep them all run long.
+    limits = ServerLimits(keep_alive_timeout=3600)
+    plain = HttpServer(answer, limits=limits)
+    mtls = HttpServer(answer, limits=limits, ssl=MeshTLS(identity).server_context)
     await plain.start("127.0.0.1", 0)
     await mtls.start("127.0.0.1", 0)
     print(json.dumps({"plain": plain.port, "mtls": mtls.port}), flush=True)
@@ -119,6 +133,9 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     async def mtls_get() -> bytes:
         return await (await mtls.get("http://echo/")).aread()
 
+    async def server_cpu() -> float:
+        return float(await (await plain.get("http://plain/cpu")).aread())
+
     modes = {"plain": plain_get, "mtls": mtls_get}
     runs: dict[str, dict[str, list[dict[str, float]]]] = {m: {} for m in modes}
     try:
@@ -128,8 +145,11 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             for name, get in modes.items():
                 for phase, conc, count in (("sequential", 1, args.requests // 4),
                                            ("concurrent", args.concurrency, args.requests)):
-                    runs[name].setdefault(phase, []).append(
-                        await closed_loop(get, count, conc, b"ok"))
+                    before = await server_cpu()
+                    figures = await closed_loop(get, count, conc, b"ok")
+                    figures["server_cpu_us"] = round(
+                        (await server_cpu() - before) / count * 1e6, 1)
+                    runs[name].setdefault(phase, []).append(figures)
         opened = {name: sum(p.opened for p in mesh.upstream(svc)._pools.values())
                   for name, mesh, svc in (("plain", plain, "plain"), ("mtls", mtls, "echo"))}
     finally:
@@ -164,7 +184,10 @@ def main() -> None:
     if args.serve:
         uvloop.run(serve(args.serve))
         return
+    load_before = os.getloadavg()
     res = uvloop.run(bench(args))
+    res["load_average"] = {"before": [round(x, 2) for x in load_before],
+                           "after": [round(x, 2) for x in os.getloadavg()]}
     plain, mtls = res["plain"], res["mtls"]
     headline = {
         "throughput_ratio_mtls_over_plain": round(
@@ -181,13 +204,18 @@ def main() -> None:
             ("sequential req/s", "sequential", "rps"),
             (f"concurrent({args.concurrency}) req/s", "concurrent", "rps"),
             (f"concurrent({args.concurrency}) p50 us", "concurrent", "p50_us"),
-            (f"concurrent({args.concurrency}) client CPU us/req", "concurrent", "cpu_us")]
+            (f"concurrent({args.concurrency}) client CPU us/req", "concurrent", "cpu_us"),
+            (f"concurrent({args.concurrency}) server CPU us/req", "concurrent", "server_cpu_us"),
+            ("sequential client CPU us/req", "sequential", "cpu_us"),
+            ("sequential server CPU us/req", "sequential", "server_cpu_us")]
     for label, phase, key in rows:
         print(f"{label:34} {plain[phase][key]:>10} {mtls[phase][key]:>10}")
     print(f"{'connections opened':34} {res['connections_opened']['plain']:>10} "
           f"{res['connections_opened']['mtls']:>10}")
     for key, value in headline.items():
         print(f"{key:34} {value:>10}")
+    print(f"{'load average (1, 5, 15 min)':34} before {res['load_average']['before']}, "
+          f"after {res['load_average']['after']}")
     print(json.dumps({"bench": "mesh_tls", "requests": args.requests,
                       "concurrency": args.concurrency, "rounds": args.rounds,
                       "cpus": os.cpu_count(), **headline, **res}))
