@@ -14,7 +14,9 @@ buffer that ``get_buffer`` returns (``SSLObject.read(n, buffer)``, no allocation
 (``class X(TlsReads, Streaming, asyncio.BufferedProtocol)`` - the streaming class must
 derive from ``asyncio.BaseProtocol``, not ``asyncio.Protocol``, or loops ignore
 ``get_buffer``), and their ``data_received`` gets a ``bytes`` copy of exactly what
-arrived. Plaintext connections keep the loop's own ``data_received`` path.
+arrived. Plaintext connections keep the loop's own ``data_received`` path. A protocol we
+do not own (uvicorn's, serving a ``Service`` over mTLS) is wrapped instead:
+``buffered_reads(factory)`` makes each connection a ``BufferedReads`` forwarding to it.
 
 The buffer is per thread: loops call ``get_buffer`` and then ``buffer_updated`` with
 nothing in between on that thread, and the copy is taken before ``buffer_updated`` returns,
@@ -24,9 +26,12 @@ releases the GIL while it decrypts, so a buffer shared across threads would not 
 
 from __future__ import annotations
 
+import asyncio
 import threading
+from collections.abc import Callable
+from typing import Any
 
-__all__ = ["READ_BUFFER_SIZE", "TlsReads"]
+__all__ = ["READ_BUFFER_SIZE", "BufferedReads", "TlsReads", "buffered_reads"]
 
 READ_BUFFER_SIZE = 256 * 1024
 """Bytes a TLS connection may decrypt per read (uvloop's own per-read maximum)."""
@@ -53,3 +58,49 @@ class TlsReads:
     def buffer_updated(self, nbytes: int) -> None:
         """``nbytes`` arrived at the start of the buffer: hand a copy to ``data_received``."""
         self.data_received(_buffer()[:nbytes].tobytes())  # type: ignore[attr-defined]
+
+
+class BufferedReads(TlsReads, asyncio.BufferedProtocol):
+    """A ``BufferedProtocol`` in front of a streaming ``protocol`` (which keeps its own
+    transport: it may switch protocols, as uvicorn's does for a WebSocket upgrade)."""
+
+    __slots__ = ("protocol",)
+
+    def __init__(self, protocol: asyncio.BaseProtocol) -> None:
+        self.protocol: Any = protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.protocol.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.protocol.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.protocol.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.protocol.resume_writing()
+
+    def eof_received(self) -> bool | None:
+        return self.protocol.eof_received()  # type: ignore[no-any-return]
+
+    def data_received(self, data: bytes) -> None:
+        self.protocol.data_received(data)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.protocol.data_received(_buffer()[:nbytes].tobytes())
+
+
+def buffered_reads(factory: Callable[..., asyncio.BaseProtocol]
+                   ) -> Callable[..., BufferedReads]:
+    """``factory`` (a protocol class or factory, any arguments) with every protocol it
+    makes wrapped in ``BufferedReads``: e.g. ``uvicorn.Config(http=buffered_reads(
+    HttpToolsProtocol), ...)`` for a server that only takes TLS connections."""
+
+    def make(*args: Any, **kwargs: Any) -> BufferedReads:
+        return BufferedReads(factory(*args, **kwargs))
+
+    alpn = getattr(factory, "alpn_protocols", None)  # what uvicorn reads off its class
+    if alpn is not None:
+        make.alpn_protocols = alpn  # type: ignore[attr-defined]
+    return make
