@@ -36,14 +36,14 @@ __all__ = ["READ_BUFFER_SIZE", "BufferedReads", "TlsReads", "buffered_reads"]
 READ_BUFFER_SIZE = 256 * 1024
 """Bytes a TLS connection may decrypt per read (uvloop's own per-read maximum)."""
 
-_local = threading.local()
+class _ThreadBuffer(threading.local):
+    """``view``: this thread's read buffer (made on first use in each thread)."""
+
+    def __init__(self) -> None:
+        self.view = memoryview(bytearray(READ_BUFFER_SIZE))
 
 
-def _buffer() -> memoryview:
-    view: memoryview | None = getattr(_local, "view", None)
-    if view is None:
-        view = _local.view = memoryview(bytearray(READ_BUFFER_SIZE))
-    return view
+_local = _ThreadBuffer()
 
 
 class TlsReads:
@@ -53,11 +53,11 @@ class TlsReads:
 
     def get_buffer(self, sizehint: int) -> memoryview:
         """The thread's read buffer (whatever the hint: the loop reads at most its size)."""
-        return _buffer()
+        return _local.view
 
     def buffer_updated(self, nbytes: int) -> None:
         """``nbytes`` arrived at the start of the buffer: hand a copy to ``data_received``."""
-        self.data_received(_buffer()[:nbytes].tobytes())  # type: ignore[attr-defined]
+        self.data_received(_local.view[:nbytes].tobytes())  # type: ignore[attr-defined]
 
 
 class BufferedReads(TlsReads, asyncio.BufferedProtocol):
@@ -88,7 +88,7 @@ class BufferedReads(TlsReads, asyncio.BufferedProtocol):
         self.protocol.data_received(data)
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.protocol.data_received(_buffer()[:nbytes].tobytes())
+        self.protocol.data_received(_local.view[:nbytes].tobytes())
 
 
 def buffered_reads(factory: Callable[..., asyncio.BaseProtocol]

@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import os
 import socket
+import threading
 import tracemalloc
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -24,7 +25,7 @@ from shoal.control.ca import CertificateAuthority
 from shoal.gateway.server import HttpServer, Request, Response
 from shoal.mesh.http1 import ConnectionPool, Http1Connection, TlsHttp1Connection
 from shoal.mesh.security import MeshTLS
-from shoal.mesh.tls_reads import READ_BUFFER_SIZE, buffered_reads
+from shoal.mesh.tls_reads import READ_BUFFER_SIZE, BufferedReads, buffered_reads
 from tests.security.conftest import issue
 
 LOOPS = pytest.mark.parametrize("run", [asyncio.run, uvloop.run], ids=["asyncio", "uvloop"])
@@ -170,3 +171,15 @@ def test_uvicorn_over_mtls_reads_through_buffered_reads(
             sock.close()
 
     run(scenario())
+
+
+def test_each_thread_decrypts_into_its_own_buffer() -> None:
+    """OpenSSL releases the GIL while it decrypts: loops in two threads must not share."""
+    conn = BufferedReads(asyncio.Protocol())
+    mine = conn.get_buffer(-1)
+    theirs: list[memoryview] = []
+    thread = threading.Thread(target=lambda: theirs.append(conn.get_buffer(-1)))
+    thread.start()
+    thread.join()
+    assert mine is conn.get_buffer(0) and len(mine) == READ_BUFFER_SIZE
+    assert theirs[0] is not mine and len(theirs[0]) == READ_BUFFER_SIZE
