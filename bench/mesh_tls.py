@@ -23,15 +23,23 @@ load average before and after is printed, since the machine is shared.
 Where the cost was: the event loop's TLS transport handed a plain ``asyncio.Protocol``
 each read as ``SSLObject.read(262144)`` - a fresh 256 KiB ``bytes`` per read, i.e. an
 mmap, a page fault, an mremap and a munmap on both ends of every call (``strace -c``:
-one of each per read; ``perf``: page faults and munmap about 12% of all CPU). The client
-and server connections over TLS are now ``BufferedProtocol``s decrypting into one reused
-buffer (``shoal.mesh.tls_reads``). Measured in one run before/after (2 shared CPUs,
-10000 requests, 3 rounds, see the commit log for the series): concurrent ratio 0.56
-before (0.21 and 0.26 measured earlier), 0.9-1.0 after; CPU per request at 32
-connections, client/server, plain ~25/23 us, mtls 75/80 us before, ~40/45 us after. What
-remains is OpenSSL's record work and the loop's TLS bookkeeping, about 10-20 us per side;
-it shows most with one connection (sequential ratio ~0.6: each call wakes both processes,
-so nothing is amortized and the TLS code runs from cold caches).
+one of each per read; ``perf``: page faults and munmap about 12% of all CPU). Connections
+were reused (32 opened for 32 workers), one TLS record went each way per call, the SNI
+swap and SPIFFE check ran once per handshake: none of the other suspects. The client and
+server connections over TLS are now ``BufferedProtocol``s decrypting into one reused
+buffer (``shoal.mesh.tls_reads``).
+
+Measured (2 CPUs shared with other engineers' test runs, load average 5-7; the main
+branch's code and this one alternated, 10000 requests, 4 rounds, same bench): throughput
+ratio mtls/plain 0.47, 0.43, 0.53 before; 0.80, 0.65, 1.02 after. CPU per request at 32
+connections, client + server, plain/mtls: 0.49, 0.43, 0.59 before; 0.69, 0.68, 0.66
+after (the extra CPU of mTLS per call went from about 150 us to about 70 us). In quieter
+moments (load ~5) the throughput ratio was 0.90-1.03 and the CPU ratio about 0.85. What
+remains is OpenSSL 3.0's record work (about 5 us per record) and the loop's TLS
+bookkeeping (Python-level ``SSLObject`` calls), 10-35 us per side depending on how
+loaded and cache-cold the machine is; it weighs most with one connection (sequential
+ratio 0.5-0.8), where each call wakes both processes and nothing is amortized. The
+target (at least 0.85) is met on a quiet machine, not reliably on a loaded one.
 """
 
 from __future__ import annotations

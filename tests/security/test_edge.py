@@ -52,8 +52,8 @@ def public_pem(key: Any) -> bytes:
 
 def token(key: Any = KEY, alg: str = "ES256", headers: dict[str, Any] | None = None,
           **claims: Any) -> bytes:
-    now = int(time.time())
-    body = {"iss": ISSUER, "aud": AUDIENCE, "exp": now + 300, "iat": now, "sub": "alice",
+    now = int(time.time())  # a day: parametrized tokens are made at collection, not run
+    body = {"iss": ISSUER, "aud": AUDIENCE, "exp": now + 86400, "iat": now, "sub": "alice",
             **claims}
     body = {k: v for k, v in body.items() if v is not None}
     return b"Bearer " + jwt.encode(body, key, algorithm=alg, headers=headers).encode()
