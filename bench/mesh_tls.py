@@ -29,17 +29,19 @@ swap and SPIFFE check ran once per handshake: none of the other suspects. The cl
 server connections over TLS are now ``BufferedProtocol``s decrypting into one reused
 buffer (``shoal.mesh.tls_reads``).
 
-Measured (2 CPUs shared with other engineers' test runs, load average 5-7; the main
-branch's code and this one alternated, 10000 requests, 4 rounds, same bench): throughput
-ratio mtls/plain 0.47, 0.43, 0.53 before; 0.80, 0.65, 1.02 after. CPU per request at 32
-connections, client + server, plain/mtls: 0.49, 0.43, 0.59 before; 0.69, 0.68, 0.66
-after (the extra CPU of mTLS per call went from about 150 us to about 70 us). In quieter
-moments (load ~5) the throughput ratio was 0.90-1.03 and the CPU ratio about 0.85. What
-remains is OpenSSL 3.0's record work (about 5 us per record) and the loop's TLS
-bookkeeping (Python-level ``SSLObject`` calls), 10-35 us per side depending on how
-loaded and cache-cold the machine is; it weighs most with one connection (sequential
-ratio 0.5-0.8), where each call wakes both processes and nothing is amortized. The
-target (at least 0.85) is met on a quiet machine, not reliably on a loaded one.
+Measured (2 CPUs shared with other engineers' test runs; main's code and this one
+alternated, same bench, 10000 requests, 4 rounds): throughput ratio mtls/plain before
+0.47, 0.43, 0.53 (load 6-7) and 0.47 (load 1); after 0.80, 0.65, 1.02 (load 6-7) and
+0.73, 0.58 (load 1). CPU per request at 32 connections, client + server, plain/mtls:
+0.43-0.59 before, 0.63-0.69 after - the extra CPU of mTLS per call went from about
+120-200 us to 55-80 us (plain: about 125 us through the whole MeshClient stack). Earlier
+runs with the modes' phases not back to back gave 0.38-1.5 after: noise. THE TARGET (at
+least 0.85) IS NOT MET. What remains is OpenSSL 3.0's record work (about 5 us per record,
+EVP parameter lookups included) and the loop's TLS bookkeeping (Python-level
+``SSLObject`` calls, BIO copies), 25-40 us per side; sequential calls pay it unamortized
+(ratio 0.5-0.8). Not tried: binding ``SSLObject.read``/``write``/``pending`` to the C
+methods (a few us per side, under the noise here); coalescing uvicorn's two writes per
+response (the Service server; ``HttpServer``, measured here, writes one).
 """
 
 from __future__ import annotations
