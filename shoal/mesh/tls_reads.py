@@ -5,9 +5,10 @@ An event loop's TLS transport hands a plain ``asyncio.Protocol`` its data by cal
 loop does the same): each call allocates a 256 KiB ``bytes`` object and shrinks it to the
 few hundred bytes of one HTTP exchange. Above glibc's mmap threshold (128 KiB) that is an
 ``mmap``, a page fault, an ``mremap`` and a ``munmap`` per read, on both ends of every
-call (``strace -c``: one of each per read). It was most of what strict mTLS cost over
-plaintext in ``bench/mesh_tls.py``: at 32 keep-alive connections, CPU per call went from
-75 to 45 us on the client and from 80 to 46 us on the server (plaintext: 25 and 23).
+call (``strace -c``: one of each per read). It was the largest part of what strict mTLS
+cost over plaintext: calling ``bench/mesh_tls.py``'s backend through a bare
+``ConnectionPool`` at 32 keep-alive connections, CPU per call went from 75 to 45 us on
+the client and from 80 to 46 us on the server (plaintext: 25 and 23).
 
 Given an ``asyncio.BufferedProtocol`` instead, both loops decrypt straight into the
 buffer that ``get_buffer`` returns (``SSLObject.read(n, buffer)``, no allocation).
