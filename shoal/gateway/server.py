@@ -1,4 +1,4 @@
-"""The gateway's HTTP/1.1 server core: an ``asyncio.Protocol`` on ``httptools``, built for
+"""The gateway's HTTP/1.1 server core: an asyncio protocol on ``httptools``, built for
 hostile clients and for speed.
 
 ``HttpServer(handler, limits=ServerLimits(...))`` listens on TCP or a unix socket; every
@@ -104,6 +104,7 @@ import msgspec
 from shoal.errors import ShoalError
 from shoal.mesh.http1 import ChunkIterator
 from shoal.mesh.security.spiffe import spiffe_id_of_peercert
+from shoal.mesh.tls_reads import TlsReads
 from shoal.units import parse_duration, parse_size
 
 __all__ = [
@@ -615,8 +616,12 @@ def _date_line() -> bytes:
 
 
 # -- the connection --------------------------------------------------------------------------
-class _ServerConnection(asyncio.Protocol):
-    """One client connection: parses requests, checks them, runs the handler, writes answers."""
+class _ServerConnection(asyncio.BaseProtocol):
+    """One client connection: parses requests, checks them, runs the handler, writes answers.
+
+    A streaming protocol (``data_received``); TLS connections are ``_TlsServerConnection``,
+    a ``BufferedProtocol`` that decrypts into a reused buffer (see ``shoal.mesh.tls_reads``).
+    """
 
     __slots__ = (
         "_active",
@@ -705,7 +710,7 @@ class _ServerConnection(asyncio.Protocol):
         self._host_count = 0
         self._framing: list[tuple[bytes, bytes]] | None = None
 
-    # -- asyncio.Protocol --------------------------------------------------------------------
+    # -- asyncio protocol callbacks -----------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
         server = self._server
@@ -1447,6 +1452,12 @@ class _ServerConnection(asyncio.Protocol):
         self._transport.abort()
 
 
+class _TlsServerConnection(TlsReads, _ServerConnection, asyncio.BufferedProtocol):
+    """A ``_ServerConnection`` over TLS."""
+
+    __slots__ = ()
+
+
 class _DropConnection(Exception):
     """Raised in a parser callback to end the connection without an answer."""
 
@@ -1550,9 +1561,10 @@ class HttpServer:
         if self._shutting:
             raise RuntimeError("the server was shut down")
         loop = self._loop = asyncio.get_running_loop()
-        factory = self._factory
+        factory: Callable[[], _ServerConnection] = self._factory
         tls: dict[str, Any] = {}
         if self.ssl is not None:
+            factory = self._tls_factory
             tls = {"ssl": self.ssl, "ssl_handshake_timeout": self.limits.header_timeout or None}
 
         if path is not None:
@@ -1574,6 +1586,9 @@ class HttpServer:
     def _factory(self) -> _ServerConnection:
         return _ServerConnection(self)
 
+    def _tls_factory(self) -> _ServerConnection:
+        return _TlsServerConnection(self)
+
     async def adopt(self, sock: socket.socket, *, ssl: _ssl.SSLContext | None = None) -> None:
         """Serve one connection accepted elsewhere (TLS with ``ssl``): the hook of
         ``shoal.mesh.security.PermissiveListener``."""
@@ -1585,7 +1600,8 @@ class HttpServer:
         extra: dict[str, Any] = {}
         if ssl is not None:
             extra["ssl_handshake_timeout"] = self.limits.header_timeout or None
-        await self._loop.connect_accepted_socket(self._factory, sock, ssl=ssl, **extra)
+        factory = self._factory if ssl is None else self._tls_factory
+        await self._loop.connect_accepted_socket(factory, sock, ssl=ssl, **extra)
 
     async def shutdown(self, grace: float = 10.0) -> None:
         """Stop accepting, close idle connections, let requests in progress finish within

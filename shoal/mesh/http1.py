@@ -1,6 +1,6 @@
 """The mesh client's hot path: a lean HTTP/1.1 client on httptools with keep-alive pools.
 
-One ``Http1Connection`` is an ``asyncio.Protocol`` speaking HTTP/1.1 to one endpoint (TCP
+One ``Http1Connection`` is an asyncio protocol speaking HTTP/1.1 to one endpoint (TCP
 ``host:port`` or a unix socket); a ``ConnectionPool`` keeps a LIFO stack of idle keep-alive
 connections per endpoint. A request runs entirely in the caller's task: the head is encoded
 with one bytes join and written with one ``transport.write``; the caller awaits one future
@@ -65,6 +65,7 @@ import httptools
 import msgspec
 
 from shoal.errors import ConnectError, ConnectionLost, ProtocolError, ShoalError
+from shoal.mesh.tls_reads import TlsReads
 
 __all__ = [
     "MAX_HEAD_BYTES",
@@ -74,6 +75,7 @@ __all__ = [
     "ConnectionPool",
     "Http1Connection",
     "Response",
+    "TlsHttp1Connection",
     "format_address",
     "parse_address",
 ]
@@ -349,8 +351,11 @@ class ExchangeListener(Protocol):
         """The exchange failed (``resp``: its head, if it had arrived)."""
 
 
-class Http1Connection(asyncio.Protocol):
-    """One HTTP/1.1 client connection; one exchange at a time, reusable when keep-alive."""
+class Http1Connection(asyncio.BaseProtocol):
+    """One HTTP/1.1 client connection; one exchange at a time, reusable when keep-alive.
+
+    A streaming protocol (loops call ``data_received``); over TLS ``open`` makes a
+    ``TlsHttp1Connection`` instead, which is a ``BufferedProtocol`` (see ``tls_reads``)."""
 
     __slots__ = (
         "_broken", "_content_length", "_drain_waiter", "_eof", "_head_bytes", "_head_done",
@@ -400,7 +405,7 @@ class Http1Connection(asyncio.Protocol):
                    ssl: _ssl.SSLContext | None = None) -> Http1Connection:
         """Connect to ``address`` (over TLS with ``ssl``); ``ConnectError`` if refused,
         unreachable, too slow, or the TLS handshake or peer verification failed."""
-        conn = cls(address, owner=owner)
+        conn = (TlsHttp1Connection if ssl is not None else cls)(address, owner=owner)
         loop, target = conn._loop, conn.target
         try:
             async with asyncio.timeout(connect_timeout):
@@ -710,7 +715,7 @@ class Http1Connection(asyncio.Protocol):
             self._reading_paused = False
             t.resume_reading()
 
-    # -- asyncio.Protocol ------------------------------------------------------------
+    # -- asyncio protocol callbacks --------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
         sock = transport.get_extra_info("socket")
@@ -883,6 +888,12 @@ class Http1Connection(asyncio.Protocol):
         self._message_done = True
         self._raw_remaining = 0
         self._keep_alive = self._parser.should_keep_alive()
+
+
+class TlsHttp1Connection(TlsReads, Http1Connection, asyncio.BufferedProtocol):
+    """An ``Http1Connection`` over TLS: the loop decrypts into a reused buffer."""
+
+    __slots__ = ()
 
 
 def _reads_to_eof(resp: Response) -> bool:
