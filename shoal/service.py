@@ -738,10 +738,13 @@ class _UvicornServer:
         import uvicorn
 
         from shoal.mesh.security.asgi_server import PeerIdentityProtocol
+        from shoal.mesh.tls_reads import buffered_reads
         from shoal.observability.http import ObservedASGI
 
+        # over TLS, reads land in one reused buffer (see shoal.mesh.tls_reads)
+        http = PeerIdentityProtocol if ssl is None else buffered_reads(PeerIdentityProtocol)
         config = uvicorn.Config(  # metrics (and /metrics), server spans: when switched on
-            ObservedASGI(service, service.name), loop="none", http=PeerIdentityProtocol,
+            ObservedASGI(service, service.name), loop="none", http=http,
             lifespan="off", log_level="warning", access_log=False, server_header=False,
             date_header=False, timeout_graceful_shutdown=None,
             ssl_context_factory=None if ssl is None else (lambda _config, _default: ssl),

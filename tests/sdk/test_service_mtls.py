@@ -197,3 +197,30 @@ async def test_a_running_service_renews_its_certificate_at_two_thirds_without_fa
         signer.cancel()
         await asyncio.gather(signer, return_exceptions=True)
         await store.close()
+
+
+async def test_strict_service_reads_tls_without_a_buffer_per_read() -> None:
+    """uvicorn under strict reads through ``buffered_reads``: a plain protocol would make
+    the loop allocate 256 KiB per TLS read (``shoal.mesh.tls_reads``)."""
+    import tracemalloc
+
+    url = "memory://svc-mtls-reads"
+    async with mesh(url) as (store, _ca):
+        back, front = make_back(), Service("front")
+        await back.start(broker=url, store=store, mtls="strict")
+        await front.start(broker=url, store=store, mtls="strict")
+        try:
+            assert (await front.call("back", "GET", "/who")).status == 200  # connected
+            tracemalloc.start()
+            try:
+                base = tracemalloc.get_traced_memory()[0]
+                tracemalloc.reset_peak()
+                for _ in range(20):
+                    assert (await front.call("back", "GET", "/who")).status == 200
+                peak = tracemalloc.get_traced_memory()[1] - base
+            finally:
+                tracemalloc.stop()
+            assert peak < 128 * 1024, peak
+        finally:
+            await front.stop(grace=0)
+            await back.stop(grace=0)

@@ -22,6 +22,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from shoal.mesh.security.authz import Decision
 from shoal.mesh.security.spiffe import spiffe_id_of_peercert
+from shoal.mesh.tls_reads import buffered_reads
 
 __all__ = ["PEER", "PeerIdentityProtocol", "UvicornAdopter", "forbidden", "peer_identity"]
 
@@ -68,8 +69,8 @@ class UvicornAdopter:
         """Serve ``sock`` (TLS with ``ssl``; the handshake is awaited here)."""
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         extra = {"ssl_handshake_timeout": self.handshake_timeout} if ssl is not None else {}
-        await asyncio.get_running_loop().connect_accepted_socket(
-            self._factory, sock, ssl=ssl, **extra)
+        factory = self._factory if ssl is None else buffered_reads(self._factory)
+        await asyncio.get_running_loop().connect_accepted_socket(factory, sock, ssl=ssl, **extra)
 
 
 async def forbidden(send: Any, service: str, decision: Decision) -> None:
