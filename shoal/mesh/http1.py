@@ -454,23 +454,8 @@ class Http1Connection(asyncio.BaseProtocol):
     async def request(self, method: str | bytes, target: str | bytes,
                       headers: HeaderList = (), body: Body = None) -> Response:
         """Send one request; return the ``Response`` once its head has arrived."""
-        if self._in_exchange:
-            raise RuntimeError(f"{self!r} already has an exchange in progress")
-        m = _to_bytes(method)
-        self._begin_exchange(m == b"HEAD")
-        try:
-            head, stream, length = self._encode_head(m, _to_bytes(target), headers, body)
-        except BaseException:
-            self._in_exchange = False  # nothing was written: the connection is untouched
-            if self._owner is not None:
-                self._owner._release(self, self.is_reusable())
-            raise
-        t = self._transport
-        if self.closed or self._eof or t is None or t.is_closing():
-            exc = ConnectionLost(self.label, f"connection to {self.label} was closed by the "
-                                 "peer before the request was written", request_sent=False)
-            self._end_exchange_failed(exc)
-            raise exc
+        t, head, stream, length = self._open_exchange(
+            _to_bytes(method), _to_bytes(target), headers, body)
         waiter = self._head_waiter = self._loop.create_future()
         try:
             if stream is None:
@@ -495,21 +480,18 @@ class Http1Connection(asyncio.BaseProtocol):
             self._head_waiter = None  # the caller owns the response; only it may keep it alive
         return resp
 
-    def send_nowait(self, method: bytes, target: bytes, headers: HeaderList,
-                    body: bytes | None, listener: ExchangeListener) -> None:
-        """Write a request with no body or a bytes body, without awaiting anything: the
-        response is reported to ``listener``'s callbacks (see ``ExchangeListener``).
-
-        Raises what ``request`` raises before writing (``ValueError`` for a bad header,
-        ``ConnectionLost(request_sent=False)`` if the connection is dead); then no callback
-        is ever made and the connection is back in its pool (or closed)."""
+    def _open_exchange(self, method: bytes, target: bytes, headers: HeaderList, body: Body
+                       ) -> tuple[Any, bytes, AsyncIterable[bytes] | None, int | None]:
+        """Begin an exchange: the transport to write on and the encoded head (plus the body
+        stream and its length, if streamed). Raises before anything is written (a bad header,
+        or ``ConnectionLost(request_sent=False)``), the connection then untouched."""
         if self._in_exchange:
             raise RuntimeError(f"{self!r} already has an exchange in progress")
         self._begin_exchange(method == b"HEAD")
         try:
-            head, _, _ = self._encode_head(method, target, headers, body)
+            head, stream, length = self._encode_head(method, target, headers, body)
         except BaseException:
-            self._in_exchange = False
+            self._in_exchange = False  # nothing was written: the connection is untouched
             if self._owner is not None:
                 self._owner._release(self, self.is_reusable())
             raise
@@ -519,6 +501,17 @@ class Http1Connection(asyncio.BaseProtocol):
                                  "peer before the request was written", request_sent=False)
             self._end_exchange_failed(exc)
             raise exc
+        return t, head, stream, length
+
+    def send_nowait(self, method: bytes, target: bytes, headers: HeaderList,
+                    body: bytes | None, listener: ExchangeListener) -> None:
+        """Write a request with no body or a bytes body, without awaiting anything: the
+        response is reported to ``listener``'s callbacks (see ``ExchangeListener``).
+
+        Raises what ``request`` raises before writing (``ValueError`` for a bad header,
+        ``ConnectionLost(request_sent=False)`` if the connection is dead); then no callback
+        is ever made and the connection is back in its pool (or closed)."""
+        t, head, _, _ = self._open_exchange(method, target, headers, body)
         t.write(head if body is None else head + body)
         self._request_done = True
         self._listener = listener
