@@ -44,10 +44,12 @@ async def test_up_routes_through_the_gateway_and_the_admin_api_scales(tmp_path):
     try:
         async with httpx.AsyncClient(timeout=5) as client:
             seen = set()
-            for _ in range(6):
+            for _ in range(40):  # least request picks among ties at random: 6 was 3% flaky
                 r = await client.get(f"{plane.gateway_url}/echo/x")
                 assert r.status_code == 200
                 seen.add(r.json()["instance"])
+                if len(seen) == 2:
+                    break
             assert seen == {"echo-1", "echo-2"}
             admin = plane.admin_url
             services = (await client.get(f"{admin}/api/services")).json()
