@@ -29,13 +29,12 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import msgspec
 import uvloop
 
-from shoal.mesh.http1 import ConnectionPool
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from shop import orders  # the same client and order stream as bench/shop.py
 
 ROOT = Path(__file__).resolve().parents[1]
 SHOP = ROOT / "examples" / "shop"
@@ -80,38 +79,12 @@ async def run_once(mode: str, n: int, concurrency: int) -> dict[str, float]:
                 if m:
                     break
             ready, gateway = float(m.group(1)), m.group(2).removeprefix("http://")
-            accepted, settled = await place(gateway, n, concurrency)
+            accepted, settled = await orders(f"http://{gateway}", n, concurrency)
             return {"ready_s": ready, "accepted_per_s": n / accepted,
                     "settled_per_s": n / settled}
         finally:
             process.terminate()
             await process.wait()
-
-
-async def place(gateway: str, n: int, concurrency: int) -> tuple[float, float]:
-    """Place ``n`` orders: (seconds until all accepted, until all settled or failed)."""
-    todo = list(range(n))
-    headers = [(b"content-type", b"application/json")]
-    async with ConnectionPool(gateway, max_connections=concurrency) as client:
-        async def worker() -> None:
-            while todo:
-                i = todo.pop()
-                order = {"order_id": f"b{i}", "customer": f"c{i % 101}", "sku": f"s{i % 7}",
-                         "quantity": 1, "amount": i % 900}
-                r = await client.request("POST", "/orders", headers, msgspec.json.encode(order))
-                body = await r.aread()
-                if r.status != 202:
-                    raise SystemExit(f"order {i}: HTTP {r.status} {body[:200]!r}")
-
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        accepted = time.perf_counter() - started
-        while True:
-            r = await client.request("GET", "/orders")
-            counts = msgspec.json.decode(await r.aread())["counts"]
-            if counts.get("settled", 0) + counts.get("failed", 0) >= n:
-                return accepted, time.perf_counter() - started
-            await asyncio.sleep(0.25)
 
 
 async def main() -> None:
