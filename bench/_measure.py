@@ -35,3 +35,34 @@ async def closed_loop(get: Get, n: int, concurrency: int, expect: bytes) -> dict
         "p99_us": round(latencies[int(done * 0.99)] * 1e6, 1),
         "cpu_us": round(cpu / done * 1e6, 1),
     }
+
+
+async def _self_check(n: int = 200_000, concurrency: int = 32) -> dict[str, object]:
+    """What the harness itself adds per request: ``closed_loop`` over a ``get`` that answers
+    at once, against the same workers awaiting the same ``get`` untimed (the peer)."""
+
+    async def get() -> bytes:
+        return b"ok"
+
+    async def bare() -> None:
+        for _ in range(n // concurrency):
+            await get()
+
+    timed: list[float] = []
+    plain: list[float] = []
+    for _ in range(3):  # interleaved rounds, medians
+        timed.append(1e6 / (await closed_loop(get, n, concurrency, b"ok"))["rps"])
+        t0 = time.perf_counter()
+        await asyncio.gather(*(bare() for _ in range(concurrency)))
+        plain.append((time.perf_counter() - t0) / n * 1e6)
+    harness, peer = sorted(timed)[1], sorted(plain)[1]
+    return {"bench": "_measure", "requests": n, "concurrency": concurrency,
+            "harness_us_per_req": round(harness, 3), "bare_await_us_per_req": round(peer, 3),
+            "harness_over_bare": round(harness / peer, 2),
+            "added_us_per_req": round(harness - peer, 3)}
+
+
+if __name__ == "__main__":  # the harness measured against bare awaits
+    import json
+
+    print(json.dumps(asyncio.run(_self_check())))

@@ -8,7 +8,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 
 def free_port() -> int:
@@ -108,3 +108,30 @@ def otlp_collector() -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait()
+
+
+def _self_check() -> dict[str, object]:
+    """How long each peer takes to be ready (what a bench pays before measuring), against
+    the floor of starting any process (``python -c pass``), in the same run."""
+    import sys
+
+    def timed(start: Callable[[], contextlib.AbstractContextManager[object]]) -> float | None:
+        t0 = time.perf_counter()
+        with start() as ready:
+            took = time.perf_counter() - t0
+        return None if ready is None else round(took, 3)
+
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "pass"], check=True)
+    floor = round(time.perf_counter() - t0, 3)
+    figures = {"redis_ready_s": timed(redis_server), "nats_ready_s": timed(nats_server),
+               "otlp_stub_ready_s": timed(otlp_collector), "process_floor_s": floor}
+    ratios = {f"{k.removesuffix('_ready_s')}_over_floor": round(v / floor, 2)
+              for k, v in figures.items() if k != "process_floor_s" and v is not None}
+    return {"bench": "_servers", **figures, **ratios}
+
+
+if __name__ == "__main__":  # each peer's start-up, against a bare process start
+    import json
+
+    print(json.dumps(_self_check()))
