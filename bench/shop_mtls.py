@@ -34,28 +34,10 @@ from pathlib import Path
 import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shop import orders  # the same client and order stream as bench/shop.py
+from shop import MANIFEST as SHOP_MANIFEST  # the same shop as bench/shop.py,
+from shop import SHOP, orders  # the same client and order stream
 
-ROOT = Path(__file__).resolve().parents[1]
-SHOP = ROOT / "examples" / "shop"
-MANIFEST = """
-security: {{mtls: {mode}}}
-broker: sqlite:///{dir}/events.db
-store: sqlite:///{dir}/store.db
-admin: {{listen: 127.0.0.1:0}}
-gateway:
-  listen: 127.0.0.1:0
-  routes:
-    - {{name: place-order, match: {{path: {{exact: /orders}}, methods: [POST]}}, service: orders}}
-    - {{name: read-orders, match: {{path: {{prefix: /orders}}, methods: [GET]}},
-       service: orders-view}}
-services:
-  orders: {{app: shop.orders:svc, replicas: 2}}
-  inventory: {{app: shop.inventory:svc, replicas: 2}}
-  payments: {{app: shop.payments:svc, replicas: 2}}
-  billing: {{app: shop.billing:svc, replicas: 1}}
-  orders-view: {{app: shop.view:svc, replicas: 1}}
-"""
+MANIFEST = "security: {{mtls: {mode}}}" + SHOP_MANIFEST  # bench/shop.py's shop
 
 
 async def run_once(mode: str, n: int, concurrency: int) -> dict[str, float]:
