@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from shoal.events.bus import EventBus
+from tests.shop_manifest import SHOP_HEAD
 
 ROOT = Path(__file__).resolve().parents[2]
 SHOP = ROOT / "examples" / "shop"
@@ -28,16 +29,7 @@ LIMIT = 500  # SHOP_PAYMENT_LIMIT: larger amounts are declined
 
 pytestmark = pytest.mark.slow
 
-MANIFEST = """
-broker: sqlite:///{dir}/events.db
-store: sqlite:///{dir}/store.db
-admin: {{listen: 127.0.0.1:0}}
-gateway:
-  listen: 127.0.0.1:0
-  routes:
-    - {{name: place-order, match: {{path: {{exact: /orders}}, methods: [POST]}}, service: orders}}
-    - {{name: read-orders, match: {{path: {{prefix: /orders}}, methods: [GET]}},
-       service: orders-view}}
+MANIFEST = SHOP_HEAD + """\
 services:
   orders:
     app: shop.orders:svc

@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import eventually
 from tests.mesh_identity import get_over_mtls, mesh_identity
+from tests.shop_manifest import SHOP_HEAD
 
 ROOT = Path(__file__).resolve().parents[2]
 SHOP = ROOT / "examples" / "shop"
@@ -36,16 +37,7 @@ SERVICES = ("orders", "inventory", "payments", "billing", "orders-view")
 
 pytestmark = pytest.mark.slow
 
-MANIFEST = """
-broker: sqlite:///{dir}/events.db
-store: sqlite:///{dir}/store.db
-admin: {{listen: 127.0.0.1:0}}
-gateway:
-  listen: 127.0.0.1:0
-  routes:
-    - {{name: place-order, match: {{path: {{exact: /orders}}, methods: [POST]}}, service: orders}}
-    - {{name: read-orders, match: {{path: {{prefix: /orders}}, methods: [GET]}},
-       service: orders-view}}
+MANIFEST = SHOP_HEAD + """\
 services:
   orders: {{app: shop.orders:svc}}
   inventory: {{app: shop.inventory:svc}}
