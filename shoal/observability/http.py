@@ -128,7 +128,7 @@ class _ObservedGateway:
 
     __slots__ = ("_fallback", "_fast", "_observed")
 
-    def __init__(self, observed: Handler, fast: Callable[..., Any],
+    def __init__(self, observed: Callable[..., Any], fast: Callable[..., Any],
                  fallback: Callable[[Request], _metrics.RouteSeries | None]) -> None:
         self._observed, self._fast, self._fallback = observed, fast, fallback
 
@@ -139,14 +139,8 @@ class _ObservedGateway:
     def fast_handle(self, request: Request, answer: Callable[[Request, Any], None]) -> Any:
         """``Gateway.fast_handle`` with the request counted under its route, as ``handle``
         counts it; a recorded trace goes to ``handle``."""
-        if _tracing.tracer is not None:
-            given = request.headers.get(b"traceparent")
-            carried = _tracing.unsampled(given)
-            if carried is None:
-                return self._observed(request)
-            own = carried.encode()
-            if own != given:
-                _set_traceparent(request.headers, own)
+        if _tracing.tracer is not None and _unrecorded(request) is None:
+            return self._observed(request, True)  # decided once: recorded
         exchange = _Exchange()
         token = _exchange.set(exchange)
         start = time.perf_counter()
@@ -244,14 +238,14 @@ def observe_handler(handler: Handler, service: str, *,
 def _observed(handle: Callable[[Request], Awaitable[Any]], service: str,
               fallback: Callable[[Request], _metrics.RouteSeries | None] | None,
               in_context: bool = True) -> Handler:
-    async def observed(request: Request) -> Any:
+    async def observed(request: Request, recorded: bool = False) -> Any:
         exchange = _Exchange()
         token = _exchange.set(exchange)
         start = time.perf_counter()
         status = 500
         try:
-            scope = None if _tracing.tracer is None else _server_scope(request, service,
-                                                                       in_context)
+            scope = None if _tracing.tracer is None else _server_scope(
+                request, service, in_context, recorded)
             if scope is None:
                 resp = await handle(request)
             else:
@@ -276,7 +270,7 @@ def _observed(handle: Callable[[Request], Awaitable[Any]], service: str,
     return observed
 
 
-def _server_scope(request: Request, service: str, in_context: bool
+def _server_scope(request: Request, service: str, in_context: bool, recorded: bool = False
                   ) -> _tracing.Scope | _tracing.Carried | None:
     """The tracing of one request, decided before it runs: a recorded ``SERVER`` span
     continuing its ``traceparent``, whose own replaces the request's header (the next
@@ -284,17 +278,28 @@ def _server_scope(request: Request, service: str, in_context: bool
     ``00``), or a new unsampled trace's when it had none or a malformed one. Then
     ``in_context`` makes that ``traceparent`` current for the handler (whose calls and
     publishes send it on); the gateway, forwarding the header itself, needs nothing."""
+    carried = None if recorded else _unrecorded(request)
+    if carried is None:
+        headers = request.headers
+        scope = _tracing.server_scope(service, request.method, request.path,
+                                      headers.get(b"traceparent"))
+        _set_traceparent(headers, scope.traceparent.encode())
+        return scope
+    return _tracing.Carried(carried) if in_context else None
+
+
+def _unrecorded(request: Request) -> str | None:
+    """Whether ``request``'s hop goes unrecorded: then its ``traceparent`` (the one it came
+    with, or a new unsampled trace's, which replaces a missing or malformed header);
+    ``None``: record it. Decided once per request (a new trace's draw is random)."""
     headers = request.headers
     given = headers.get(b"traceparent")
     carried = _tracing.unsampled(given)
-    if carried is None:
-        scope = _tracing.server_scope(service, request.method, request.path, given)
-        _set_traceparent(headers, scope.traceparent.encode())
-        return scope
-    own = carried.encode()
-    if own != given:
-        _set_traceparent(headers, own)
-    return _tracing.Carried(carried) if in_context else None
+    if carried is not None:
+        own = carried.encode()
+        if own != given:
+            _set_traceparent(headers, own)
+    return carried
 
 
 def _set_traceparent(headers: Any, value: bytes) -> None:
