@@ -59,21 +59,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _servers import _wait_port, free_port
+from http_server import WRK_SCRIPT, run_wrk  # the same wrk driver as the other benches
 
 PROXIES = ("shoal", "shoal-coro", "shoal-2w", "nginx", "haproxy", "aiohttp")
 OBSERVED = ("shoal", "shoal-obs")  # --observability: off against metrics + tracing
 BODY = '{"message":"Hello, World!"}'
 
-WRK_SCRIPT = """
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    'WRKJSON {"requests": %d, "duration_us": %d, "errors": %d, "non2xx": %d, '
-    .. '"p50_us": %d, "p99_us": %d}\\n',
-    summary.requests, summary.duration, e.connect + e.read + e.write + e.timeout, e.status,
-    latency:percentile(50), latency:percentile(99)))
-end
-"""
 
 NGINX_COMMON = """
 daemon off;
@@ -252,22 +243,6 @@ def ensure_tools() -> dict[str, str]:
         if None in found.values():
             raise SystemExit(f"still missing after apt-get install: {found}")
     return found  # type: ignore[return-value]
-
-
-def run_wrk(wrk: str, script: str, port: int, connections: int, duration: float
-            ) -> dict[str, float]:
-    out = subprocess.run(
-        [wrk, "-t1", f"-c{connections}", f"-d{duration:g}s", "-s", script,
-         f"http://127.0.0.1:{port}/"],
-        check=True, capture_output=True, text=True).stdout
-    line = next(x for x in out.splitlines() if x.startswith("WRKJSON "))
-    raw = json.loads(line[len("WRKJSON "):])
-    return {
-        "rps": round(raw["requests"] / (raw["duration_us"] / 1e6)),
-        "p50_ms": round(raw["p50_us"] / 1000, 3),
-        "p99_ms": round(raw["p99_us"] / 1000, 3),
-        "errors": raw["errors"] + raw["non2xx"],
-    }
 
 
 def _tree(pid: int) -> list[int]:
