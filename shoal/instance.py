@@ -42,6 +42,7 @@ import sys
 from typing import Any
 
 from shoal.control.load import LoadReporter
+from shoal.control.timeline import mark
 from shoal.errors import ConfigError, ShoalError
 from shoal.mesh.resilience import TrafficPolicy, load_traffic_policy
 from shoal.service import Service
@@ -162,6 +163,7 @@ async def run(svc: Service, args: argparse.Namespace) -> int:
         starting.result()
         line = {"event": "ready", "instance": svc.instance_id, "service": svc.name,
                 "listen": svc.address, "pid": os.getpid()}
+        mark(f"instance: {svc.instance_id} ready")
         sys.stdout.write(json.dumps(line) + "\n")
         sys.stdout.flush()
         reporter = None
@@ -213,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.policies_json is not None:
             args.policies = {**(args.policies or {}), **parse_policies(args.policies_json)}
         svc = load_app(args.app)
+        mark(f"instance: {args.instance_id or svc.name} app loaded")
         args.security = security_options(svc.name, manifest, args.mtls, args.trust_domain)
         from shoal.observability import enable_metrics
         from shoal.observability.tracing import enable_tracing_from_env

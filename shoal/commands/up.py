@@ -49,16 +49,21 @@ def up(manifest: ManifestArg = Path(MANIFEST_NAME),
            "--ready-timeout", help="Seconds to wait for every instance to be ready.")] = 60.0,
        ) -> None:
     """Run the control plane, the gateway and every service instance in the foreground."""
+    from shoal.control.timeline import mark
+
+    mark("cli: command parsed")
     from shoal.config import load_manifest
     from shoal.control.plan import plan_from_manifest
     from shoal.control.plane import ControlPlane
 
+    mark("cli: plane imported")
     try:
         overrides = {k: v for k, v in (("gateway_listen", gateway_listen),
                                        ("admin_listen", admin_listen)) if v is not None}
         plan = plan_from_manifest(load_manifest(manifest), **overrides)
     except ShoalError as e:
         _fail(str(e))
+    mark("cli: manifest parsed")
 
     async def main() -> int:
         loop = asyncio.get_running_loop()
@@ -83,6 +88,7 @@ def up(manifest: ManifestArg = Path(MANIFEST_NAME),
             return EXIT_ERROR
         print(f"shoal up: ready in {plane.ready_after:.2f}s: gateway {plane.gateway_url}, "
               f"admin {plane.admin_url}", flush=True)
+        mark("cli: ready line printed")
         await stop.wait()
         print("shoal up: stopping (draining every instance)", flush=True)
         await plane.close()

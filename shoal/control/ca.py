@@ -46,6 +46,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from shoal.control.timeline import mark
 from shoal.errors import CertificateError, ShoalError
 from shoal.mesh.security.issuance import (
     BUNDLE_KEY,
@@ -413,6 +414,7 @@ class CertificateSigner:
             record = IssuedCertificate(service, instance, digest, error=str(exc))
             self.refused += 1
         await self.store.put(issued_key(service, instance), _encoder.encode(record))
+        mark(f"ca: answered {instance}")
         await self.store.delete(key, expected_revision=revision)
 
     async def run(self, *, bundle_check: float = 60.0) -> None:

@@ -38,6 +38,8 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from shoal.control.timeline import mark
+
 SERVER_FD = 3
 MAX_MESSAGE = 1 << 20
 
@@ -123,6 +125,8 @@ def _child(request: dict[str, Any], output: int, server: socket.socket,
         os.environ.update(request["env"])
         _reseed()
         from shoal.instance import main
+
+        mark(f"instance: forked ({request['argv'][1] if len(request['argv']) > 1 else '?'})")
 
         code = main(list(request["argv"]))
     except SystemExit as e:
@@ -270,6 +274,7 @@ class ForkServer:
     def start(self) -> None:
         """Begin starting the server (its imports) in the background."""
         if self._starting is None:
+            mark("plane: fork server asked for")
             self._starting = asyncio.get_running_loop().create_task(self._start())
 
     async def ready(self) -> bool:
@@ -296,6 +301,7 @@ class ForkServer:
         if "ready" not in hello:
             raise OSError("the fork server did not start")
         self.alive = True
+        mark("plane: fork server up")
         self._pump = asyncio.get_running_loop().create_task(self._read_messages())
 
     async def _read_messages(self) -> None:
@@ -379,11 +385,13 @@ def _hand_over(fd: int) -> None:  # pragma: no cover - runs in the server before
 
 def main() -> None:
     """``python -m shoal.control.forkserver``: import what instances need, then serve."""
+    mark("forkserver: started")
     import shoal.instance  # noqa: F401 - the point: imported once, inherited by every fork
 
     with contextlib.suppress(ImportError):
         import uvloop  # noqa: F401
 
+    mark("forkserver: imports done")
     serve(socket.socket(fileno=SERVER_FD))
 
 

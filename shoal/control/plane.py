@@ -55,6 +55,7 @@ from shoal.control.forkserver import ForkServer
 from shoal.control.restart import RestartPolicy
 from shoal.control.scaling import AutoscalerLoop
 from shoal.control.supervisor import Launch, Output, Supervisor, _print_line
+from shoal.control.timeline import mark
 from shoal.errors import ConfigError
 from shoal.events.bus import EventBus
 from shoal.gateway.config import GatewayConfig, ListenAddress
@@ -230,15 +231,20 @@ class ControlPlane:
             # Instances first: their start (mostly imports) overlaps the plane's own.
             for name, service in plan.services.items():
                 await self.supervisor.scale(name, service.replicas)
+            mark("plane: instances asked for")
             self.bus = await EventBus.connect(plan.broker, store=plan.store,
                                               source=CONTROL_SOURCE)
+            mark("plane: bus and store open")
             if MtlsMode.parse(plan.mtls, where="Plan.mtls").uses_tls:
                 await self._start_security()
+                mark("plane: CA and identities ready")
             self.monitor = await HealthMonitor(
                 self.bus.store, self.bus, config=plan.health, tls=self.tls).start()
+            mark("plane: health monitor started")
             self.supervisor.exit_hooks.append(self._release_dead)
             if plan.gateway is not None:
                 await self._start_gateway(plan.gateway, gateway_socks)
+                mark("plane: gateway serving")
             self._sampler = Sampler(metrics, bus=self.bus, interval=5.0,
                                     instances=self.monitor.cache.instances).start()
             await self._start_admin(admin_sock, metrics)
@@ -247,8 +253,11 @@ class ControlPlane:
                 self.bus, policies, replicas=self.supervisor.replicas, scale=self.scale_to,
                 interval=plan.autoscale_interval).start()
             self.monitor.cache.on_instance(self._wake_autoscaler)
+            mark("plane: admin and autoscaler started")
             await self.supervisor.wait_ready(ready_timeout)
+            mark("plane: every instance said ready")
             await self._wait_registered(ready_timeout)
+            mark("plane: every instance registered")
             self.ready_after = time.monotonic() - self.started_at
         except BaseException:
             await self.close()

@@ -40,6 +40,7 @@ from typing import Any
 
 from shoal.control.forkserver import ForkedProcess, ForkServer
 from shoal.control.restart import ExitVerdict, InstanceLife, LifeState, RestartPolicy
+from shoal.control.timeline import mark
 from shoal.errors import ConfigError, ShoalError
 
 log = logging.getLogger("shoal.control")
@@ -248,6 +249,7 @@ class Supervisor:
             env = self.env if self.env_for is None else {**self.env, **self.env_for(inst.service)}
             try:
                 inst.process = await self._spawn(argv, env)
+                mark(f"supervisor: {inst.id} spawned (pid {inst.process.pid})")
             except OSError as e:
                 inst.output.append(f"cannot start {argv[0]}: {e}")
                 verdict = inst.life.on_exit(self._clock(), None, inst.output)
@@ -318,6 +320,7 @@ class Supervisor:
         if isinstance(info, dict) and info.get("event") == "ready":
             inst.ready_info = info
             inst.life.on_ready(self._clock())
+            mark(f"supervisor: {inst.id} ready line read")
             inst.ready.set()
             self._notify(inst, "ready")
 
