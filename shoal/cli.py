@@ -31,6 +31,7 @@ from shoal.commands.gateway import gateway as gateway_command
 from shoal.commands.routes import routes_app
 from shoal.commands.sidecar import sidecar as sidecar_command
 from shoal.commands.top import top
+from shoal.commands.up import launch_forkserver
 from shoal.commands.up import register as register_runtime_commands
 from shoal.commands.validate import validate as validate_command
 from shoal.errors import ConfigError, InvalidEvent, ShoalError, TopicError
@@ -722,6 +723,8 @@ app.command()(top)  # shoal top (shoal/commands/top.py)
 
 def main() -> None:
     """Entry point of the ``shoal`` console script."""
+    if sys.argv[1:2] == ["up"]:  # its fork server starts importing now (shoal/commands/up.py)
+        launch_forkserver()
     app(prog_name="shoal")
 
 

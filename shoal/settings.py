@@ -19,12 +19,14 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from shoal import config
 from shoal.errors import ConfigError
 from shoal.events.brokers.connect import DEFAULT_BROKER_URL
 from shoal.events.bus import default_store_for
+
+if TYPE_CHECKING:  # the schema (pydantic) is loaded only when a manifest is read: every
+    from shoal import config  # `shoal` command imports this module, `shoal up` first
 
 MANIFEST_NAME = "shoal.yaml"
 BROKER_ENV = "SHOAL_BROKER"
@@ -127,6 +129,8 @@ def one_line(error: config.ManifestError) -> ConfigError:
 def parse_manifest(text: str, path: Path) -> Manifest:
     """The ``broker:`` and ``store:`` of a manifest's text, after validating all of it with
     the manifest schema (``shoal.config``); ``ConfigError`` naming the file and line."""
+    from shoal import config
+
     try:
         return connections(config.parse_manifest(text, path), path)
     except config.ManifestError as e:
@@ -137,6 +141,8 @@ def load_manifest(path: Path) -> Manifest | None:
     """The manifest at ``path``, or None if there is no such file."""
     if not path.exists() and not path.is_symlink():
         return None
+    from shoal import config
+
     try:
         return connections(config.load_manifest(path), path)
     except config.ManifestError as e:

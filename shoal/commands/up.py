@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sys
 import urllib.error
@@ -52,49 +53,8 @@ def up(manifest: ManifestArg = Path(MANIFEST_NAME),
     from shoal.control.timeline import mark
 
     mark("cli: command parsed")
-    from shoal.config import load_manifest
-    from shoal.control.plan import plan_from_manifest
-    from shoal.control.plane import ControlPlane
-
-    mark("cli: plane imported")
-    try:
-        overrides = {k: v for k, v in (("gateway_listen", gateway_listen),
-                                       ("admin_listen", admin_listen)) if v is not None}
-        plan = plan_from_manifest(load_manifest(manifest), **overrides)
-    except ShoalError as e:
-        _fail(str(e))
-    mark("cli: manifest parsed")
-
-    async def main() -> int:
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        plane = ControlPlane(plan)
-        starting = asyncio.ensure_future(plane.start(ready_timeout))
-        stopping = asyncio.ensure_future(stop.wait())
-        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        if not starting.done():
-            starting.cancel()
-            await asyncio.gather(starting, return_exceptions=True)
-            await plane.close()
-            print("shoal up: stopped before it was ready", flush=True)
-            return 0
-        stopping.cancel()
-        try:
-            starting.result()
-        except (ShoalError, TimeoutError) as e:
-            sys.stderr.write(f"shoal: error: {e}\n")
-            return EXIT_ERROR
-        print(f"shoal up: ready in {plane.ready_after:.2f}s: gateway {plane.gateway_url}, "
-              f"admin {plane.admin_url}", flush=True)
-        mark("cli: ready line printed")
-        await stop.wait()
-        print("shoal up: stopping (draining every instance)", flush=True)
-        await plane.close()
-        print("shoal up: stopped", flush=True)
-        return 0
-
+    overrides = {k: v for k, v in (("gateway_listen", gateway_listen),
+                                   ("admin_listen", admin_listen)) if v is not None}
     try:
         import uvloop
 
@@ -102,8 +62,83 @@ def up(manifest: ManifestArg = Path(MANIFEST_NAME),
     except ImportError:  # pragma: no cover
         runner = asyncio.Runner()
     with runner:
-        code = runner.run(main())
+        code = runner.run(_up(manifest, overrides, ready_timeout))
     raise typer.Exit(code)
+
+
+_early_forkserver: Any = None  # launched by launch_forkserver() before the CLI parsed
+
+
+def launch_forkserver() -> None:
+    """Launch the fork server of ``shoal up`` at once, before the CLI parses its arguments
+    (typer's parameters load pydantic) and imports the plane, so that its own imports run
+    in parallel with those. It serves instances whose manifest is in the working directory
+    (``./shoal.yaml``, the usual case; for another directory the plane starts another).
+    Nothing is launched if ``SHOAL_FORKSERVER=0``."""
+    global _early_forkserver
+    if os.environ.get("SHOAL_FORKSERVER", "1") == "0" or _early_forkserver is not None:
+        return
+    from shoal.control.forkserver import ForkServer, instance_environment
+
+    cwd = Path.cwd().resolve()
+    try:
+        _early_forkserver = ForkServer(instance_environment(cwd), str(cwd),
+                                       preload_later=True)
+        _early_forkserver.launch()
+    except OSError:  # the plane starts one later (or instances start the usual way)
+        _early_forkserver = None
+
+
+async def _up(manifest: Path, overrides: dict[str, str], ready_timeout: float) -> int:
+    from shoal.control.timeline import mark
+
+    global _early_forkserver
+    if _early_forkserver is None:  # not launched before the CLI parsed: launch it now
+        launch_forkserver()
+    forkserver, _early_forkserver = _early_forkserver, None
+    try:
+        from shoal.config import load_manifest
+        from shoal.control.plan import plan_from_manifest
+        from shoal.control.plane import ControlPlane
+
+        mark("cli: plane imported")
+        plan = plan_from_manifest(load_manifest(manifest), **overrides)
+        mark("cli: manifest parsed")
+        plane = ControlPlane(plan, forkserver=forkserver)
+    except BaseException as e:
+        if forkserver is not None:
+            await forkserver.close()
+        if isinstance(e, ShoalError):
+            sys.stderr.write(f"shoal: error: {e}\n")
+            return EXIT_ERROR
+        raise
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    starting = asyncio.ensure_future(plane.start(ready_timeout))
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+        await plane.close()
+        print("shoal up: stopped before it was ready", flush=True)
+        return 0
+    stopping.cancel()
+    try:
+        starting.result()
+    except (ShoalError, TimeoutError) as e:
+        sys.stderr.write(f"shoal: error: {e}\n")
+        return EXIT_ERROR
+    print(f"shoal up: ready in {plane.ready_after:.2f}s: gateway {plane.gateway_url}, "
+          f"admin {plane.admin_url}", flush=True)
+    mark("cli: ready line printed")
+    await stop.wait()
+    print("shoal up: stopping (draining every instance)", flush=True)
+    await plane.close()
+    print("shoal up: stopped", flush=True)
+    return 0
 
 
 def _admin_url(admin: str | None, manifest: Path) -> str:

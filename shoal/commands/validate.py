@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from shoal.config import MANIFEST_NAME, Manifest, ManifestError, ServiceConfig, load_manifest
+from shoal.settings import MANIFEST_NAME
+
+if TYPE_CHECKING:  # the schema (pydantic) is loaded when a manifest is checked, not by
+    from shoal.config import Manifest, ServiceConfig  # every `shoal` command
 
 EXIT_INVALID = 1
 
@@ -24,6 +27,8 @@ def validate(
         help=f"The manifest to check [default: ./{MANIFEST_NAME}]")] = Path(MANIFEST_NAME),
 ) -> None:
     """Check a manifest (schema, routes, policies) without running it."""
+    from shoal.config import ManifestError, load_manifest
+
     try:
         loaded = load_manifest(manifest)
     except ManifestError as e:

@@ -4,17 +4,30 @@
 importing the same modules before serving, so on two cores the fleet was ready seconds
 after one instance alone would be. ``ForkServer`` runs ``python -m
 shoal.control.forkserver`` once: it imports ``shoal.instance`` (the SDK, bus, Store,
-mesh, uvloop, Starlette) and forks each instance from there, which then only imports its
-app and starts (``shoal.instance.main`` with the instance's argv, environment and
+mesh, uvloop, Starlette, uvicorn) and forks each instance from there, which then only
+starts (``shoal.instance.main`` with the instance's argv, environment and
 directory). The server starts no thread and no event loop, so forking it is safe.
 
-Protocol, over a Unix socket pair (the server's end is its fd 3): the supervisor sends
-one JSON request ``{"argv", "env", "cwd"}`` per instance with the write end of the
-instance's output pipe attached (``SCM_RIGHTS``); the server answers ``{"pid"}`` (or
-``{"error"}``) and later ``{"exit": pid, "status": code}`` (``-N``: killed by signal N,
-as ``subprocess`` says). Only the server can reap its children, so their exit status
-comes from it; the supervisor sees the exit itself through a pidfd (``os.pidfd_open``),
-so a server killed with -9 cannot hide one, and it signals children by pid.
+**Preloading** (as ``gunicorn --preload``): the supervisor's first request names the
+modules every instance's start imports (its Store and broker adapters, the mesh's TLS
+under mTLS: ``startup_modules``) and the apps' own modules; the server
+imports them once, so a fork costs milliseconds and eight instances do not each import the
+same code at once. An app module that fails to import is left to its instances (which
+report the error as usual). An app whose import starts a thread would make forking unsafe
+(a lock held by that thread stays held in every child): the server then says so and
+exits, and ``ForkServer`` starts a new one without the apps. ``shoal up`` starts the server
+before its own imports and manifest validation, so the two warm up in parallel.
+
+Protocol, over a Unix socket pair (the server's end is its fd 3): the server says
+``{"ready": pid}``; the supervisor sends ``{"preload": {"modules": [...], "apps": [...]}}``
+(answered ``{"preloaded": [...], "failed": {module: error}}``, or ``{"unsafe": reason}``
+before the server exits), then one JSON request ``{"argv", "env", "cwd"}`` per instance
+with the write end of the instance's output pipe attached (``SCM_RIGHTS``); the server
+answers ``{"pid"}`` (or ``{"error"}``) and later ``{"exit": pid, "status": code}``
+(``-N``: killed by signal N, as ``subprocess`` says). Only the server can reap its
+children, so their exit status comes from it; the supervisor sees the exit itself
+through a pidfd (``os.pidfd_open``), so a server killed with -9 cannot hide one, and it
+signals children by pid.
 
 Lifetimes: the server gets SIGTERM when the supervisor's process dies (``PR_SET_PDEATHSIG``)
 and each child when the server dies, so no orphan is left; a child runs in its own
@@ -27,7 +40,9 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import importlib
 import json
+import logging
 import os
 import random
 import select
@@ -36,12 +51,71 @@ import socket
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from shoal.control.timeline import mark
 
 SERVER_FD = 3
 MAX_MESSAGE = 1 << 20
+EXIT_UNSAFE = 3  # the server's exit status after an app's import made forking unsafe
+
+log = logging.getLogger("shoal.control")
+
+MODULES_AT_FORK: frozenset[str] | None = None
+"""In a forked instance: the modules the server had imported when it forked (None
+elsewhere). What an instance imports itself is ``set(sys.modules) - MODULES_AT_FORK``."""
+
+_preloaded_apps: set[str] = set()  # in the server: modules imported by preloading apps
+
+STARTUP_MODULES = (
+    "shoal.instance", "uvloop", "uvicorn", "uvicorn.config", "uvicorn.server",
+    "uvicorn.lifespan.off", "uvicorn.logging", "uvicorn.protocols.websockets.auto",
+    "logging.config", "shoal.mesh.security.asgi_server", "shoal.mesh.tls_reads",
+    "shoal.observability.http",
+)
+"""What every instance's start imports (the server imports them before it says it is
+ready; a test checks that a forked instance imports nothing else of its own)."""
+ADAPTERS = ("memory", "sqlite", "nats", "redis")
+
+
+def startup_modules(broker: str, store: str, mtls: str) -> list[str]:
+    """What an instance with this broker, Store and mTLS mode imports as it starts, beyond
+    ``STARTUP_MODULES``: its two adapters, and the mesh's TLS unless mTLS is off."""
+    modules = []
+    for url, package in ((store, "shoal.store"), (broker, "shoal.events.brokers")):
+        scheme = url.split("://", 1)[0] if "://" in url else ""
+        if scheme in ADAPTERS:
+            modules.append(f"{package}.{scheme}")
+    if mtls in ("strict", "permissive"):  # the backend: loaded by the first key made
+        modules += ["shoal.mesh.security.identity", "shoal.mesh.security.tls",
+                    "cryptography.hazmat.backends.openssl"]
+    return modules
+
+
+@dataclass(frozen=True, slots=True)
+class Preload:
+    """What the server imports before its first fork: modules every instance's start
+    needs, then the apps' modules (``module`` of ``module:attribute``)."""
+
+    modules: tuple[str, ...] = ()
+    apps: tuple[str, ...] = ()
+
+    def as_json(self) -> dict[str, list[str]]:
+        """The request's body."""
+        return {"modules": list(self.modules), "apps": list(self.apps)}
+
+
+def instance_environment(base_dir: Path | str, environ: Mapping[str, str] | None = None
+                         ) -> dict[str, str]:
+    """The environment instances of an application in ``base_dir`` run in (and the fork
+    server): ``base_dir`` first on PYTHONPATH, unbuffered output."""
+    environ = os.environ if environ is None else environ
+    here = str(Path(base_dir).resolve())
+    rest = environ.get("PYTHONPATH")
+    return {**environ, "PYTHONPATH": here if not rest else f"{here}{os.pathsep}{rest}",
+            "PYTHONUNBUFFERED": "1"}
 
 
 def _recv(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
@@ -90,10 +164,11 @@ def _die_with_parent() -> None:
 
 
 def _reseed() -> None:
-    """Every inherited module-level ``random.Random`` of Shoal gets a fresh seed."""
+    """Every inherited module-level ``random.Random`` of Shoal and of the preloaded apps
+    gets a fresh seed."""
     random.seed()
     for name, module in list(sys.modules.items()):
-        if name == "shoal" or name.startswith("shoal."):
+        if name == "shoal" or name.startswith("shoal.") or name in _preloaded_apps:
             for value in list(vars(module).values()):
                 if isinstance(value, random.Random):
                     value.seed()
@@ -124,6 +199,8 @@ def _child(request: dict[str, Any], output: int, server: socket.socket,
         os.environ.clear()
         os.environ.update(request["env"])
         _reseed()
+        global MODULES_AT_FORK
+        MODULES_AT_FORK = frozenset(sys.modules)
         from shoal.instance import main
 
         mark(f"instance: forked ({request['argv'][1] if len(request['argv']) > 1 else '?'})")
@@ -140,6 +217,42 @@ def _child(request: dict[str, Any], output: int, server: socket.socket,
             sys.stdout.flush()
             sys.stderr.flush()
         os._exit(code)
+
+
+def _threads() -> int:
+    """Threads of this process (native ones included, where /proc says)."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        import threading
+
+        return threading.active_count()
+
+
+def preload(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """Import ``spec``'s modules, then its apps; the answer to a preload request."""
+    for kind in ("modules", "apps"):
+        names = spec.get(kind, [])
+        if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+            return {"error": f"bad request: preload.{kind}: expected a list of module names"}
+    done: list[str] = []
+    failed: dict[str, str] = {}
+    threads = _threads()
+    for kind in ("modules", "apps"):
+        for name in spec.get(kind, []):
+            before = set(sys.modules)
+            try:
+                importlib.import_module(name)
+            except BaseException as e:  # the instance will say it again
+                failed[name] = f"{type(e).__name__}: {e}"[:500]
+                continue
+            if kind == "apps":
+                _preloaded_apps.update(set(sys.modules) - before)
+            if _threads() > threads:
+                return {"unsafe": f"importing {name} started a thread: forking after that "
+                                  "is unsafe"}
+            done.append(name)
+    return {"preloaded": done, "failed": failed}
 
 
 def serve(server: socket.socket) -> None:
@@ -180,6 +293,16 @@ def serve(server: socket.socket) -> None:
                 continue
             if request is None:
                 break  # the supervisor hung up
+            if "preload" in request:
+                for fd in fds:
+                    os.close(fd)
+                answer = preload(request["preload"]) if isinstance(
+                    request["preload"], dict) else {"error": "bad request: preload: expected "
+                                                             "an object"}
+                _send(server, answer)
+                if "unsafe" in answer:
+                    sys.exit(EXIT_UNSAFE)
+                continue
             if len(fds) != 1 or not isinstance(request.get("argv"), list):
                 for fd in fds:
                     os.close(fd)
@@ -255,11 +378,14 @@ class ForkedProcess:
 class ForkServer:
     """The supervisor's side: start the server once, then ``spawn`` instances from it."""
 
-    def __init__(self, env: Mapping[str, str], cwd: str | None) -> None:
+    def __init__(self, env: Mapping[str, str], cwd: str | None,
+                 preload: Preload | None = None, *, preload_later: bool = False) -> None:
+        """``preload``: what the server imports before its first fork; ``preload_later``:
+        it is given later with ``preload()`` (the server is launched before it is known)."""
         self._env = dict(env)
         self._cwd = cwd
-        self._process: asyncio.subprocess.Process | None = None
-        self._sock: socket.socket | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._sock: socket.socket | None = None  # ours, once the server is launched
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._starting: asyncio.Task[None] | None = None
@@ -269,12 +395,46 @@ class ForkServer:
         self._statuses: dict[int, int] = {}
         self._said = asyncio.Event()
         self._pump: asyncio.Task[None] | None = None
+        self._preload = preload or Preload()
+        self._preload_given = asyncio.Event()
+        if not preload_later:
+            self._preload_given.set()
         self.alive = False
+        self.preloaded: list[str] = []  # what the serving server imported for its forks
+        self.failed: dict[str, str] = {}  # preloads that did not import: module -> error
+        self.unsafe: str | None = None  # why the apps are not preloaded, if they were unsafe
+
+    def matches(self, env: Mapping[str, str], cwd: str | None) -> bool:
+        """Whether this server forks instances into ``env`` and ``cwd``'s ``sys.path``."""
+        return self._env == dict(env) and self._cwd == cwd
+
+    def preload(self, spec: Preload) -> None:
+        """What to import before the first fork (for a server made with ``preload_later``)."""
+        self._preload = spec
+        self._preload_given.set()
+
+    def launch(self) -> None:
+        """Start the server's process now (no event loop needed): its imports run in
+        parallel with the caller's."""
+        if self._process is not None:
+            return
+        mark("fork server launched")
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "shoal.control.forkserver"], stdin=subprocess.DEVNULL,
+                env=self._env, cwd=self._cwd, pass_fds=(theirs.fileno(), SERVER_FD),
+                preexec_fn=lambda: _hand_over(theirs.fileno()))
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self._sock = ours
 
     def start(self) -> None:
-        """Begin starting the server (its imports) in the background."""
+        """Launch the server if needed and begin talking to it in the background."""
         if self._starting is None:
-            mark("plane: fork server asked for")
             self._starting = asyncio.get_running_loop().create_task(self._start())
 
     async def ready(self) -> bool:
@@ -286,23 +446,48 @@ class ForkServer:
         return self.alive
 
     async def _start(self) -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            self._process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "shoal.control.forkserver", stdin=subprocess.DEVNULL,
-                env=self._env, cwd=self._cwd, pass_fds=(theirs.fileno(), SERVER_FD),
-                preexec_fn=lambda: _hand_over(theirs.fileno()))
-        finally:
-            theirs.close()
-        ours.setblocking(False)
-        self._sock = ours
-        self._reader, self._writer = await asyncio.open_unix_connection(sock=ours)
-        hello = json.loads(await self._reader.readline() or b"{}")
-        if "ready" not in hello:
-            raise OSError("the fork server did not start")
+        without_apps = False
+        while True:
+            self.launch()
+            assert self._sock is not None
+            self._sock.setblocking(False)
+            self._reader, self._writer = await asyncio.open_unix_connection(sock=self._sock)
+            hello = json.loads(await self._reader.readline() or b"{}")
+            if "ready" not in hello:
+                raise OSError("the fork server did not start")
+            await self._preload_given.wait()
+            spec = self._preload
+            if without_apps:
+                spec = Preload(spec.modules)
+            if not spec.modules and not spec.apps:
+                break
+            self._writer.write(json.dumps({"preload": spec.as_json()}).encode() + b"\n")
+            await self._writer.drain()
+            answer = json.loads(await self._reader.readline() or b"{}")
+            if "unsafe" in answer and not without_apps:
+                self.unsafe = str(answer["unsafe"])
+                log.warning("fork server: %s; instances import their apps themselves",
+                            self.unsafe)
+                await self._end_server()
+                without_apps = True
+                continue
+            if "preloaded" not in answer:
+                raise OSError(f"the fork server could not preload: {answer}")
+            self.preloaded, self.failed = list(answer["preloaded"]), dict(answer["failed"])
+            break
         self.alive = True
         mark("plane: fork server up")
         self._pump = asyncio.get_running_loop().create_task(self._read_messages())
+
+    async def _end_server(self) -> None:
+        """Hang up on a server that exits by itself (after an unsafe preload), reap it; the
+        next ``launch`` starts another."""
+        if self._writer is not None:
+            self._writer.close()
+        process, self._process, self._sock = self._process, None, None
+        if process is not None and not await _exited(process, 5.0):
+            process.kill()
+            await _exited(process, 5.0)
 
     async def _read_messages(self) -> None:
         assert self._reader is not None
@@ -361,19 +546,28 @@ class ForkServer:
                 await self._starting  # so that a server spawned meanwhile is seen below
         if self._writer is not None:
             self._writer.close()
-        if self._process is not None and self._process.returncode is None:
+        elif self._sock is not None:  # launched, never talked to
+            self._sock.close()
+        if self._process is not None and self._process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 self._process.send_signal(signal.SIGTERM)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(5):
-                    await self._process.wait()
-            if self._process.returncode is None:
+            if not await _exited(self._process, 5.0):
                 self._process.kill()
-                await self._process.wait()
+                await _exited(self._process, 5.0)
         if self._pump is not None:
             self._pump.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._pump
+
+
+async def _exited(process: subprocess.Popen[bytes], timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds for ``process`` to exit (it is then reaped)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while process.poll() is None:
+        if asyncio.get_running_loop().time() >= deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
 
 
 def _hand_over(fd: int) -> None:  # pragma: no cover - runs in the server before exec
@@ -386,11 +580,15 @@ def _hand_over(fd: int) -> None:  # pragma: no cover - runs in the server before
 def main() -> None:
     """``python -m shoal.control.forkserver``: import what instances need, then serve."""
     mark("forkserver: started")
-    import shoal.instance  # noqa: F401 - the point: imported once, inherited by every fork
+    # run as __main__: the same module object under its own name (MODULES_AT_FORK is read
+    # there), not a second copy
+    sys.modules.setdefault("shoal.control.forkserver", sys.modules[__name__])
+    for name in STARTUP_MODULES:  # the point: imported once, for every fork
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+    from shoal.instance import build_parser
 
-    with contextlib.suppress(ImportError):
-        import uvloop  # noqa: F401
-
+    build_parser().parse_args(["--app", "m:a"])  # argparse's regular expressions, compiled
     mark("forkserver: imports done")
     serve(socket.socket(fileno=SERVER_FD))
 

@@ -51,7 +51,12 @@ from shoal.control.admin import UnknownService, admin_app
 from shoal.control.autoscaler import ScalePolicy
 from shoal.control.cleanup import forget_load, release_group_memberships
 from shoal.control.dashboard import ControlSource, SnapshotHub, mount_dashboard
-from shoal.control.forkserver import ForkServer
+from shoal.control.forkserver import (
+    ForkServer,
+    Preload,
+    instance_environment,
+    startup_modules,
+)
 from shoal.control.restart import RestartPolicy
 from shoal.control.scaling import AutoscalerLoop
 from shoal.control.supervisor import Launch, Output, Supervisor, _print_line
@@ -176,7 +181,11 @@ class ControlPlane:
     """Everything ``shoal up`` runs in its own process, around the instance processes."""
 
     def __init__(self, plan: Plan, *, output: Output | None = _print_line,
-                 launch: Launch | None = None) -> None:
+                 launch: Launch | None = None, forkserver: ForkServer | None = None) -> None:
+        """``launch``: how to start an instance (default: ``python -m shoal.instance``,
+        forked from a ``ForkServer``); ``forkserver``: one already launched (with
+        ``preload_later``, as ``shoal up`` does before its own imports), used if it forks
+        into this plan's environment, else closed."""
         self.plan = plan
         self.output = output
         self.started_at = time.monotonic()
@@ -186,7 +195,7 @@ class ControlPlane:
         self.bus: EventBus | None = None
         self.monitor: HealthMonitor | None = None
         self.autoscaler: AutoscalerLoop | None = None
-        env = {**os.environ, "PYTHONPATH": _pythonpath(plan.base_dir), "PYTHONUNBUFFERED": "1"}
+        env = instance_environment(plan.base_dir)
 
         def default_launch(service: str, instance_id: str, port: int) -> list[str]:
             return instance_argv(plan, plan.services[service], instance_id, port)
@@ -194,12 +203,19 @@ class ControlPlane:
         # Instances fork from one pre-imported process (shoal.control.forkserver), unless
         # a custom launch is given or SHOAL_FORKSERVER=0.
         forks = launch is None and os.environ.get("SHOAL_FORKSERVER", "1") != "0"
+        self._spare_forkserver: ForkServer | None = None
+        if forks and (forkserver is None or not forkserver.matches(env, str(plan.base_dir))):
+            self._spare_forkserver = forkserver
+            forkserver = ForkServer(env, str(plan.base_dir), preload_later=True)
+        elif not forks:
+            self._spare_forkserver, forkserver = forkserver, None
+        if forkserver is not None:
+            forkserver.preload(preload_for(plan))
         self.supervisor = Supervisor(launch or default_launch, policy=plan.restart,
                                      output=output, grace=plan.grace, env=env,
                                      cwd=str(plan.base_dir),
                                      env_for=lambda name: plan.services[name].env,
-                                     forkserver=ForkServer(env, str(plan.base_dir))
-                                     if forks else None)
+                                     forkserver=forkserver)
         self._gateway_server: HttpServer | None = None
         self._gateway: Gateway | None = None
         self._route_watcher: RouteWatcher | None = None
@@ -217,6 +233,9 @@ class ControlPlane:
     async def start(self, ready_timeout: float = 60.0) -> None:
         """Start everything; return when every instance is ready and registered."""
         plan = self.plan
+        if self._spare_forkserver is not None:  # launched for another environment
+            await self._spare_forkserver.close()
+            self._spare_forkserver = None
         metrics = enable_metrics()  # before the bus, gateway and clients take their series
         enable_tracing_from_env("shoal-control")
         try:
@@ -496,8 +515,16 @@ def _external(cache: Any, service: str, supervised: set[str]) -> list[dict[str, 
             for i in cache.instances(service) if i.id not in supervised]
 
 
-def _pythonpath(base: Path) -> str:
-    here = str(base.resolve())
-    rest = os.environ.get("PYTHONPATH")
-    return here if not rest else f"{here}{os.pathsep}{rest}"
+def preload_for(plan: Plan) -> Preload:
+    """What the fork server imports for ``plan``'s instances: their start's modules, and
+    the apps' modules unless ``SHOAL_PRELOAD_APPS=0``. An app a service with its own
+    ``env:`` runs is not preloaded (its import must see that environment)."""
+    modules = startup_modules(plan.broker, plan.store, plan.mtls)
+    if any(s.guarded for s in plan.services.values()):  # their instances read the manifest
+        modules.append("shoal.config")
+    if os.environ.get("SHOAL_PRELOAD_APPS", "1") == "0":
+        return Preload(tuple(modules))
+    apps = {s.app.partition(":")[0] for s in plan.services.values()}
+    apps -= {s.app.partition(":")[0] for s in plan.services.values() if s.env}
+    return Preload(tuple(modules), tuple(sorted(apps)))
 

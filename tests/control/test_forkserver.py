@@ -1,6 +1,7 @@
 """Instances forked from the fork server: ready, restarted after kill -9 with the exit
 seen, reseeded, nothing left behind; a dead server means plain starts; bad requests get
-an answer, not a crash."""
+an answer, not a crash. Preloading: a forked instance imports nothing itself (its app was
+imported by the server), an app whose import starts a thread is not preloaded."""
 
 from __future__ import annotations
 
@@ -12,9 +13,18 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
+from typing import Any
 
-from shoal.control.forkserver import SERVER_FD, ForkedProcess, ForkServer
+from shoal.control.forkserver import (
+    SERVER_FD,
+    ForkedProcess,
+    ForkServer,
+    Preload,
+    preload,
+    startup_modules,
+)
 from shoal.control.restart import RestartPolicy
 from shoal.control.supervisor import Supervisor
 
@@ -122,6 +132,12 @@ def test_the_server_answers_bad_requests_and_keeps_serving(tmp_path: Path) -> No
         assert "one output fd" in json.loads(reader.readline())["error"]
         ours.sendall(b"x" * (2 << 20) + b"\n")  # oversized
         assert "bad request" in json.loads(reader.readline())["error"]
+        ours.sendall(b'{"preload": ["json"]}\n')
+        assert json.loads(reader.readline())["error"] == "bad request: preload: expected an object"
+        ours.sendall(b'{"preload": {"apps": "json"}}\n')
+        assert "preload.apps: expected a list" in json.loads(reader.readline())["error"]
+        ours.sendall(b'{"preload": {"modules": ["json"]}}\n')
+        assert json.loads(reader.readline()) == {"preloaded": ["json"], "failed": {}}
         # a real request still works: an instance with a bad app exits 2, reported
         r, w = os.pipe()
         request = {"argv": ["--app", "tests.sdk.nowhere:svc"], "env": env,
@@ -152,3 +168,88 @@ def test_forked_children_get_fresh_random_state() -> None:
                          timeout=30, env={**os.environ, "PYTHONPATH": str(ROOT)})
     first, second = out.stdout.split("\n")[:2]
     assert first.split()[0] != second.split()[0] and first.split()[1] != second.split()[1]
+
+
+# -- preloading -------------------------------------------------------------------------------
+
+
+def _probe_supervisor(tmp_path: Path, app: str, preload: Preload) -> Supervisor:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+
+    def launch(service: str, instance_id: str, port: int) -> list[str]:
+        return [sys.executable, "-m", "shoal.instance", "--app", app,
+                "--listen", f"127.0.0.1:{port}", "--broker", f"sqlite:///{tmp_path}/e.db",
+                "--store", f"sqlite:///{tmp_path}/s.db", "--instance-id", instance_id]
+
+    return Supervisor(launch, policy=FAST, output=None, grace=5.0, env=env, cwd=str(ROOT),
+                      forkserver=ForkServer(env, str(ROOT), preload))
+
+
+async def _imports(address: str) -> dict[str, Any]:
+    def get() -> dict[str, Any]:
+        with urllib.request.urlopen(f"http://{address}/imports", timeout=10) as r:
+            return json.loads(r.read())  # type: ignore[no-any-return]
+
+    return await asyncio.to_thread(get)
+
+
+async def test_a_forked_instance_imports_nothing_itself_its_app_was_preloaded(
+        tmp_path: Path) -> None:
+    app = "tests.control.preload_app"
+    modules = tuple(startup_modules(f"sqlite:///{tmp_path}/e.db",
+                                    f"sqlite:///{tmp_path}/s.db", "off"))
+    sup = _probe_supervisor(tmp_path, f"{app}:svc", Preload(modules, (app,)))
+    server = sup.forkserver
+    assert server is not None
+    try:
+        await sup.scale("preload-probe", 1)
+        await sup.wait_ready(30)
+        (inst,) = sup.of("preload-probe")
+        seen = await _imports(inst.ready_info["listen"])
+        assert server.preloaded == [*modules, app] and not server.failed and not server.unsafe
+        assert seen["pid"] == inst.pid
+        assert seen["imported_in"] == server._process.pid  # type: ignore[union-attr]
+        assert seen["imported_after_fork"] == []  # its start, its app, a request: nothing
+    finally:
+        await sup.close()
+
+
+async def test_an_app_that_starts_a_thread_on_import_is_left_to_its_instances(
+        tmp_path: Path) -> None:
+    app = "tests.control.preload_threaded_app"
+    sup = _probe_supervisor(tmp_path, f"{app}:svc", Preload(("shoal.store.sqlite",), (app,)))
+    server = sup.forkserver
+    assert server is not None
+    try:
+        await sup.scale("preload-threaded", 1)
+        await sup.wait_ready(30)
+        (inst,) = sup.of("preload-threaded")
+        assert server.unsafe == f"importing {app} started a thread: forking after that is unsafe"
+        assert server.preloaded == ["shoal.store.sqlite"]  # a second server, without apps
+        assert isinstance(inst.process, ForkedProcess)
+        assert _parent(inst.pid) == server._process.pid  # type: ignore[arg-type,union-attr]
+        seen = await _imports(inst.ready_info["listen"])
+        assert seen["imported_in"] == seen["pid"] == inst.pid  # imported by the instance
+        assert app in seen["imported_after_fork"]
+    finally:
+        await sup.close()
+
+
+def test_preload_imports_what_it_can_and_refuses_malformed_requests() -> None:
+    answer = preload({"modules": ["json"], "apps": ["tests.control.nowhere_at_all"]})
+    assert answer["preloaded"] == ["json"]
+    assert answer["failed"] == {"tests.control.nowhere_at_all": "ModuleNotFoundError: No "
+                                "module named 'tests.control.nowhere_at_all'"}
+    for bad, kind in (({"modules": "json"}, "modules"), ({"apps": [1]}, "apps"),
+                      ({"modules": [""]}, "modules"), ({"apps": None}, "apps")):
+        assert preload(bad) == {"error": f"bad request: preload.{kind}: expected a list of "
+                                         "module names"}
+
+
+def test_startup_modules_follow_the_urls_and_the_mtls_mode() -> None:
+    assert startup_modules("sqlite:///e.db", "redis://h:1", "off") == [
+        "shoal.store.redis", "shoal.events.brokers.sqlite"]
+    strict = startup_modules("nats://h:1", "nats://h:1", "strict")
+    assert strict[:2] == ["shoal.store.nats", "shoal.events.brokers.nats"]
+    assert "shoal.mesh.security.identity" in strict
+    assert startup_modules("weird", "ftp://x", "off") == []  # the instance says what is wrong

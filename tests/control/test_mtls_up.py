@@ -15,6 +15,8 @@ from pathlib import Path
 
 import httpx
 
+from shoal.control.timeline import ENV as TIMELINE
+from shoal.control.timeline import read as read_timeline
 from shoal.events.bus import EventBus
 from tests.control.test_shop_e2e import _read_ready
 from tests.mesh_identity import get_over_mtls, mesh_identity
@@ -62,13 +64,19 @@ async def _refused(address: str) -> bool:
 
 async def test_shoal_up_strict_mtls_policies_and_topics(tmp_path: Path) -> None:
     (tmp_path / "shoal.yaml").write_text(MANIFEST.format(dir=tmp_path))
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           TIMELINE: str(tmp_path / "timeline")}
     log = (tmp_path / "up.log").open("wb")
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "shoal.cli", "up", str(tmp_path / "shoal.yaml"),
         stdout=subprocess.PIPE, stderr=log, env=env, cwd=tmp_path)
     try:
         gateway, admin = await _read_ready(process)
+        # the fork server was launched before the command line was parsed, and used
+        marks = [(pid, what) for _, pid, _, what in read_timeline(tmp_path / "timeline")]
+        assert [pid for pid, what in marks if what == "fork server launched"] == [process.pid]
+        order = [what for _, what in marks]
+        assert order.index("fork server launched") < order.index("cli: command parsed")
         async with httpx.AsyncClient(timeout=10) as client:
             # the gateway calls over mTLS with its own identity, allowed by the policy
             r = await client.get(f"{gateway}/back/who")

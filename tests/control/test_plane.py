@@ -11,8 +11,9 @@ import msgspec
 import pytest
 
 from shoal.control.autoscaler import ScalePolicy
+from shoal.control.forkserver import ForkServer, instance_environment, startup_modules
 from shoal.control.load import LoadReport, load_key
-from shoal.control.plane import ControlPlane, Plan, ServicePlan
+from shoal.control.plane import ControlPlane, Plan, ServicePlan, preload_for
 from shoal.control.restart import RestartPolicy
 from shoal.errors import ConfigError
 from shoal.gateway.config import parse_gateway_config
@@ -203,3 +204,38 @@ async def test_autoscaler_scales_on_reported_inflight_requests(tmp_path):
         assert plane.supervisor.replicas("api") == 1
     finally:
         await plane.close()
+
+
+def test_the_fork_server_preloads_the_instances_start_and_the_apps_not_affected_by_env(
+        tmp_path, monkeypatch):
+    monkeypatch.delenv("SHOAL_PRELOAD_APPS", raising=False)
+    services = {"a": ServicePlan("a", "shop.orders:svc"),
+                "b": ServicePlan("b", "shop.view:svc", env={"X": "1"}),
+                "c": ServicePlan("c", "shop.billing:svc"),
+                "d": ServicePlan("d", "shop.billing:other", env={"Y": "2"})}
+    plan = make_plan(tmp_path, services=services, mtls="strict")
+    spec = preload_for(plan)
+    assert spec.apps == ("shop.orders",)  # b and d's modules must see their env: at import
+    assert spec.modules == tuple(startup_modules(plan.broker, plan.store, "strict"))
+    guarded = {**services, "a": dataclasses.replace(services["a"], guarded=True)}
+    assert "shoal.config" in preload_for(make_plan(tmp_path, services=guarded)).modules
+    monkeypatch.setenv("SHOAL_PRELOAD_APPS", "0")
+    assert preload_for(plan).apps == ()
+
+
+async def test_the_plane_adopts_a_fork_server_launched_for_its_directory_else_closes_it(
+        tmp_path, monkeypatch):
+    monkeypatch.delenv("SHOAL_FORKSERVER", raising=False)
+    plan = make_plan(tmp_path)
+    early = ForkServer(instance_environment(tmp_path), str(tmp_path), preload_later=True)
+    plane = ControlPlane(plan, output=None, forkserver=early)
+    assert plane.supervisor.forkserver is early and plane._spare_forkserver is None
+    assert early._preload == preload_for(plan) and early._preload_given.is_set()
+    other = ForkServer(instance_environment(tmp_path / "elsewhere"), str(tmp_path / "x"),
+                       preload_later=True)
+    plane = ControlPlane(plan, output=None, forkserver=other)
+    assert plane.supervisor.forkserver not in (None, other)
+    assert plane._spare_forkserver is other  # closed by start()
+    monkeypatch.setenv("SHOAL_FORKSERVER", "0")
+    plane = ControlPlane(plan, output=None, forkserver=early)
+    assert plane.supervisor.forkserver is None and plane._spare_forkserver is early
