@@ -724,7 +724,7 @@ app.command()(top)  # shoal top (shoal/commands/top.py)
 def main() -> None:
     """Entry point of the ``shoal`` console script."""
     if sys.argv[1:2] == ["up"]:  # its fork server starts importing now (shoal/commands/up.py)
-        launch_forkserver()
+        launch_forkserver(sys.argv[2:])
     app(prog_name="shoal")
 
 

@@ -69,33 +69,44 @@ def up(manifest: ManifestArg = Path(MANIFEST_NAME),
 _early_forkserver: Any = None  # launched by launch_forkserver() before the CLI parsed
 
 
-def launch_forkserver() -> None:
+def launch_forkserver(args: list[str] | None = None) -> None:
     """Launch the fork server of ``shoal up`` at once, before the CLI parses its arguments
     (typer's parameters load pydantic) and imports the plane, so that its own imports run
-    in parallel with those. It serves instances whose manifest is in the working directory
-    (``./shoal.yaml``, the usual case; for another directory the plane starts another).
-    Nothing is launched if ``SHOAL_FORKSERVER=0``."""
+    in parallel with those. ``args``: what follows ``up`` on the command line, scanned
+    for the manifest (the server must run in its directory; a wrong guess costs only the
+    head start: the plane then starts another). Nothing if ``SHOAL_FORKSERVER=0``."""
     global _early_forkserver
     if os.environ.get("SHOAL_FORKSERVER", "1") == "0" or _early_forkserver is not None:
         return
     from shoal.control.forkserver import ForkServer, instance_environment
 
-    cwd = Path.cwd().resolve()
+    base_dir = _manifest_of(args or []).parent.resolve()  # the plan's base_dir
     try:
-        _early_forkserver = ForkServer(instance_environment(cwd), str(cwd),
+        _early_forkserver = ForkServer(instance_environment(base_dir), str(base_dir),
                                        preload_later=True)
         _early_forkserver.launch()
     except OSError:  # the plane starts one later (or instances start the usual way)
         _early_forkserver = None
 
 
+def _manifest_of(args: list[str]) -> Path:
+    """The MANIFEST argument of ``up`` in ``args`` (every option of ``up`` takes a value)."""
+    taking_value = False
+    for arg in args:
+        if taking_value:
+            taking_value = False
+        elif arg.startswith("-"):
+            taking_value = "=" not in arg
+        else:
+            return Path(arg)
+    return Path(MANIFEST_NAME)
+
+
 async def _up(manifest: Path, overrides: dict[str, str], ready_timeout: float) -> int:
     from shoal.control.timeline import mark
 
     global _early_forkserver
-    if _early_forkserver is None:  # not launched before the CLI parsed: launch it now
-        launch_forkserver()
-    forkserver, _early_forkserver = _early_forkserver, None
+    forkserver, _early_forkserver = _early_forkserver, None  # else the plane starts one
     try:
         from shoal.config import load_manifest
         from shoal.control.plan import plan_from_manifest

@@ -8,6 +8,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from shoal.cli import app
+from shoal.commands.up import _manifest_of
 from shoal.control.plane import ControlPlane, Plan, ServicePlan
 from shoal.control.restart import RestartPolicy
 
@@ -101,3 +102,12 @@ def test_up_with_an_app_that_cannot_load_fails_at_once_naming_it(tmp_path):
     assert result.exit_code == 2
     assert "instance ghost-1 failed: exit status 2: a configuration error" in result.stderr
     assert "no module named 'nosuch'" in result.stderr
+
+
+def test_the_early_fork_server_runs_where_the_manifest_argument_says():
+    assert _manifest_of([]) == Path("shoal.yaml")
+    assert _manifest_of(["shop/shoal.yaml", "--gateway-listen", "127.0.0.1:0"]) == Path(
+        "shop/shoal.yaml")
+    assert _manifest_of(["--admin-listen", "127.0.0.1:0", "--ready-timeout=5", "m.yaml"]
+                        ) == Path("m.yaml")
+    assert _manifest_of(["--ready-timeout", "5"]) == Path("shoal.yaml")
