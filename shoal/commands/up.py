@@ -72,7 +72,8 @@ _early_forkserver: Any = None  # launched by launch_forkserver() before the CLI 
 def launch_forkserver(args: list[str] | None = None) -> None:
     """Launch the fork server of ``shoal up`` at once, before the CLI parses its arguments
     (typer's parameters load pydantic) and imports the plane, so that its own imports run
-    in parallel with those. ``args``: what follows ``up`` on the command line, scanned
+    in parallel with those: a fork of this process, which has no thread or event loop
+    yet. ``args``: what follows ``up`` on the command line, scanned
     for the manifest (the server must run in its directory; a wrong guess costs only the
     head start: the plane then starts another). Nothing if ``SHOAL_FORKSERVER=0``."""
     global _early_forkserver
@@ -84,7 +85,7 @@ def launch_forkserver(args: list[str] | None = None) -> None:
     try:
         _early_forkserver = ForkServer(instance_environment(base_dir), str(base_dir),
                                        preload_later=True)
-        _early_forkserver.launch()
+        _early_forkserver.launch(fork=True)  # what the CLI imported is not imported again
     except OSError:  # the plane starts one later (or instances start the usual way)
         _early_forkserver = None
 

@@ -384,7 +384,7 @@ class ForkServer:
         it is given later with ``preload()`` (the server is launched before it is known)."""
         self._env = dict(env)
         self._cwd = cwd
-        self._process: subprocess.Popen[bytes] | None = None
+        self._process: subprocess.Popen[bytes] | _Child | None = None
         self._sock: socket.socket | None = None  # ours, once the server is launched
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -413,18 +413,24 @@ class ForkServer:
         self._preload = spec
         self._preload_given.set()
 
-    def launch(self) -> None:
+    def launch(self, *, fork: bool = False) -> None:
         """Start the server's process now (no event loop needed): its imports run in
-        parallel with the caller's."""
+        parallel with the caller's. ``fork``: fork this process rather than start a new
+        interpreter, so the server inherits what is already imported (only before any
+        thread or event loop exists: ``shoal up`` before it parses; else not)."""
         if self._process is not None:
             return
         mark("fork server launched")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self._process = subprocess.Popen(
-                [sys.executable, "-m", "shoal.control.forkserver"], stdin=subprocess.DEVNULL,
-                env=self._env, cwd=self._cwd, pass_fds=(theirs.fileno(), SERVER_FD),
-                preexec_fn=lambda: _hand_over(theirs.fileno()))
+            if fork and _threads() == 1:
+                self._process = _fork_server(theirs, ours, self._env, self._cwd)
+            else:
+                self._process = subprocess.Popen(
+                    [sys.executable, "-m", "shoal.control.forkserver"],
+                    stdin=subprocess.DEVNULL, env=self._env, cwd=self._cwd,
+                    pass_fds=(theirs.fileno(), SERVER_FD),
+                    preexec_fn=lambda: _hand_over(theirs.fileno()))
         except BaseException:
             ours.close()
             raise
@@ -560,7 +566,7 @@ class ForkServer:
                 await self._pump
 
 
-async def _exited(process: subprocess.Popen[bytes], timeout: float) -> bool:
+async def _exited(process: subprocess.Popen[bytes] | _Child, timeout: float) -> bool:
     """Wait up to ``timeout`` seconds for ``process`` to exit (it is then reaped)."""
     deadline = asyncio.get_running_loop().time() + timeout
     while process.poll() is None:
@@ -577,12 +583,81 @@ def _hand_over(fd: int) -> None:  # pragma: no cover - runs in the server before
     _die_with_parent()
 
 
+class _Child:
+    """A server forked from this process: what ``ForkServer`` uses of ``Popen``."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        """The exit status once the child is gone (reaped), else None."""
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = _status(status)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        """Signal the child, unless it was reaped."""
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        """SIGKILL."""
+        self.send_signal(signal.SIGKILL)
+
+
+def _fork_server(theirs: socket.socket, ours: socket.socket, env: Mapping[str, str],
+                 cwd: str | None) -> _Child:
+    """Fork this process into a fork server serving on ``theirs``: as ``python -m
+    shoal.control.forkserver`` started with ``env`` in ``cwd`` would, but with what this
+    process imported already imported (``cwd`` first on ``sys.path``, as ``-m`` puts it)."""
+    parent = os.getpid()
+    for stream in (sys.stdout, sys.stderr):  # nothing buffered is written twice
+        with contextlib.suppress(Exception):
+            stream.flush()
+    pid = os.fork()
+    if pid:
+        return _Child(pid)
+    code = 1
+    try:  # the child: never returns into the caller's code
+        ours.close()
+        os.dup2(theirs.fileno(), SERVER_FD)
+        os.closerange(SERVER_FD + 1, os.sysconf("SC_OPEN_MAX"))
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        os.setsid()  # Ctrl-C in the terminal reaches `shoal up` alone, as with a new process
+        _die_with_parent()
+        if os.getppid() != parent:  # it died before we asked to follow it
+            os._exit(1)
+        if cwd is not None:
+            os.chdir(cwd)
+            sys.path[0] = cwd
+        os.environ.clear()
+        os.environ.update(env)
+        _become_server()
+        code = 0
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        os._exit(code)
+
+
 def main() -> None:
     """``python -m shoal.control.forkserver``: import what instances need, then serve."""
-    mark("forkserver: started")
     # run as __main__: the same module object under its own name (MODULES_AT_FORK is read
     # there), not a second copy
     sys.modules.setdefault("shoal.control.forkserver", sys.modules[__name__])
+    _become_server()
+
+
+def _become_server() -> None:
+    """Import what every instance's start imports, then serve on fd ``SERVER_FD``."""
+    mark("forkserver: started")
     for name in STARTUP_MODULES:  # the point: imported once, for every fork
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
