@@ -41,16 +41,12 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
-import uvicorn
-from starlette.routing import Route
 
-from shoal.control.admin import UnknownService, admin_app
 from shoal.control.autoscaler import ScalePolicy
 from shoal.control.cleanup import forget_load, release_group_memberships
-from shoal.control.dashboard import ControlSource, SnapshotHub, mount_dashboard
 from shoal.control.forkserver import (
     ForkServer,
     Preload,
@@ -58,25 +54,27 @@ from shoal.control.forkserver import (
     startup_modules,
 )
 from shoal.control.restart import RestartPolicy
-from shoal.control.scaling import AutoscalerLoop
-from shoal.control.supervisor import Launch, Output, Supervisor, _print_line
+from shoal.control.supervisor import Launch, Output, SupervisedInstance, Supervisor, _print_line
 from shoal.control.timeline import mark
 from shoal.errors import ConfigError
 from shoal.events.bus import EventBus
 from shoal.gateway.config import GatewayConfig, ListenAddress
-from shoal.gateway.proxy import Gateway
-from shoal.gateway.reload import RouteWatcher
-from shoal.gateway.server import HttpServer
-from shoal.mesh.ejections import EjectionReporter
 from shoal.mesh.health import HealthCheckConfig
 from shoal.mesh.registry import HealthMonitor, InstanceChange, check_address
-from shoal.mesh.security.identity import request_identity
+from shoal.mesh.security.mode import MtlsMode
 from shoal.mesh.security.spiffe import DEFAULT_TRUST_DOMAIN
-from shoal.mesh.security.tls import MeshTLS, MtlsMode, rotate_forever
-from shoal.observability.http import metrics_asgi, observe_gateway
 from shoal.observability.metrics import Metrics, enable_metrics
-from shoal.observability.sampling import Sampler
 from shoal.observability.tracing import enable_tracing_from_env
+
+if TYPE_CHECKING:  # the gateway, admin API, dashboard and TLS are imported as they start,
+    # after the instances are forked: their start overlaps these imports (~0.2 s of CPU)
+    from shoal.control.dashboard import SnapshotHub
+    from shoal.control.scaling import AutoscalerLoop
+    from shoal.gateway.proxy import Gateway
+    from shoal.gateway.reload import RouteWatcher
+    from shoal.gateway.server import HttpServer
+    from shoal.mesh.security.tls import MeshTLS
+    from shoal.observability.sampling import Sampler
 
 CONTROL_SOURCE = "/shoal/control"
 GATEWAY_IDENTITY = "shoal-gateway"
@@ -169,12 +167,17 @@ def _url(sock: socket.socket) -> str:
     return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
 
 
-class _AdminServer(uvicorn.Server):
-    """uvicorn without its own signal handling: ``shoal up`` owns SIGINT and SIGTERM."""
+def _admin_server(config: Any) -> Any:
+    """A uvicorn server without its own signal handling: ``shoal up`` owns SIGINT and
+    SIGTERM."""
+    import uvicorn
 
-    @contextlib.contextmanager
-    def capture_signals(self) -> Any:
-        yield
+    class AdminServer(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Any:
+            yield
+
+    return AdminServer(config)
 
 
 class ControlPlane:
@@ -219,7 +222,7 @@ class ControlPlane:
         self._gateway_server: HttpServer | None = None
         self._gateway: Gateway | None = None
         self._route_watcher: RouteWatcher | None = None
-        self._admin: _AdminServer | None = None
+        self._admin: Any = None
         self._admin_task: asyncio.Task[None] | None = None
         self._sockets: list[socket.socket] = []
         self._closed = False
@@ -248,9 +251,11 @@ class ControlPlane:
                                                         "gateway.listen"))
                     self._sockets.append(gateway_socks[-1])
             # Instances first: their start (mostly imports) overlaps the plane's own.
+            started: list[SupervisedInstance] = []
             for name, service in plan.services.items():
-                await self.supervisor.scale(name, service.replicas)
-            mark("plane: instances asked for")
+                started += await self.supervisor.scale(name, service.replicas)
+            await self._spawned(started)  # the forks go out before the imports below
+            mark("plane: instances spawned")
             self.bus = await EventBus.connect(plan.broker, store=plan.store,
                                               source=CONTROL_SOURCE)
             mark("plane: bus and store open")
@@ -264,6 +269,9 @@ class ControlPlane:
             if plan.gateway is not None:
                 await self._start_gateway(plan.gateway, gateway_socks)
                 mark("plane: gateway serving")
+            from shoal.control.scaling import AutoscalerLoop
+            from shoal.observability.sampling import Sampler
+
             self._sampler = Sampler(metrics, bus=self.bus, interval=5.0,
                                     instances=self.monitor.cache.instances).start()
             await self._start_admin(admin_sock, metrics)
@@ -282,9 +290,34 @@ class ControlPlane:
             await self.close()
             raise
 
+    async def _spawned(self, instances: list[SupervisedInstance], timeout: float = 5.0
+                       ) -> None:
+        """Wait (at most ``timeout`` seconds) until each of ``instances`` was spawned or
+        could not be."""
+        pending = {inst.id for inst in instances if inst.process is None}
+        done = asyncio.Event()
+
+        def on_change(inst: SupervisedInstance, what: str) -> None:
+            if what in ("spawned", "exited", "failed"):
+                pending.discard(inst.id)
+            if not pending:
+                done.set()
+
+        if not pending:
+            return
+        self.supervisor.listeners.append(on_change)
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await done.wait()
+        finally:
+            self.supervisor.listeners.remove(on_change)
+
     async def _start_security(self) -> None:
         """The CA's signer, then the plane's and the gateway's identities (renewed)."""
         from shoal.control.ca import CAFiles, CertificateSigner
+        from shoal.mesh.security.identity import request_identity
+        from shoal.mesh.security.tls import MeshTLS, rotate_forever
 
         assert self.bus is not None
         store, plan, loop = self.bus.store, self.plan, asyncio.get_running_loop()
@@ -305,6 +338,12 @@ class ControlPlane:
 
     async def _start_gateway(self, config: GatewayConfig, socks: list[socket.socket]
                              ) -> None:
+        from shoal.gateway.proxy import Gateway
+        from shoal.gateway.reload import RouteWatcher
+        from shoal.gateway.server import HttpServer
+        from shoal.mesh.ejections import EjectionReporter
+        from shoal.observability.http import observe_gateway
+
         assert self.monitor is not None and self.bus is not None
         self._gateway = Gateway(config.routes.table, self.monitor.cache, self.bus,
                                 services=gateway_policies(self.plan.services, config),
@@ -322,6 +361,13 @@ class ControlPlane:
         self.gateway_url = _url(socks[0]) if socks else str(config.listen[0])
 
     async def _start_admin(self, sock: socket.socket, metrics: Metrics) -> None:
+        import uvicorn
+        from starlette.routing import Route
+
+        from shoal.control.admin import admin_app
+        from shoal.control.dashboard import ControlSource, mount_dashboard
+        from shoal.observability.http import metrics_asgi
+
         app = admin_app(self)  # + the dashboard, its stream, and /metrics
         source = ControlSource(self, bus=self.bus, metrics=metrics)
         if source.scraper is not None:
@@ -330,7 +376,7 @@ class ControlPlane:
         app.router.routes.append(Route("/metrics", metrics_asgi(metrics)))
         config = uvicorn.Config(app, log_level="warning", lifespan="off",
                                 access_log=False)
-        self._admin = _AdminServer(config)
+        self._admin = _admin_server(config)
         self._admin_task = asyncio.get_running_loop().create_task(
             self._admin.serve(sockets=[sock]), name="shoal-admin")
         while not self._admin.started:
@@ -410,6 +456,8 @@ class ControlPlane:
     async def scale_to(self, service: str, replicas: int) -> None:
         """Run ``replicas`` instances of ``service``."""
         if service not in self.plan.services:
+            from shoal.control.admin import UnknownService
+
             known = ", ".join(sorted(self.plan.services)) or "none"
             raise UnknownService(f"service {service!r}: not in the manifest (services: {known})")
         await self.supervisor.scale(service, replicas)
