@@ -1,20 +1,27 @@
 """The shop end to end: time from `shoal up` to ready, and orders per second.
 
-Peers measured in the same run (the machine is shared; read the ratios):
+The shop is ``examples/shop/shoal.yaml`` as a user runs it (strict mTLS, the default;
+billing autoscaled), its state in a temporary directory, any free ports. Peers measured
+in the same run (the machine is shared; read the ratios):
 
-* **startup**: `shoal up` on the shop manifest (8 instances, gateway, admin, health
-  monitor) until it prints its ready line, against the *import floor*: the same number
-  of Python processes started in parallel that only import their service module and
-  exit (what any process-per-instance runner pays before serving anything), measured
-  before and after the run, the better of the two kept.
+* **startup**: wall seconds from spawning `shoal up` until it prints its ready line (8
+  instances, gateway, admin, health monitor), which must mean ready: right after it, one
+  request per route through the gateway must be answered by its service (else the bench
+  fails), and the time until both were is reported too. The peer is the *import floor*:
+  the same number of Python processes started in parallel that only import their service
+  module and exit (what any process-per-instance runner pays before serving anything),
+  measured before and after the run, the better of the two kept. Also reported: the CPU
+  seconds of every process of `shoal up` at the ready line, and with ``--timeline`` each
+  process's marks (``shoal.control.timeline``: CLI parsed, fork server up, instances
+  spawned, certificates issued, each instance ready, gateway serving, ...) from the spawn.
 * **throughput**: orders settled (or failed) per second end to end (gateway -> orders ->
   bus -> inventory -> bus -> billing -> payments (mesh call) -> bus -> orders-view),
   against orders *accepted* per second by the gateway and the orders service (HTTP 202s)
   in the same run.
 
-    python bench/shop.py [--orders 2000] [--concurrency 32]
+    python bench/shop.py [--orders 2000] [--concurrency 32] [--timeline]
 
-Ends with one JSON line.
+``--orders 0`` times the start only. Ends with one JSON line.
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 import asyncio
 import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -111,3 +113,12 @@ def test_the_early_fork_server_runs_where_the_manifest_argument_says():
     assert _manifest_of(["--admin-listen", "127.0.0.1:0", "--ready-timeout=5", "m.yaml"]
                         ) == Path("m.yaml")
     assert _manifest_of(["--ready-timeout", "5"]) == Path("shoal.yaml")
+
+
+def test_the_ready_figure_counts_from_the_start_of_the_process():
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", "import time; time.sleep(0.3); from "
+                          "shoal.commands.up import _process_age; print(_process_age())"],
+                         capture_output=True, text=True, timeout=60, check=True)
+    wall = time.monotonic() - started
+    assert 0.3 <= float(out.stdout) <= wall + 0.02  # /proc's start time: 1/CLK_TCK steps
