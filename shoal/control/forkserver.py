@@ -593,7 +593,10 @@ class _Child:
     def poll(self) -> int | None:
         """The exit status once the child is gone (reaped), else None."""
         if self.returncode is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped by someone else: gone, status unknown
+                pid, status = self.pid, 0
             if pid:
                 self.returncode = _status(status)
         return self.returncode

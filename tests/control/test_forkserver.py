@@ -253,3 +253,25 @@ def test_startup_modules_follow_the_urls_and_the_mtls_mode() -> None:
     assert strict[:2] == ["shoal.store.nats", "shoal.events.brokers.nats"]
     assert "shoal.mesh.security.identity" in strict
     assert startup_modules("weird", "ftp://x", "off") == []  # the instance says what is wrong
+
+
+def test_a_server_forked_from_a_process_without_threads_serves_and_stops(
+        tmp_path: Path) -> None:
+    code = (
+        "import asyncio, os, sys\n"
+        "from shoal.control.forkserver import ForkServer, Preload, _Child\n"
+        "server = ForkServer(dict(os.environ), os.getcwd(), Preload(('json',)))\n"
+        "server.launch(fork=True)\n"
+        "async def main():\n"
+        "    assert await server.ready(), 'not ready'\n"
+        "    print(type(server._process).__name__, server._process.pid, server.preloaded)\n"
+        "    await server.close()\n"
+        "    print(server._process.poll())\n"
+        "asyncio.run(main())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    first, second = out.stdout.splitlines()
+    kind, pid, preloaded = first.split(" ", 2)
+    assert kind == "_Child" and preloaded == "['json']"
+    assert second == "0" and not _alive(int(pid))  # SIGTERM: it stopped serving and exited
