@@ -417,6 +417,8 @@ class ControlPlane:
         if self._closed:
             return
         self._closed = True
+        if self._spare_forkserver is not None:  # built, never started
+            await self._spare_forkserver.close()
         if self._gateway_server is not None:
             drain = self.plan.gateway.drain if self.plan.gateway is not None else 5.0
             await self._gateway_server.shutdown(grace=drain)
