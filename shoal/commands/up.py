@@ -20,11 +20,14 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
 from shoal.errors import ShoalError
+
+if TYPE_CHECKING:
+    from shoal.control.forkserver import ForkServer
 
 EXIT_ERROR = 2
 MANIFEST_NAME = "shoal.yaml"
@@ -67,16 +70,16 @@ def up(manifest: ManifestArg = Path(MANIFEST_NAME),
     raise typer.Exit(code)
 
 
-_early_forkserver: Any = None  # launched by launch_forkserver() before the CLI parsed
+_early_forkserver: ForkServer | None = None  # launched before the CLI parsed its arguments
 
 
 def launch_forkserver(args: list[str] | None = None) -> None:
     """Launch the fork server of ``shoal up`` at once, before the CLI parses its arguments
     (typer's parameters load pydantic) and imports the plane, so that its own imports run
-    in parallel with those: a fork of this process, which has no thread or event loop
-    yet. ``args``: what follows ``up`` on the command line, scanned
-    for the manifest (the server must run in its directory; a wrong guess costs only the
-    head start: the plane then starts another). Nothing if ``SHOAL_FORKSERVER=0``."""
+    in parallel with those: a fork of this process, which has no thread or event loop yet.
+    ``args``: what follows ``up`` on the command line, scanned for the manifest (the
+    server must run in its directory; a wrong guess costs only the head start: the plane
+    then starts another). Nothing if ``SHOAL_FORKSERVER=0``."""
     global _early_forkserver
     if os.environ.get("SHOAL_FORKSERVER", "1") == "0" or _early_forkserver is not None:
         return

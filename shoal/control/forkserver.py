@@ -16,7 +16,10 @@ same code at once. An app module that fails to import is left to its instances (
 report the error as usual). An app whose import starts a thread would make forking unsafe
 (a lock held by that thread stays held in every child): the server then says so and
 exits, and ``ForkServer`` starts a new one without the apps. ``shoal up`` starts the server
-before its own imports and manifest validation, so the two warm up in parallel.
+before it parses its command line, imports the plane and validates the manifest, so the
+two warm up in parallel; it does so by forking itself (``launch(fork=True)``: no thread
+and no event loop exist yet), so the server keeps what the CLI imported (the bus, the
+Store, metrics: ~0.3 s of CPU not spent twice).
 
 Protocol, over a Unix socket pair (the server's end is its fd 3): the server says
 ``{"ready": pid}``; the supervisor sends ``{"preload": {"modules": [...], "apps": [...]}}``
