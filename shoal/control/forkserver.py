@@ -14,8 +14,10 @@ under mTLS: ``startup_modules``) and the apps' own modules; the server
 imports them once, so a fork costs milliseconds and eight instances do not each import the
 same code at once. An app module that fails to import is left to its instances (which
 report the error as usual). An app whose import starts a thread would make forking unsafe
-(a lock held by that thread stays held in every child): the server then says so and
-exits, and ``ForkServer`` starts a new one without the apps. ``shoal up`` starts the server
+(a lock held by that thread stays held in every child), and one whose import leaves a
+file descriptor open (a database connection, a log file) would hand the same one to
+every instance: the server then says so and exits, and ``ForkServer`` starts a new one
+without the apps. ``shoal up`` starts the server
 before it parses its command line, imports the plane and validates the manifest, so the
 two warm up in parallel; it does so by forking itself (``launch(fork=True)``: no thread
 and no event loop exist yet), so the server keeps what the CLI imported (the bus, the
@@ -222,6 +224,14 @@ def _child(request: dict[str, Any], output: int, server: socket.socket,
         os._exit(code)
 
 
+def _open_fds() -> set[str]:
+    """This process's open file descriptors (empty where /proc does not say)."""
+    try:
+        return set(os.listdir("/proc/self/fd"))
+    except OSError:
+        return set()
+
+
 def _threads() -> int:
     """Threads of this process (native ones included, where /proc says)."""
     try:
@@ -243,7 +253,7 @@ def preload(spec: Mapping[str, Any]) -> dict[str, Any]:
     threads = _threads()
     for kind in ("modules", "apps"):
         for name in spec.get(kind, []):
-            before = set(sys.modules)
+            before, fds = set(sys.modules), _open_fds()
             try:
                 importlib.import_module(name)
             except BaseException as e:  # the instance will say it again
@@ -251,6 +261,10 @@ def preload(spec: Mapping[str, Any]) -> dict[str, Any]:
                 continue
             if kind == "apps":
                 _preloaded_apps.update(set(sys.modules) - before)
+                kept = len(_open_fds() - fds)
+                if kept:
+                    return {"unsafe": f"importing {name} left {kept} file descriptor(s) open "
+                                      "(a connection or file every instance would share)"}
             if _threads() > threads:
                 return {"unsafe": f"importing {name} started a thread: forking after that "
                                   "is unsafe"}

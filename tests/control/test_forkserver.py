@@ -275,3 +275,15 @@ def test_a_server_forked_from_a_process_without_threads_serves_and_stops(
     kind, pid, preloaded = first.split(" ", 2)
     assert kind == "_Child" and preloaded == "['json']"
     assert second == "0" and not _alive(int(pid))  # SIGTERM: it stopped serving and exited
+
+
+def test_an_app_that_keeps_a_descriptor_open_is_not_preloaded() -> None:
+    name = "tests.control.preload_socket_app"
+    try:
+        assert preload({"modules": ["json"], "apps": [name]}) == {
+            "unsafe": f"importing {name} left 1 file descriptor(s) open (a connection or "
+                      "file every instance would share)"}
+    finally:
+        module = sys.modules.pop(name, None)
+        if module is not None:
+            module.CONNECTION.close()
