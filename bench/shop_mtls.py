@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from shop import MANIFEST as SHOP_MANIFEST  # the same shop as bench/shop.py,
 from shop import SHOP, orders  # the same client and order stream
 
-MANIFEST = "security: {{mtls: {mode}}}" + SHOP_MANIFEST  # bench/shop.py's shop
+MANIFEST = "security: {{mtls: {mode}}}\n" + SHOP_MANIFEST  # bench/shop.py's shop
 
 
 async def run_once(mode: str, n: int, concurrency: int) -> dict[str, float]:
