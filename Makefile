@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo demo-bus test lint bench servers clean
+.PHONY: demo demo-bus test lint bench servers bytecode clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -14,12 +14,18 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
+## bytecode: compile Shoal's and the examples' modules as a pip install would (an editable
+## install does not, and with PYTHONDONTWRITEBYTECODE set every process of `shoal up` or of
+## a test would compile them from source again); only changed files are recompiled
+bytecode: $(STAMP)
+	@$(BIN)/python -m compileall -q -j0 shoal examples
+
 ## demo: the shop (examples/shop): shoal up, a few orders through the gateway, settled, down
-demo: $(STAMP)
+demo: $(STAMP) bytecode
 	$(BIN)/python examples/shop/demo.py
 
 ## demo-bus: a producer and two consumers of one group, in separate processes
-demo-bus: $(STAMP)
+demo-bus: $(STAMP) bytecode
 	$(BIN)/python -m shoal.demo
 
 ## servers: Debian's nats-server, redis-server and chromium (the dashboard's browser
@@ -35,7 +41,7 @@ servers:
 	fi
 
 ## test: the whole suite
-test: $(STAMP) servers
+test: $(STAMP) bytecode servers
 	$(BIN)/ruff check shoal tests bench
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
@@ -43,7 +49,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check shoal tests bench
 
 ## bench: every benchmark (prints figures and ratios against peers)
-bench: $(STAMP) servers
+bench: $(STAMP) bytecode servers
 	$(BIN)/python bench/bus.py
 	$(BIN)/python bench/shop.py
 
