@@ -95,9 +95,12 @@ def answer(request: Request) -> Response:
     return OK
 
 
-async def serve(directory: str) -> None:
+async def serve(directory: str, backend: str) -> None:
     d = Path(directory)
     identity = Identity.load(d / "cert.pem", d / "key.pem", d / "bundle.pem")
+    if backend == "service":
+        await serve_service(identity)
+        return
     # Idle connections of one mode wait while the other runs: keep them all run long.
     limits = ServerLimits(keep_alive_timeout=3600)
     plain = HttpServer(answer, limits=limits)
@@ -111,6 +114,45 @@ async def serve(directory: str) -> None:
     await mtls.shutdown(1)
 
 
+async def serve_service(identity: Identity) -> None:
+    """The same two listeners, served as an instance serves a ``shoal.Service``: its app
+    through the SDK's uvicorn server (``shoal.service._UvicornServer``: PeerIdentityProtocol,
+    under mTLS behind ``buffered_reads``), with a handler answering ``ok``."""
+    import socket
+
+    from starlette.responses import Response as StarletteResponse
+
+    from shoal.service import Service, _UvicornServer
+
+    svc = Service("echo")
+
+    @svc.get("/")
+    async def ok(request: Any) -> StarletteResponse:
+        return StarletteResponse(b"ok")
+
+    @svc.get("/cpu")
+    async def cpu(request: Any) -> StarletteResponse:
+        return StarletteResponse(repr(time.process_time()).encode())
+
+    ports, running = {}, []
+    for mode, context in (("plain", None), ("mtls", MeshTLS(identity).server_context)):
+        sock = socket.create_server(("127.0.0.1", 0), backlog=1024)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as Service._serve does
+        sock.setblocking(False)
+        server = _UvicornServer(svc, sock, ssl=context)
+        server.uvicorn.config.timeout_keep_alive = 3600  # idle while the other mode runs
+        task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
+        while not server.started:
+            await asyncio.sleep(0.01)
+        ports[mode] = sock.getsockname()[1]
+        running.append((server, task))
+    print(json.dumps(ports), flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    for server, task in running:
+        server.should_exit = True
+        await task
+
+
 # -- the client ------------------------------------------------------------------------------
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     ca = CertificateAuthority.create()
@@ -122,8 +164,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, __file__, "--serve", directory, env={**os.environ,
-                                                                 "PYTHONPATH": ROOT},
+            sys.executable, __file__, "--serve", directory, "--backend", args.backend,
+            env={**os.environ, "PYTHONPATH": ROOT},
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
         assert proc.stdout is not None and proc.stdin is not None
         async with asyncio.timeout(20):
@@ -195,10 +237,13 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=20000)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--backend", choices=("http-server", "service"), default="http-server",
+                    help="what serves the calls: the project's HttpServer (the default) or "
+                         "a shoal.Service's uvicorn server")
     ap.add_argument("--serve", metavar="DIR", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
-        uvloop.run(serve(args.serve))
+        uvloop.run(serve(args.serve, args.backend))
         return
     load_before = os.getloadavg()
     res = uvloop.run(bench(args))
@@ -217,7 +262,9 @@ def main() -> None:
         "added_p50_us_sequential": round(
             mtls["sequential"]["p50_us"] - plain["sequential"]["p50_us"], 1),
     }
-    print(f"\nMeshClient GET over keep-alive, project HttpServer backend in a subprocess, "
+    backend = ("project HttpServer" if args.backend == "http-server"
+               else "shoal.Service (uvicorn)")
+    print(f"\nMeshClient GET over keep-alive, {backend} backend in a subprocess, "
           f"uvloop, {os.cpu_count()} CPUs, TLS 1.3 ECDSA P-256, median of {args.rounds} rounds")
     print(f"{'':34} {'plain':>10} {'mtls':>10}")
     rows = [("sequential p50 us", "sequential", "p50_us"),
@@ -238,7 +285,7 @@ def main() -> None:
         print(f"{phase + ' ratio per round':34} {ratios[phase]}")
     print(f"{'load average (1, 5, 15 min)':34} before {res['load_average']['before']}, "
           f"after {res['load_average']['after']}")
-    print(json.dumps({"bench": "mesh_tls", "requests": args.requests,
+    print(json.dumps({"bench": "mesh_tls", "backend": args.backend, "requests": args.requests,
                       "concurrency": args.concurrency, "rounds": args.rounds,
                       "cpus": os.cpu_count(), **headline, **res}))
 
