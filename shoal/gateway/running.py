@@ -90,20 +90,19 @@ async def open_store(url: str) -> Store:
         raise ConfigError(f"cannot open store {url!r}: {exc}") from None
 
 
-async def _mesh_identity(store: Store, mtls: str, trust_domain: str | None,
-                         stack: contextlib.AsyncExitStack) -> Any:
-    """The gateway's ``MeshTLS`` (renewed until ``stack`` closes), or None with mTLS off."""
+async def mesh_identity(store: Store, service: str, instance: str, mtls: str,
+                        trust_domain: str | None, stack: contextlib.AsyncExitStack) -> Any:
+    """``service``'s ``MeshTLS`` from the mesh CA through ``store`` (renewed until ``stack``
+    closes), or None when ``mtls`` is off; a bad ``mtls`` is a ConfigError naming --mtls."""
     from shoal.mesh.security.mode import MtlsMode
 
     if not MtlsMode.parse(mtls, where="--mtls").uses_tls:
         return None
-    from shoal.control.plane import GATEWAY_IDENTITY
     from shoal.mesh.security.identity import request_identity
     from shoal.mesh.security.spiffe import DEFAULT_TRUST_DOMAIN
     from shoal.mesh.security.tls import MeshTLS, rotate_forever
 
-    instance = f"gateway-{os.getpid()}"
-    tls = MeshTLS(await request_identity(store, GATEWAY_IDENTITY, instance,
+    tls = MeshTLS(await request_identity(store, service, instance,
                                          trust_domain=trust_domain or DEFAULT_TRUST_DOMAIN))
     renewal = asyncio.get_running_loop().create_task(rotate_forever(tls, store, instance))
 
@@ -126,7 +125,10 @@ async def gateway_app(config: GatewayConfig, *, store: str, broker: str | None,
     async with contextlib.AsyncExitStack() as stack:
         the_store = await open_store(store)
         stack.push_async_callback(the_store.close)
-        tls = await _mesh_identity(the_store, mtls, trust_domain, stack)
+        from shoal.control.plane import GATEWAY_IDENTITY
+
+        tls = await mesh_identity(the_store, GATEWAY_IDENTITY, f"gateway-{os.getpid()}", mtls,
+                                  trust_domain, stack)
         bus = None
         if broker is not None:
             try:
