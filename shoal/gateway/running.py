@@ -125,10 +125,12 @@ async def gateway_app(config: GatewayConfig, *, store: str, broker: str | None,
     async with contextlib.AsyncExitStack() as stack:
         the_store = await open_store(store)
         stack.push_async_callback(the_store.close)
-        from shoal.control.plane import GATEWAY_IDENTITY
+        tls = None
+        if mtls != "off":  # only then the control plane's names (and cryptography) load
+            from shoal.control.plane import GATEWAY_IDENTITY
 
-        tls = await mesh_identity(the_store, GATEWAY_IDENTITY, f"gateway-{os.getpid()}", mtls,
-                                  trust_domain, stack)
+            tls = await mesh_identity(the_store, GATEWAY_IDENTITY, f"gateway-{os.getpid()}",
+                                      mtls, trust_domain, stack)
         bus = None
         if broker is not None:
             try:
