@@ -1,6 +1,7 @@
 """What strict mTLS costs on service-to-service calls over keep-alive.
 
     python bench/mesh_tls.py [--requests 20000] [--concurrency 32] [--rounds 3]
+                             [--backend http-server|service]
 
 One backend process (the project's ``HttpServer`` on uvloop, answering ``ok`` at once)
 listens twice: in plaintext, and with strict mutual TLS (``MeshTLS`` server context:
@@ -36,12 +37,41 @@ alternated, same bench, 10000 requests, 4 rounds): throughput ratio mtls/plain b
 0.43-0.59 before, 0.63-0.69 after - the extra CPU of mTLS per call went from about
 120-200 us to 55-80 us (plain: about 125 us through the whole MeshClient stack). Earlier
 runs with the modes' phases not back to back gave 0.38-1.5 after: noise. THE TARGET (at
-least 0.85) IS NOT MET. What remains is OpenSSL 3.0's record work (about 5 us per record,
-EVP parameter lookups included) and the loop's TLS bookkeeping (Python-level
-``SSLObject`` calls, BIO copies), 25-40 us per side; sequential calls pay it unamortized
-(ratio 0.5-0.8). Not tried: binding ``SSLObject.read``/``write``/``pending`` to the C
-methods (a few us per side, under the noise here); coalescing uvicorn's two writes per
-response (the Service server; ``HttpServer``, measured here, writes one).
+least 0.85) IS NOT MET.
+
+``--backend service`` serves the same calls with a ``shoal.Service``'s server instead
+(uvicorn as an instance runs it: ``PeerIdentityProtocol``, under mTLS behind
+``buffered_reads``).
+
+Where the rest goes (tls-perf2, each side measured on its own: CPU per call from
+``process_time`` and /proc, ``perf record``, ``strace -c``, cProfile call counts). Per call
+each side encrypts one record and decrypts one: uvloop decrypts it with one
+``SSLObject.read`` and two ``pending()`` (no ``SSLWantReadError`` raised), each side makes
+one ``send`` and one ``recv`` as in plaintext, and no other Python call runs under TLS. In
+isolation that is small: the four records of a call through two ``SSLObject``s and their
+BIOs cost 8.3 us of CPU (TLS_AES_256_GCM_SHA384 is negotiated; AES-GCM itself is under
+1 us per 128-byte record, the rest is libssl's per-record work), and a ping-pong of the
+same messages over uvloop's TLS transports costs 15-37 us more per round trip than
+plaintext, both ends together. In the full stack each side's CPU per call rises by
+25-60 us: the same code running slower, not more code (``perf``: the interpreter loop
+itself +18 us per call on the client). Adding ~70 us of Python work per message to that
+ping-pong raises its TLS cost to +56-59 us per round trip: OpenSSL and the interpreter
+evict each other from the caches, the more so the more Python runs per call. Checked and
+not the cause: both processes (and instances, ``shoal.instance``) run uvloop's Cython TLS
+transport; TCP_NODELAY is on on both sides; the peer certificate is parsed once per
+connection; the ``SSLObject`` Python wrappers (bound to the C methods: about 25 ns per call
+saved, so left out). Kernel TLS, which would take the record work out of the process, is
+not available here (no ``tls`` ULP). ``HttpServer`` writes one record per answer and
+``MeshClient`` one per request; uvicorn wrote two (head, body) and now gets its transport
+behind ``CoalescedWrites`` (``shoal.mesh.tls_writes``): one record and one send per
+response. Against a Service (``--backend service --requests 4000 --rounds 2``, main and
+tls-perf2 alternated, load 9-14), CPU per call plain/mtls went from 0.63-0.69 to
+0.87-0.92 (server-side extra from +53-75 us to -3-+26 us, client-side from +46-67 us to
++17-28 us: one read and one decryption fewer); throughput ratios 0.61-0.78 before,
+0.55-1.02 after: noise at that load. With ``--requests 10000 --rounds 3`` (load 6-9):
+main 0.505 (CPU 0.611), tls-perf2 0.814 (CPU 0.873). The ``HttpServer`` backend, whose
+path this does not change, measured 0.66, 0.78, 0.48 (CPU 0.65, 0.75, 0.60) before and
+0.58, 0.60 (CPU 0.61, 0.58) after, load 4-9: the target is not met there.
 """
 
 from __future__ import annotations
@@ -95,9 +125,12 @@ def answer(request: Request) -> Response:
     return OK
 
 
-async def serve(directory: str) -> None:
+async def serve(directory: str, backend: str) -> None:
     d = Path(directory)
     identity = Identity.load(d / "cert.pem", d / "key.pem", d / "bundle.pem")
+    if backend == "service":
+        await serve_service(identity)
+        return
     # Idle connections of one mode wait while the other runs: keep them all run long.
     limits = ServerLimits(keep_alive_timeout=3600)
     plain = HttpServer(answer, limits=limits)
@@ -111,6 +144,45 @@ async def serve(directory: str) -> None:
     await mtls.shutdown(1)
 
 
+async def serve_service(identity: Identity) -> None:
+    """The same two listeners, served as an instance serves a ``shoal.Service``: its app
+    through the SDK's uvicorn server (``shoal.service._UvicornServer``: PeerIdentityProtocol,
+    under mTLS behind ``buffered_reads``), with a handler answering ``ok``."""
+    import socket
+
+    from starlette.responses import Response as StarletteResponse
+
+    from shoal.service import Service, _UvicornServer
+
+    svc = Service("echo")
+
+    @svc.get("/")
+    async def ok(request: Any) -> StarletteResponse:
+        return StarletteResponse(b"ok")
+
+    @svc.get("/cpu")
+    async def cpu(request: Any) -> StarletteResponse:
+        return StarletteResponse(repr(time.process_time()).encode())
+
+    ports, running = {}, []
+    for mode, context in (("plain", None), ("mtls", MeshTLS(identity).server_context)):
+        sock = socket.create_server(("127.0.0.1", 0), backlog=1024)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as Service._serve does
+        sock.setblocking(False)
+        server = _UvicornServer(svc, sock, ssl=context)
+        server.uvicorn.config.timeout_keep_alive = 3600  # idle while the other mode runs
+        task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
+        while not server.started:
+            await asyncio.sleep(0.01)
+        ports[mode] = sock.getsockname()[1]
+        running.append((server, task))
+    print(json.dumps(ports), flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    for server, task in running:
+        server.should_exit = True
+        await task
+
+
 # -- the client ------------------------------------------------------------------------------
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     ca = CertificateAuthority.create()
@@ -122,8 +194,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, __file__, "--serve", directory, env={**os.environ,
-                                                                 "PYTHONPATH": ROOT},
+            sys.executable, __file__, "--serve", directory, "--backend", args.backend,
+            env={**os.environ, "PYTHONPATH": ROOT},
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
         assert proc.stdout is not None and proc.stdin is not None
         async with asyncio.timeout(20):
@@ -195,10 +267,13 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=20000)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--backend", choices=("http-server", "service"), default="http-server",
+                    help="what serves the calls: the project's HttpServer (the default) or "
+                         "a shoal.Service's uvicorn server")
     ap.add_argument("--serve", metavar="DIR", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
-        uvloop.run(serve(args.serve))
+        uvloop.run(serve(args.serve, args.backend))
         return
     load_before = os.getloadavg()
     res = uvloop.run(bench(args))
@@ -217,7 +292,9 @@ def main() -> None:
         "added_p50_us_sequential": round(
             mtls["sequential"]["p50_us"] - plain["sequential"]["p50_us"], 1),
     }
-    print(f"\nMeshClient GET over keep-alive, project HttpServer backend in a subprocess, "
+    backend = ("project HttpServer" if args.backend == "http-server"
+               else "shoal.Service (uvicorn)")
+    print(f"\nMeshClient GET over keep-alive, {backend} backend in a subprocess, "
           f"uvloop, {os.cpu_count()} CPUs, TLS 1.3 ECDSA P-256, median of {args.rounds} rounds")
     print(f"{'':34} {'plain':>10} {'mtls':>10}")
     rows = [("sequential p50 us", "sequential", "p50_us"),
@@ -238,7 +315,7 @@ def main() -> None:
         print(f"{phase + ' ratio per round':34} {ratios[phase]}")
     print(f"{'load average (1, 5, 15 min)':34} before {res['load_average']['before']}, "
           f"after {res['load_average']['after']}")
-    print(json.dumps({"bench": "mesh_tls", "requests": args.requests,
+    print(json.dumps({"bench": "mesh_tls", "backend": args.backend, "requests": args.requests,
                       "concurrency": args.concurrency, "rounds": args.rounds,
                       "cpus": os.cpu_count(), **headline, **res}))
 

@@ -7,7 +7,10 @@ replaces its addresses. Routes then follow
 the Store key ``gateway.routes_key``. Broker and Store: ``--broker``/``--store``, else the
 environment, else the config file's ``broker:``/``store:``, else the defaults
 (``shoal.settings``). Prints one JSON line ``{"event": "ready", "listen": [...], ...}``
-when it serves; SIGTERM or Ctrl-C stop it gracefully (exit 0).
+when it serves; SIGTERM or Ctrl-C stop it gracefully (exit 0). ``--mtls strict`` calls a
+strict mesh's services over mutual TLS with the gateway's mesh identity, issued by the
+control plane's CA through the Store (trust domain: the config's ``security:``); see
+``shoal.gateway.running``.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ if TYPE_CHECKING:
 
 
 def _run_workers(loaded: GatewayConfig, workers: int, *, store: str, broker: str | None,
-                 ) -> NoReturn:
+                 mtls: str = "off", trust_domain: str | None = None) -> NoReturn:
     """Serve with ``workers`` processes sharing one TCP port (``SO_REUSEPORT``)."""
     from shoal.gateway.running import gateway_app
     from shoal.gateway.workers import WorkerError, run_workers
@@ -45,7 +48,8 @@ def _run_workers(loaded: GatewayConfig, workers: int, *, store: str, broker: str
 
     @contextlib.asynccontextmanager
     async def app() -> AsyncIterator[Any]:
-        async with gateway_app(loaded, store=store, broker=broker) as running:
+        async with gateway_app(loaded, store=store, broker=broker, mtls=mtls,
+                               trust_domain=trust_domain) as running:
             yield running.handle
 
     def ready(port: int, pids: list[int]) -> None:
@@ -78,6 +82,10 @@ def gateway(
              "config, sqlite:///.shoal/events.db)")] = None,
     workers: Annotated[int, typer.Option(
         "--workers", min=1, max=256, help="Worker processes sharing the port")] = 1,
+    mtls: Annotated[str, typer.Option(
+        "--mtls", metavar="MODE",
+        help="Calls to services: strict or permissive (mutual TLS with a mesh identity "
+             "from the control plane's CA, via the Store) or off")] = "off",
 ) -> None:
     """Run the gateway: routes from the config and the Store, endpoints from the registry."""
     # imported here: every other `shoal` command starts faster without the gateway
@@ -96,6 +104,10 @@ def gateway(
         settings = resolve(broker=broker, store=store, env=os.environ,
                            manifest=None if manifest is None else connections(manifest, path))
         loaded = manifest.gateway if manifest is not None else GatewayConfig()
+        trust_domain = manifest.security.trust_domain if manifest is not None else None
+        from shoal.mesh.security.mode import MtlsMode
+
+        mtls = MtlsMode.parse(mtls, where="--mtls").value
         if listen:
             loaded = dataclasses.replace(loaded, listen=tuple(
                 parse_listen(a, what="--listen") for a in listen))
@@ -103,7 +115,8 @@ def gateway(
         fail(str(exc))
     if workers > 1:
         try:
-            _run_workers(loaded, workers, store=settings.store, broker=settings.broker)
+            _run_workers(loaded, workers, store=settings.store, broker=settings.broker,
+                         mtls=mtls, trust_domain=trust_domain)
         except ConfigError as exc:
             fail(str(exc))
 
@@ -113,6 +126,6 @@ def gateway(
 
     async def main(stop: asyncio.Event) -> None:
         await serve_gateway(loaded, store=settings.store, broker=settings.broker, stop=stop,
-                            on_ready=ready)
+                            on_ready=ready, mtls=mtls, trust_domain=trust_domain)
 
     run_until_signal(main)

@@ -4,7 +4,8 @@
 ADDR, proxies what arrives there to the app, health-checks the app (its state in the
 registry follows), and on SIGTERM drains and deregisters (``shoal.gateway.sidecar``). The
 Store: ``--store``, else ``$SHOAL_STORE``, ``store:`` in ./shoal.yaml, else the default.
-Prints one JSON line ``{"event": "ready", ...}`` once registered.
+Prints one JSON line ``{"event": "ready", ...}`` once registered. ``--mtls strict`` serves
+mutual TLS with the instance's mesh identity (trust domain: ``security:`` in ./shoal.yaml).
 """
 
 from __future__ import annotations
@@ -76,6 +77,10 @@ def sidecar(
     drain: Annotated[str, typer.Option(
         "--drain", help="On SIGTERM: time to let callers notice, and for in-flight requests"
     )] = "2s",
+    mtls: Annotated[str, typer.Option(
+        "--mtls", metavar="MODE",
+        help="strict: serve mutual TLS with the instance's mesh identity (from the control "
+             "plane's CA, via the Store), or off")] = "off",
 ) -> None:
     """Register an app in the mesh, health-check it, and proxy inbound traffic to it."""
     # imported here: every other `shoal` command starts faster without the gateway
@@ -87,15 +92,21 @@ def sidecar(
     configure_logs("sidecar")
     try:
         path = Path(MANIFEST_NAME)
-        settings = resolve(store=store, env=os.environ,
-                           manifest=load_manifest(path) if path.is_file() else None)
+        manifest = load_manifest(path) if path.is_file() else None
+        settings = resolve(store=store, env=os.environ, manifest=manifest)
+        trust_domain = None
+        if manifest is not None and mtls != "off":  # validated just above
+            from shoal.config import load_manifest as load_whole
+
+            trust_domain = load_whole(path).security.trust_domain
         config = SidecarConfig(
             service=service, listen=parse_listen(listen_at, what="--listen"), app=app,
             instance_id=instance_id or f"{service}-{uuid.uuid4().hex[:8]}",
             advertise=advertise, labels=_labels(label or []),
             health=_health(HealthCheckConfig, path=health_path, interval=health_interval,
                            timeout=health_timeout, unhealthy_threshold=unhealthy_threshold),
-            drain=parse_duration(drain, name="--drain") or 0.0)
+            drain=parse_duration(drain, name="--drain") or 0.0, mtls=mtls,
+            trust_domain=trust_domain)
     except ConfigError as exc:
         fail(str(exc))
 

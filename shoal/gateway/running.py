@@ -4,6 +4,13 @@ the Store and the bus, follows the registry (``EndpointCache``) and the routes k
 accepting, let in-flight requests finish within ``config.drain``, then close.
 
 ``shoal gateway`` (``shoal.commands.gateway``) runs it on uvloop in one process.
+
+**Toward a strict mesh** (``mtls="strict"`` or ``"permissive"``, ``shoal gateway --mtls``):
+the gateway gets the mesh identity ``shoal up``'s gateway has (``spiffe://<trust domain>/
+svc/shoal-gateway``) from the control plane's CA through the Store, as an instance does
+(``request_identity``: the key is made here and never leaves), renews it
+(``rotate_forever``), and calls services over mutual TLS (``Gateway(tls=...)``). Its own
+listeners stay as configured (edge TLS is ``gateway.edge``'s).
 """
 
 from __future__ import annotations
@@ -11,9 +18,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from shoal.errors import ConfigError
 from shoal.events.bus import EventBus
@@ -81,15 +90,47 @@ async def open_store(url: str) -> Store:
         raise ConfigError(f"cannot open store {url!r}: {exc}") from None
 
 
+async def mesh_identity(store: Store, service: str, instance: str, mtls: str,
+                        trust_domain: str | None, stack: contextlib.AsyncExitStack) -> Any:
+    """``service``'s ``MeshTLS`` from the mesh CA through ``store`` (renewed until ``stack``
+    closes), or None when ``mtls`` is off; a bad ``mtls`` is a ConfigError naming --mtls."""
+    from shoal.mesh.security.mode import MtlsMode
+
+    if not MtlsMode.parse(mtls, where="--mtls").uses_tls:
+        return None
+    from shoal.mesh.security.identity import request_identity
+    from shoal.mesh.security.spiffe import DEFAULT_TRUST_DOMAIN
+    from shoal.mesh.security.tls import MeshTLS, rotate_forever
+
+    tls = MeshTLS(await request_identity(store, service, instance,
+                                         trust_domain=trust_domain or DEFAULT_TRUST_DOMAIN))
+    renewal = asyncio.get_running_loop().create_task(rotate_forever(tls, store, instance))
+
+    async def stop_renewal() -> None:
+        renewal.cancel()
+        await asyncio.gather(renewal, return_exceptions=True)
+
+    stack.push_async_callback(stop_renewal)
+    return tls
+
+
 @contextlib.asynccontextmanager
-async def gateway_app(config: GatewayConfig, *, store: str, broker: str | None
+async def gateway_app(config: GatewayConfig, *, store: str, broker: str | None,
+                      mtls: str = "off", trust_domain: str | None = None,
                       ) -> AsyncIterator[RunningGateway]:
     """The gateway's parts, opened and closed together: Store, bus, endpoint cache, the
     ``Gateway`` and its route watcher. Each worker process enters its own (the shape
-    ``shoal.gateway.workers.run_workers`` takes, via ``.handle``)."""
+    ``shoal.gateway.workers.run_workers`` takes, via ``.handle``). ``mtls``: see the module
+    docstring."""
     async with contextlib.AsyncExitStack() as stack:
         the_store = await open_store(store)
         stack.push_async_callback(the_store.close)
+        tls = None
+        if mtls != "off":  # only then the control plane's names (and cryptography) load
+            from shoal.control.plane import GATEWAY_IDENTITY
+
+            tls = await mesh_identity(the_store, GATEWAY_IDENTITY, f"gateway-{os.getpid()}",
+                                      mtls, trust_domain, stack)
         bus = None
         if broker is not None:
             try:
@@ -100,7 +141,7 @@ async def gateway_app(config: GatewayConfig, *, store: str, broker: str | None
         cache = await EndpointCache(the_store).start()
         stack.push_async_callback(cache.close)
         gateway = Gateway(config.routes.table, cache, bus, services=config.services,
-                          ejections=EjectionReporter(the_store))
+                          ejections=EjectionReporter(the_store), tls=tls)
         stack.push_async_callback(gateway.aclose)
         watcher = None
         if config.routes_key is not None:
@@ -112,9 +153,11 @@ async def gateway_app(config: GatewayConfig, *, store: str, broker: str | None
 
 async def serve_gateway(config: GatewayConfig, *, store: str, broker: str | None,
                         stop: asyncio.Event, on_ready: Callable[[Ready], None],
-                        reuse_port: bool = False) -> None:
+                        reuse_port: bool = False, mtls: str = "off",
+                        trust_domain: str | None = None) -> None:
     """Run the gateway in this process until ``stop`` is set (see the module docstring)."""
-    async with gateway_app(config, store=store, broker=broker) as running:
+    async with gateway_app(config, store=store, broker=broker, mtls=mtls,
+                           trust_domain=trust_domain) as running:
         server = HttpServer(running.gateway.handle, limits=config.limits)
         try:
             bound = await listen(server, config.listen, reuse_port=reuse_port)

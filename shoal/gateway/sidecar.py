@@ -12,6 +12,11 @@ server) into the mesh. ``serve_sidecar(config, store=..., stop=...)``:
   state follows it: STARTING until a check passed, SERVING, UNHEALTHY after
   ``unhealthy_threshold`` failures (balancers then skip it: traffic only in panic), and
   SERVING again after ``healthy_threshold`` passes. The first check runs at once.
+* **Serves mutual TLS toward a strict mesh** with ``mtls="strict"`` (``shoal sidecar --mtls
+  strict``): it gets the instance's identity ``spiffe://<trust domain>/svc/<service>``
+  from the mesh CA through the Store, as an instance does (the key is made here), renews
+  it, and accepts only callers with a certificate of the trust bundle; the hop to the
+  local app stays plaintext. (``permissive`` is not offered yet.)
 * **Stops gracefully** when ``stop`` is set (SIGTERM): declares DRAINING (callers stop
   picking it), waits ``drain`` for that to reach them, deregisters, then lets in-flight
   requests finish (up to ``drain`` again) and closes.
@@ -30,7 +35,7 @@ from shoal.errors import ConfigError, ShoalError
 from shoal.gateway.config import ListenAddress
 from shoal.gateway.proxy import Gateway
 from shoal.gateway.routes import RouteTable
-from shoal.gateway.running import listen, open_store
+from shoal.gateway.running import listen, mesh_identity, open_store
 from shoal.gateway.server import HttpServer, ServerLimits
 from shoal.mesh.endpoint import Endpoint
 from shoal.mesh.health import ActiveCheckSchedule, HealthCheckConfig, HealthState, InstanceHealth
@@ -83,8 +88,14 @@ class SidecarConfig:
     ttl: float = DEFAULT_TTL
     drain: float = 2.0
     limits: ServerLimits = field(default_factory=ServerLimits)
+    mtls: str = "off"  # "strict": serve mutual TLS with the instance's mesh identity
+    trust_domain: str | None = None  # of that identity (None: the default)
 
     def __post_init__(self) -> None:
+        from shoal.mesh.security.mode import MtlsMode
+
+        if MtlsMode.parse(self.mtls, where="--mtls") is MtlsMode.PERMISSIVE:
+            raise ConfigError("--mtls permissive: a sidecar serves strict or off for now")
         check_service_name(self.service)
         check_instance_id(self.instance_id)
         check_address(self.app, what="--app")
@@ -142,10 +153,13 @@ async def serve_sidecar(config: SidecarConfig, *, store: str, stop: asyncio.Even
     app = Endpoint(config.instance_id, config.service, config.app)
     gateway = Gateway(RouteTable.from_config([{"name": "app", "service": config.service}]),
                       StaticEndpoint(app))  # type: ignore[arg-type]
-    server = HttpServer(gateway.handle, limits=config.limits)
     async with contextlib.AsyncExitStack() as stack:
         the_store = await open_store(store)
         stack.push_async_callback(the_store.close)
+        tls = await mesh_identity(the_store, config.service, config.instance_id, config.mtls,
+                                  config.trust_domain, stack)
+        server = HttpServer(gateway.handle, limits=config.limits,
+                            ssl=None if tls is None else tls.server_context)
         stack.push_async_callback(gateway.aclose)
         stack.push_async_callback(server.shutdown, config.drain)
         bound = await listen(server, (config.listen,))

@@ -18,7 +18,9 @@ derive from ``asyncio.BaseProtocol``, not ``asyncio.Protocol``, or loops ignore
 ``get_buffer``), and their ``data_received`` gets a ``bytes`` copy of exactly what
 arrived. Plaintext connections keep the loop's own ``data_received`` path. A protocol we
 do not own (uvicorn's, serving a ``Service`` over mTLS) is wrapped instead:
-``buffered_reads(factory)`` makes each connection a ``BufferedReads`` forwarding to it.
+``buffered_reads(factory)`` makes each connection a ``BufferedReads`` forwarding to it,
+which also hands that protocol its transport behind ``CoalescedWrites``
+(``shoal.mesh.tls_writes``: a response's head and body are one TLS record).
 
 The buffer is per thread: loops call ``get_buffer`` and then ``buffer_updated`` with
 nothing in between on that thread, and the copy is taken before ``buffer_updated`` returns,
@@ -32,6 +34,8 @@ import asyncio
 import threading
 from collections.abc import Callable
 from typing import Any
+
+from shoal.mesh.tls_writes import CoalescedWrites
 
 __all__ = ["READ_BUFFER_SIZE", "BufferedReads", "TlsReads", "buffered_reads"]
 
@@ -64,7 +68,9 @@ class TlsReads:
 
 class BufferedReads(TlsReads, asyncio.BufferedProtocol):
     """A ``BufferedProtocol`` in front of a streaming ``protocol`` (which keeps its own
-    transport: it may switch protocols, as uvicorn's does for a WebSocket upgrade)."""
+    transport: it may switch protocols, as uvicorn's does for a WebSocket upgrade). The
+    protocol is given the transport behind ``CoalescedWrites``: the writes of one loop turn
+    (uvicorn's head, then body) go out as one TLS record."""
 
     __slots__ = ("protocol",)
 
@@ -72,7 +78,7 @@ class BufferedReads(TlsReads, asyncio.BufferedProtocol):
         self.protocol: Any = protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.protocol.connection_made(transport)
+        self.protocol.connection_made(CoalescedWrites(transport))  # type: ignore[arg-type]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.protocol.connection_lost(exc)
@@ -97,9 +103,7 @@ def buffered_reads(factory: Callable[..., asyncio.BaseProtocol]
                    ) -> Callable[..., BufferedReads]:
     """``factory`` (a protocol class or factory, any arguments) with every protocol it
     makes wrapped in ``BufferedReads``: e.g. ``uvicorn.Config(http=buffered_reads(
-    HttpToolsProtocol), ...)`` for a server that only takes TLS connections. (uvicorn
-    still writes a response's head and body with two ``transport.write`` calls: two TLS
-    records per response where ``HttpServer`` sends one.)"""
+    HttpToolsProtocol), ...)`` for a server that only takes TLS connections."""
 
     def make(*args: Any, **kwargs: Any) -> BufferedReads:
         return BufferedReads(factory(*args, **kwargs))
