@@ -1,11 +1,13 @@
 """What strict mTLS costs on service-to-service calls over keep-alive.
 
     python bench/mesh_tls.py [--requests 20000] [--concurrency 32] [--rounds 3]
-                             [--backend http-server|service]
+                             [--backend service|http-server]
 
-One backend process (the project's ``HttpServer`` on uvloop, answering ``ok`` at once)
-listens twice: in plaintext, and with strict mutual TLS (``MeshTLS`` server context:
-TLS 1.3, client certificate required against the trust bundle). This process, also on
+One backend process on uvloop answers ``ok`` at once - by default a ``shoal.Service``
+served as an instance serves it (what a service-to-service call reaches), with
+``--backend http-server`` the project's ``HttpServer`` (the gateway's and the sidecar's
+server). It listens twice: in plaintext, and with strict mutual TLS (``MeshTLS`` server
+context: TLS 1.3, client certificate required against the trust bundle). This process, also on
 uvloop, calls it through ``MeshClient`` - the whole proxyless stack - once without TLS
 (``plain``, the peer) and once with ``tls=MeshTLS(...)`` (``mtls``: client certificate,
 the server's SPIFFE id checked), interleaved over ``--rounds`` rounds after a warm-up,
@@ -267,9 +269,10 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=20000)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--backend", choices=("http-server", "service"), default="http-server",
-                    help="what serves the calls: the project's HttpServer (the default) or "
-                         "a shoal.Service's uvicorn server")
+    ap.add_argument("--backend", choices=("http-server", "service"), default="service",
+                    help="what serves the calls: a shoal.Service as an instance serves it "
+                         "(the default: what service-to-service calls reach) or the "
+                         "project's HttpServer (the gateway's and the sidecar's server)")
     ap.add_argument("--serve", metavar="DIR", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
