@@ -40,9 +40,12 @@ falls on both alike; a round's figures are its bursts' totals (CPU per request: 
 over requests; requests/s: requests over time). It puts ``observability_rps_ratio``
 (median of ``shoal-obs`` / median of ``shoal``, requests/s), ``observability_cpu_ratio``
 (CPU per request, ``shoal`` / ``shoal-obs``: 1.0 means free) and the per-round ratios in
-the JSON line. Measured one after the other in whole rounds (as before), the ratio of
-two identical proxies swung by +-15% on this machine under a load average of 5-10;
-side by side in bursts, by about +-5%. ``--taskset`` pins every proxy to those CPUs
+the JSON line. Why side by side: under a load average of 5-10 on this 2-core machine,
+one proxy measured in three whole rounds one after the other gave 176, 226 and 178 us of
+CPU per request; four identical proxies side by side, 8 bursts of 2 s each, gave
+119-123 us (another run: 118-128 us, the spread left to process start-up, which the
+rounds sample). Requests/s still swing by +-15% between identical proxies: CPU per
+request is the figure to read. ``--taskset`` pins every proxy to those CPUs
 (``taskset -c``), the same for both sides.
 """
 
