@@ -221,3 +221,25 @@ def test_outside_any_trace_no_span_is_looked_up_but_a_current_one_is_followed(
     before = len(looked)
     assert tracing.unsampled_here() != new  # outside again: a new trace each time
     assert len(looked) == before
+
+
+def test_the_attached_context_is_read_from_the_sdks_variable_else_through_its_api() -> None:
+    """The fast read needs OpenTelemetry's default runtime context (a context variable);
+    another runtime (``OTEL_PYTHON_CONTEXT``) is asked through the public ``get_current``."""
+    from types import SimpleNamespace
+
+    from opentelemetry import context as otel_context
+
+    reader = tracing._context_reader(otel_context)
+    assert not reader()  # nothing attached: an empty context
+    token = otel_context.attach(otel_context.set_value("k", 1))
+    try:
+        assert reader()
+    finally:
+        otel_context.detach(token)
+
+    def get_current() -> dict[str, int]:
+        return {"k": 1}
+
+    other = SimpleNamespace(_RUNTIME_CONTEXT=object(), get_current=get_current)
+    assert tracing._context_reader(other) is get_current
