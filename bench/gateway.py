@@ -31,13 +31,22 @@ machine, which the 1-minute load average before and after the run shows). With
 (by requests/s) is kept. The last line is one JSON object with every figure and the ratios
 against shoal (requests/s, and CPU per request).
 
-    python bench/gateway.py --observability [--rounds 5] [--taskset 1]
+    python bench/gateway.py --observability [--rounds 3] [--duration 10] [--bursts 10]
 
-measures ``shoal`` and ``shoal-obs`` only, in interleaved rounds (alternating which goes
-first), and puts ``observability_rps_ratio`` (median of ``shoal-obs`` / median of
-``shoal``, requests/s), ``observability_cpu_ratio`` (CPU per request, ``shoal`` /
-``shoal-obs``: 1.0 means free) and the per-round ratios in the JSON line. ``--taskset``
-pins every proxy to those CPUs (``taskset -c``), the same for both sides.
+measures ``shoal`` and ``shoal-obs`` only, side by side: each round starts both proxies,
+warms both, then drives them in turn for ``--bursts`` bursts of ``duration / bursts``
+seconds each (in a shuffled order per turn), so that a load change on this shared machine
+falls on both alike; a round's figures are its bursts' totals (CPU per request: CPU time
+over requests; requests/s: requests over time). It puts ``observability_rps_ratio``
+(median of ``shoal-obs`` / median of ``shoal``, requests/s), ``observability_cpu_ratio``
+(CPU per request, ``shoal`` / ``shoal-obs``: 1.0 means free) and the per-round ratios in
+the JSON line. Why side by side: under a load average of 5-10 on this 2-core machine,
+one proxy measured in three whole rounds one after the other gave 176, 226 and 178 us of
+CPU per request; four identical proxies side by side, 8 bursts of 2 s each, gave
+119-123 us (another run: 118-128 us, the spread left to process start-up, which the
+rounds sample). Requests/s still swing by +-15% between identical proxies: CPU per
+request is the figure to read. ``--taskset`` pins every proxy to those CPUs
+(``taskset -c``), the same for both sides.
 """
 
 from __future__ import annotations
@@ -46,6 +55,7 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import statistics
@@ -326,6 +336,48 @@ def measure(kind: str, tools: dict[str, str], script: str, backends: list[int], 
     return result
 
 
+def measure_side_by_side(kinds: tuple[str, ...], tools: dict[str, str], script: str,
+                         backends: list[int], d: str, args: argparse.Namespace
+                         ) -> dict[str, dict[str, float]]:
+    """One round of ``--observability``: every proxy of ``kinds`` running at once, driven in
+    turn (a shuffled order per turn) for ``args.bursts`` bursts each; figures summed."""
+    burst = args.duration / args.bursts
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent),
+               OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{backends[0]}")  # the stub
+    with contextlib.ExitStack() as stack:
+        procs = {}
+        for kind in kinds:
+            port = free_port()
+            cmd = proxy_command(kind, port, backends, d, tools)
+            if args.taskset:
+                cmd = ["taskset", "-c", args.taskset, *cmd]
+            procs[kind] = (stack.enter_context(running(cmd, port, env)), port)
+        for kind, (_pid, port) in procs.items():
+            warm = run_wrk(tools["wrk"], script, port, args.connections, args.warmup)
+            if warm["errors"]:
+                raise SystemExit(f"{kind}: {warm['errors']} errors during the warm-up")
+        bursts: dict[str, list[tuple[float, dict[str, float]]]] = {k: [] for k in kinds}
+        order = list(kinds)
+        for _ in range(args.bursts):
+            random.shuffle(order)
+            for kind in order:
+                pid, port = procs[kind]
+                cpu0 = cpu_seconds(pid)
+                r = run_wrk(tools["wrk"], script, port, args.connections, burst)
+                bursts[kind].append((cpu_seconds(pid) - cpu0, r))
+    out = {}
+    for kind, runs in bursts.items():
+        requests = sum(r["rps"] * burst for _, r in runs)
+        out[kind] = {
+            "rps": round(requests / (burst * len(runs))),
+            "p50_ms": statistics.median(r["p50_ms"] for _, r in runs),
+            "p99_ms": statistics.median(r["p99_ms"] for _, r in runs),
+            "errors": sum(r["errors"] for _, r in runs),
+            "proxy_cpu_us_per_req": round(sum(c for c, _ in runs) / max(requests, 1) * 1e6, 1),
+        }
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--duration", type=float, default=10.0)
@@ -338,6 +390,8 @@ def main() -> None:
     ap.add_argument("--observability", action="store_true",
                     help="measure shoal against shoal-obs (metrics + tracing) only")
     ap.add_argument("--taskset", help="CPU list every proxy is pinned to (taskset -c)")
+    ap.add_argument("--bursts", type=int, default=10, help="--observability: bursts per "
+                    "proxy per round, each of duration / bursts seconds")
     ap.add_argument("--observe", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--serve", choices=("shoal", "aiohttp"), help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -375,7 +429,12 @@ def main() -> None:
         backend_cmd = [tools["nginx"], "-p", d, "-c", str(conf), "-e",
                        f"{d}/backend.stderr.log"]
         with running(backend_cmd, backends[0]):
-            for r in range(args.rounds):
+            for _ in range(args.rounds if args.observability else 0):
+                side = measure_side_by_side(kinds, tools, script, backends, d, args)
+                for kind, fig in side.items():
+                    results[kind].append(fig)
+                    print(f"  {kind:9} {fig}", file=sys.stderr)
+            for r in range(0 if args.observability else args.rounds):
                 order = kinds if r % 2 == 0 else kinds[::-1]  # neither side always first
                 for kind in order:
                     r = measure(kind, tools, script, backends, d, args)

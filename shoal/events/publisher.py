@@ -64,7 +64,7 @@ class AppendQueue:
                             fut.set_exception(err)
                     continue
                 if self._series is not None:
-                    self._series.published += sum(not a.duplicate for a in acks)
+                    self._series.published += len(acks) - [a.duplicate for a in acks].count(True)
                 pos = 0
                 for records, fut in group:
                     n = len(records)

@@ -142,10 +142,13 @@ class RouteSeries:
         self.in_flight = 0
 
     def finished(self, status: int, seconds: float) -> None:
-        """Count one answered request."""
+        """Count one answered request (the histogram's ``observe``, inlined: once per
+        request on the gateway's path)."""
         codes = self.codes
         codes[status] = codes.get(status, 0) + 1
-        self.duration.observe(seconds)
+        duration = self.duration
+        duration.counts[bisect_left(duration.bounds, seconds)] += 1
+        duration.sum += seconds
 
 
 class TopicSeries:

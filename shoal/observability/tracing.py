@@ -138,7 +138,7 @@ def _load_otel() -> None:
     """
     global otel_context, trace, Resource, TracerProvider, BatchSpanProcessor
     global SimpleSpanProcessor, ALWAYS_ON, ParentBased, Link, NonRecordingSpan, SpanContext
-    global SpanKind, Status, StatusCode, TraceFlags, TraceState
+    global SpanKind, Status, StatusCode, TraceFlags, TraceState, _attached_context
     if "trace" in globals():
         return
     from opentelemetry import context as otel_context
@@ -157,6 +157,15 @@ def _load_otel() -> None:
         TraceFlags,
         TraceState,
     )
+    _attached_context = _context_reader(otel_context)
+
+
+def _context_reader(otel_context: Any) -> Callable[[], Any]:
+    """What reads the attached OpenTelemetry context: the bound ``get`` of the SDK's
+    context variable when it keeps it in one (the default runtime context, whose value is
+    an empty ``Context`` while nothing is attached), else ``get_current`` (the public API)."""
+    var = getattr(getattr(otel_context, "_RUNTIME_CONTEXT", None), "_current_context", None)
+    return var.get if isinstance(var, ContextVar) else otel_context.get_current
 
 
 def __getattr__(name: str) -> Any:
@@ -313,12 +322,15 @@ def current_traceparent() -> str | None:
 
 _random = random.Random()
 os.register_at_fork(after_in_child=_random.seed)  # a forked child decides on its own
+_attached_context: Callable[[], Any] | None = None
+"""Reads OpenTelemetry's attached context (bound when it is loaded): empty, hence false,
+when no span can be current, so a hop outside any trace skips the span lookup."""
 _unsampled: ContextVar[str | None] = ContextVar("shoal_unsampled_traceparent", default=None)
 """Inside a trace that is not recorded: the ``traceparent`` to send on (no span exists)."""
 
 
 # -- the decision, before any SDK object ------------------------------------------------
-def _new_trace() -> str | None:
+def new_trace() -> str | None:
     """A new trace: ``None`` if the ratio records it, else its ``traceparent`` (a new trace
     id and span id, flags ``00``) to carry on."""
     ratio = _root_ratio
@@ -336,20 +348,28 @@ def unsampled(parent: Any) -> str | None:
     participant that records nothing pass it on unchanged); a new trace gets new ids."""
     valid = _valid(parent)
     if valid is None:
-        return _new_trace()
+        return new_trace()
     return None if valid[2] else valid[0]
 
 
 def unsampled_here() -> str | None:
-    """``unsampled`` for a hop under the current code's trace (else a new trace)."""
+    """``unsampled`` for a hop under the current code's trace (else a new trace).
+
+    Outside any trace (the common publish or call of a loop, a timer, a script) this costs
+    two context-variable reads and the draw: OpenTelemetry's current span is looked up
+    only when some context is attached (a recorded span of ours, or another library's)."""
     carried = _unsampled.get()
     if carried is not None:
         return carried
-    _load_otel()
-    sc = trace.get_current_span().get_span_context()
-    if sc.is_valid:
-        return None if sc.trace_flags.sampled else traceparent_of_context(sc)
-    return _new_trace()
+    attached = _attached_context
+    if attached is None:
+        _load_otel()
+        attached = _attached_context
+    if attached():  # type: ignore[misc]
+        sc = trace.get_current_span().get_span_context()
+        if sc.is_valid:
+            return None if sc.trace_flags.sampled else traceparent_of_context(sc)
+    return new_trace()
 
 
 def carry(traceparent: str | None) -> None:

@@ -182,3 +182,64 @@ def test_batch_successes_count_with_their_latency() -> None:
     assert series.success == 4
     assert series.latency.count == 4
     assert series.latency.sum == pytest.approx(1.0 + 1.0 + 0.5 + 0.5)
+
+
+def test_a_batch_of_ids_with_a_zero_run_is_drawn_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """W3C forbids all-zero ids: a batch holding 16 zero digits in a row is not used."""
+    from shoal import context
+
+    draws = [bytes(24 * context._ID_BATCH), bytes(range(1, 25)) * context._ID_BATCH]
+    monkeypatch.setattr(context._random, "randbytes", lambda n: draws.pop(0)[:n])
+    monkeypatch.setattr(context, "_ids", [])
+    ids = [context.new_traceparent(sampled=False) for _ in range(context._ID_BATCH)]
+    assert draws == [] and all(match_traceparent(t) for t in ids)
+    assert ids[0] == "00-0102030405060708090a0b0c0d0e0f10-1112131415161718-00"
+
+
+def test_outside_any_trace_no_span_is_looked_up_but_a_current_one_is_followed(
+        left_out: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A publish or call outside any trace reads two context variables, not the SDK's
+    current span; under a span (ours, or another library's) it joins that trace."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+
+    real = trace.get_current_span
+    looked = []
+    monkeypatch.setattr(trace, "get_current_span", lambda *a: looked.append(1) or real(*a))
+    new = tracing.unsampled_here()
+    assert new is not None and match_traceparent(new) and new.endswith("-00")
+    assert looked == []
+    foreign = TracerProvider().get_tracer("another library")
+    with foreign.start_as_current_span("theirs") as span:  # recorded: the hop records too
+        before = len(looked)
+        assert tracing.unsampled_here() is None
+        assert len(looked) == before + 1
+    ctx = span.get_span_context()
+    with trace.use_span(trace.NonRecordingSpan(trace.SpanContext(
+            ctx.trace_id, ctx.span_id, False, trace.TraceFlags(0)))):
+        assert tracing.unsampled_here() == tracing.traceparent_of_context(ctx)[:-2] + "00"
+    before = len(looked)
+    assert tracing.unsampled_here() != new  # outside again: a new trace each time
+    assert len(looked) == before
+
+
+def test_the_attached_context_is_read_from_the_sdks_variable_else_through_its_api() -> None:
+    """The fast read needs OpenTelemetry's default runtime context (a context variable);
+    another runtime (``OTEL_PYTHON_CONTEXT``) is asked through the public ``get_current``."""
+    from types import SimpleNamespace
+
+    from opentelemetry import context as otel_context
+
+    reader = tracing._context_reader(otel_context)
+    assert not reader()  # nothing attached: an empty context
+    token = otel_context.attach(otel_context.set_value("k", 1))
+    try:
+        assert reader()
+    finally:
+        otel_context.detach(token)
+
+    def get_current() -> dict[str, int]:
+        return {"k": 1}
+
+    other = SimpleNamespace(_RUNTIME_CONTEXT=object(), get_current=get_current)
+    assert tracing._context_reader(other) is get_current
