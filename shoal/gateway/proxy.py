@@ -213,13 +213,13 @@ class Gateway:
     def _route(self, request: Request) -> Any:
         """The route match and destination for ``request``, or what answers it instead
         (an error ``Response``, or the events endpoint's coroutine)."""
-        if request.method == "POST" and request.raw_path.startswith(EVENTS_PREFIX):
+        path, query, _ = request._parts()
+        if request.method == "POST" and path.startswith(EVENTS_PREFIX):
             refusal = None if self.edge is None else self.edge.check(request, None)
             return refusal or self._publish(request)
         host = request.host or ""
         try:
-            m = self.routes.match(request.method, host, request.raw_path, request.headers,
-                                  request.raw_query)
+            m = self.routes.match(request.method, host, path, request.headers, query)
         except InvalidPath as exc:
             return Response.error(exc.status, "invalid-path", str(exc), layer="router")
         if self.edge is not None:

@@ -345,14 +345,15 @@ class Request:
 
     __slots__ = (
         "_buffered", "_chunks", "_complete", "_conn", "_content", "_discard", "_error",
-        "_expect_continue", "_head_sent", "_received", "_refusal", "_responded", "_split",
+        "_expect_continue", "_head_sent", "_host", "_received", "_refusal", "_responded",
+        "_split",
         "_streamed", "_tail", "_task", "_waiter", "chunked", "client", "content_length", "headers",
         "http_version", "keep_alive", "method", "peak_buffered", "target",
     )
 
     def __init__(self, conn: _ServerConnection, method: str, target: bytes, http_version: str,
                  headers: Headers, keep_alive: bool, content_length: int | None,
-                 chunked: bool) -> None:
+                 chunked: bool, host: bytes | None = None) -> None:
         self.method = method
         self.target = target
         self.http_version = http_version
@@ -379,6 +380,7 @@ class Request:
         self._refusal: ClientRequestError | None = None
         self._task: Any = None  # an asyncio.Task, or a fast handler's answer to come
         self._split: tuple[bytes, bytes, str | None] | None = None
+        self._host = host  # the Host header's value (the server checked there is one)
 
     def __repr__(self) -> str:
         return f"<Request {self.method} {self.target.decode('latin-1')!r}>"
@@ -424,10 +426,10 @@ class Request:
     @property
     def host(self) -> str | None:
         """The authority of an absolute-form target, else the Host header."""
-        host = self._parts()[2]
-        if host is not None:
-            return host
-        value = self.headers.get(b"host")
+        split = self._split
+        if split is not None and split[2] is not None:
+            return split[2]  # absolute-form (split when the head was parsed)
+        value = self._host
         return None if value is None else value.decode("latin-1")
 
     @property
@@ -639,6 +641,7 @@ class _ServerConnection(asyncio.BaseProtocol):
         "_handler",
         "_headers",
         "_host_count",
+        "_host_value",
         "_in_head",
         "_limits",
         "_lingering",
@@ -708,6 +711,7 @@ class _ServerConnection(asyncio.BaseProtocol):
         self._feed_seq = 0
         self._feed_len = 0
         self._host_count = 0
+        self._host_value: bytes | None = None
         self._framing: list[tuple[bytes, bytes]] | None = None
 
     # -- asyncio protocol callbacks -----------------------------------------------------------
@@ -856,6 +860,7 @@ class _ServerConnection(asyncio.BaseProtocol):
         self._url = b""
         self._headers = Headers()
         self._host_count = 0
+        self._host_value = None
         self._framing = None
         if self._read_kind != _HEAD:
             self._read_kind = _HEAD
@@ -881,6 +886,7 @@ class _ServerConnection(asyncio.BaseProtocol):
             if n == 4:
                 if name.lower() == b"host":
                     self._host_count += 1
+                    self._host_value = value
             elif n == 14 or n == 17 or n == 6:
                 low = name.lower()
                 if low in _FRAMING_NAMES:
@@ -932,7 +938,8 @@ class _ServerConnection(asyncio.BaseProtocol):
         if self._closing or (limits.max_requests_per_connection
                              and self._requests >= limits.max_requests_per_connection):
             keep_alive = False
-        req = Request(self, method, url, version, headers, keep_alive, length, chunked)
+        req = Request(self, method, url, version, headers, keep_alive, length, chunked,
+                      self._host_value)
         if url[:1] != b"/":
             if url != b"*" or method != "OPTIONS":
                 req._split = _split_absolute(url)  # or 400: CONNECT's authority-form is gone
