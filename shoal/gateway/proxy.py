@@ -87,23 +87,26 @@ HOP_BY_HOP = frozenset((
 ))
 """Headers that concern one connection and are never forwarded (RFC 9110 7.6.1)."""
 _REQUEST_DROP = HOP_BY_HOP | {b"host", b"expect", b"x-forwarded-proto"}
+_HOP_LENGTHS = frozenset(len(n) for n in HOP_BY_HOP)  # other names need no lower-casing
+_NOT_LISTED = HOP_BY_HOP | {b"close"}  # ``Connection`` tokens that name nothing left to drop
 
 HeaderPairs = list[tuple[bytes, bytes]]
 
 
-def _strip(headers: Sequence[tuple[bytes, bytes]], drop: frozenset[bytes]) -> HeaderPairs:
-    """``headers`` without ``drop`` and without the names a ``Connection`` header lists
-    (``drop`` must hold ``connection``)."""
+def _strip(headers: Sequence[tuple[bytes, bytes]]) -> HeaderPairs:
+    """``headers`` without the hop-by-hop ones and the names a ``Connection`` header lists.
+    A name of a length no hop-by-hop name has is kept without being lower-cased."""
     out: HeaderPairs = []
     listed: set[bytes] | None = None
     for pair in headers:
-        low = pair[0].lower()
-        if low in drop:
-            if low == b"connection":
-                listed = _listed(listed, pair[1])
-        else:
-            out.append(pair)
-    if listed:
+        if len(pair[0]) in _HOP_LENGTHS:
+            low = pair[0].lower()
+            if low in HOP_BY_HOP:
+                if low == b"connection":
+                    listed = _listed(listed, pair[1])
+                continue
+        out.append(pair)
+    if listed and not listed <= _NOT_LISTED:  # "keep-alive", "close": nothing more to drop
         out = [(n, v) for n, v in out if n.lower() not in listed]
     return out
 
@@ -274,7 +277,7 @@ class Gateway:
     def _relay(self, m: RouteMatch, resp: UpstreamResponse) -> Any:
         """The upstream's response as relayed: hop-by-hop headers dropped, the route's
         edits; as bytes if the whole body is here, else streamed."""
-        out = _strip(resp.headers, HOP_BY_HOP)
+        out = _strip(resp.headers)
         if m.response_headers:
             out = m.response_headers.apply_bytes(out)
         content = resp.complete_body()

@@ -359,7 +359,7 @@ class Http1Connection(asyncio.BaseProtocol):
 
     __slots__ = (
         "_broken", "_content_length", "_drain_waiter", "_eof", "_head_bytes", "_head_done",
-        "_head_only", "_head_size", "_head_waiter", "_headers", "_host_line", "_in_exchange",
+        "_head_only", "_head_waiter", "_headers", "_host_line", "_in_exchange",
         "_keep_alive", "_listener", "_loop", "_message_done", "_owner", "_parser", "_poller",
         "_raw_remaining", "_reading_paused", "_reason", "_request_done", "_response_ref",
         "_transport", "_write_paused", "closed", "exchanges", "idle_since", "label", "target",
@@ -386,8 +386,7 @@ class Http1Connection(asyncio.BaseProtocol):
         self._broken = False
         self._head_only = False
         self._head_done = False
-        self._head_bytes = 0
-        self._head_size = 0
+        self._head_bytes = 0  # bytes read in this exchange before its head ended (a bound)
         self._headers: list[tuple[bytes, bytes]] = []
         self._reason = b""
         self._content_length: bytes | None = None
@@ -626,7 +625,6 @@ class Http1Connection(asyncio.BaseProtocol):
         self._keep_alive = False
         self._head_done = False
         self._head_bytes = 0
-        self._head_size = 0
         self._headers = []
         self._reason = b""
         self._content_length = None
@@ -728,6 +726,8 @@ class Http1Connection(asyncio.BaseProtocol):
         if self._raw_remaining:
             self._raw_body(data)
             return
+        if not self._head_done:
+            self._head_bytes += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -752,7 +752,6 @@ class Http1Connection(asyncio.BaseProtocol):
         if self._message_done:
             self._complete_exchange()
         elif not self._head_done:
-            self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
                 self._protocol_error(f"response head exceeds {MAX_HEAD_BYTES} bytes")
         elif self._listener is not None:  # a head without all of its body: it streams
@@ -831,8 +830,7 @@ class Http1Connection(asyncio.BaseProtocol):
         self._reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
-        self._head_size += len(name) + len(value) + 4
+        self._headers.append((name, value))  # the head's size: see on_headers_complete
         if len(name) == 14 and name.lower() == b"content-length":
             self._content_length = value
 
@@ -841,7 +839,9 @@ class Http1Connection(asyncio.BaseProtocol):
         status = parser.get_status_code()
         if status < 200:
             return  # informational (100 Continue, 103 Early Hints): skipped
-        if self._head_size + len(self._reason) > MAX_HEAD_BYTES:
+        if self._head_bytes > MAX_HEAD_BYTES and len(self._reason) + sum(
+                [len(n) + len(v) + 4 for n, v in self._headers]) > MAX_HEAD_BYTES:
+            # Only measured when the reads so far could hold a head over the limit.
             raise ProtocolError(self.label, f"malformed HTTP response from {self.label}: "
                                 f"response head exceeds {MAX_HEAD_BYTES} bytes")
         self._head_done = True
@@ -875,7 +875,6 @@ class Http1Connection(asyncio.BaseProtocol):
     def on_message_complete(self) -> None:
         if not self._head_done:  # end of an informational response: wait for the real one
             self._headers = []
-            self._head_size = 0
             self._reason = b""
             return
         self._message_done = True
