@@ -590,6 +590,40 @@ class Response:
         return cls(_error_body(status, reason, message, layer), status, hs)
 
 
+def _header_lines(headers: HeaderPairs, first: bytes) -> tuple[bytes, int, bytes | None, bytes]:
+    """``first`` and the handler's header lines, without the server's own (framing,
+    persistence), as one bytes; how many lines; the handler's Content-Length; the ``date``
+    line unless the handler gave one. Bytes names and values are taken as they are (a str
+    or another value is the slow case: found by the join, encoded, then done again)."""
+    parts = [first]
+    handler_length: bytes | None = None
+    date = _date_line()
+    for name, value in headers:
+        if len(name) in _FRAMING_NAME_LENGTHS:
+            low = name.lower()
+            if low in _SERVER_HEADERS:  # framing and persistence are the server's
+                if low == b"content-length":
+                    handler_length = value  # type: ignore[assignment]
+                continue
+            if low == b"date":
+                date = b""
+        parts += (name, b": ", value, b"\r\n")
+    try:
+        block = b"".join(parts)
+    except TypeError:
+        return _header_lines(_as_bytes(headers), first)  # once: all are bytes now
+    return block, len(parts) // 4 + 1, handler_length, date
+
+
+def _as_bytes(headers: HeaderPairs) -> list[tuple[bytes, bytes]]:
+    out = []
+    for name, value in headers:
+        if type(value) is not bytes:
+            value = value.encode("latin-1") if isinstance(value, str) else str(value).encode()
+        out.append((_b(name), value))
+    return out
+
+
 _STATUS_LINES: dict[int, bytes] = {}
 
 
@@ -1253,24 +1287,8 @@ class _ServerConnection(asyncio.BaseProtocol):
             raise ValueError(f"status {status} is not from 200 to 999")
         if type(headers) is dict:
             headers = headers.items()
-        parts = [_status_line(status)]
-        handler_length: bytes | None = None
-        date = _date_line()
-        for name, value in headers:
-            if type(name) is not bytes:
-                name = _b(name)
-            if type(value) is not bytes:
-                value = value.encode("latin-1") if isinstance(value, str) else str(value).encode()
-            if len(name) in _FRAMING_NAME_LENGTHS:
-                low = name.lower()
-                if low in _SERVER_HEADERS:  # framing and persistence are the server's
-                    if low == b"content-length":
-                        handler_length = value
-                    continue
-                if low == b"date":
-                    date = b""
-            parts += (name, b": ", value, b"\r\n")
-        lines = len(parts) // 4 + 2  # status line + header lines + the blank line
+        block, lines, handler_length, date = _header_lines(headers, _status_line(status))
+        lines += 1  # the blank line
         if body is None:
             body = b""
         keep_alive = req.keep_alive and not self._closing
@@ -1317,16 +1335,14 @@ class _ServerConnection(asyncio.BaseProtocol):
         else:
             persistence = b""
         lines += (date != b"") + (framing != b"") + (persistence != b"")
-        parts += (date, framing, persistence, b"\r\n")
         if mode == _BYTES and len(body) <= 16384:
             size = len(body)
-            parts.append(body)  # type: ignore[arg-type]
-            head = b"".join(parts)
+            head = b"".join((block, date, framing, persistence, b"\r\n", body))
             body = b""
             end = len(head) - size
             ok = head.count(b"\n", 0, end) == lines and head.count(b"\r", 0, end) == lines
         else:
-            head = b"".join(parts)
+            head = b"".join((block, date, framing, persistence, b"\r\n"))
             ok = head.count(b"\n") == lines and head.count(b"\r") == lines
         if not ok:
             raise ValueError("CR or LF in a response header name or value")

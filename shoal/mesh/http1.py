@@ -98,6 +98,7 @@ TLSContext = _ssl.SSLContext | Callable[[], _ssl.SSLContext] | None
 
 _BYTES_LIKE = (bytes, bytearray, memoryview)
 _EMPTY_BODY_METHODS = frozenset((b"POST", b"PUT", b"PATCH"))
+_LOOKED_AT = frozenset((4, 14, 17))  # lengths of host, content-length, transfer-encoding
 
 
 def parse_address(address: Address) -> tuple[str, int] | str:
@@ -521,25 +522,25 @@ class Http1Connection(asyncio.BaseProtocol):
         """Encode the request head; for a streamed body also its declared length (None:
         chunked)."""
         parts = [method, b" ", target, b" HTTP/1.1\r\n"]
-        lines = 2  # request line + the blank line
         has_host = has_te = False
         length: int | None = None
         for name, value in headers:
-            n = name if type(name) is bytes else name.encode("latin-1")  # type: ignore[union-attr]
-            v = value if type(value) is bytes else value.encode("latin-1")  # type: ignore[union-attr]
-            size = len(n)
-            if size == 4 or size == 14 or size == 17:  # only these lengths need a look
-                low = n.lower()
+            if type(name) is not bytes:
+                name = name.encode("latin-1")  # type: ignore[union-attr]
+            if type(value) is not bytes:
+                value = value.encode("latin-1")  # type: ignore[union-attr]
+            if len(name) in _LOOKED_AT:
+                low = name.lower()
                 if low == b"host":
                     has_host = True
                 elif low == b"content-length":
-                    if not v.isdigit():
-                        raise ValueError(f"Content-Length {v!r} is not a number")
-                    length = int(v)
+                    if not value.isdigit():
+                        raise ValueError(f"Content-Length {value!r} is not a number")
+                    length = int(value)
                 elif low == b"transfer-encoding":
                     has_te = True
-            parts += (n, b": ", v, b"\r\n")
-            lines += 1
+            parts += (name, b": ", value, b"\r\n")
+        lines = len(parts) // 4 + 1  # the request line, a line per header, the blank line
         if not has_host:
             parts.append(self._host_line)
             lines += 1
