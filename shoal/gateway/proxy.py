@@ -65,7 +65,7 @@ from shoal.gateway.server import Request, Response
 from shoal.mesh.ejections import EjectionReporter
 from shoal.mesh.endpoint import Endpoint
 from shoal.mesh.fast_try import FastTry
-from shoal.mesh.http1 import Body
+from shoal.mesh.http1 import Body, EncodedHeaders
 from shoal.mesh.http1 import Response as UpstreamResponse
 from shoal.mesh.registry import EndpointCache
 from shoal.mesh.security.tls import MeshTLS
@@ -88,6 +88,7 @@ HOP_BY_HOP = frozenset((
 """Headers that concern one connection and are never forwarded (RFC 9110 7.6.1)."""
 _REQUEST_DROP = HOP_BY_HOP | {b"host", b"expect", b"x-forwarded-proto"}
 _HOP_LENGTHS = frozenset(len(n) for n in HOP_BY_HOP)  # other names need no lower-casing
+_REQUEST_LOOK = frozenset(len(n) for n in (*_REQUEST_DROP, b"x-forwarded-for", b"x-request-id"))
 _NOT_LISTED = HOP_BY_HOP | {b"close"}  # ``Connection`` tokens that name nothing left to drop
 
 HeaderPairs = list[tuple[bytes, bytes]]
@@ -320,9 +321,56 @@ class Gateway:
 
         return endpoints
 
-    def _upstream_headers(self, request: Request, m: RouteMatch) -> HeaderPairs:
-        """The request's headers as forwarded, in one pass over them: hop-by-hop and
-        ``host`` dropped, the route's edits, ``X-Forwarded-*``, ``X-Request-Id``, ``Host``."""
+    def _upstream_headers(self, request: Request, m: RouteMatch) -> HeaderPairs | EncodedHeaders:
+        """The request's headers as forwarded: hop-by-hop and ``host`` dropped, the
+        route's edits, ``X-Forwarded-*``, ``X-Request-Id``, ``Host``. Without edits, and
+        unless ``Connection`` lists a header to drop, the lines are encoded in the one pass
+        over the request's headers (``EncodedHeaders``); else they are pairs."""
+        if m.request_headers:
+            return self._edited_headers(request, m)
+        parts: list[bytes] = []
+        forwarded: list[bytes] | None = None
+        listed: set[bytes] | None = None
+        has_id = False
+        for name, value in request.headers:
+            if len(name) in _REQUEST_LOOK:  # the length of a name that needs a look
+                low = name.lower()
+                if low in _REQUEST_DROP:
+                    if low == b"connection":
+                        listed = _listed(listed, value)
+                    continue
+                if low == b"x-forwarded-for":
+                    if forwarded is None:
+                        forwarded = []
+                    forwarded.append(value)
+                    continue
+                if low == b"x-request-id":
+                    has_id = True
+            parts += (name, b": ", value, b"\r\n")
+        if listed and not listed <= _NOT_LISTED:
+            return self._edited_headers(request, m)  # Connection names more to drop
+        lines = len(parts) // 4 + 1  # the request's own, and x-forwarded-proto below
+        ip = _client_ip(request.client)
+        if ip is not None:
+            parts += (b"x-forwarded-for: ", b", ".join([*forwarded, ip]) if forwarded else ip,
+                      b"\r\n")
+            lines += 1
+        elif forwarded:
+            for value in forwarded:
+                parts += (b"x-forwarded-for: ", value, b"\r\n")
+            lines += len(forwarded)
+        parts.append(b"x-forwarded-proto: http\r\n")
+        if not has_id:
+            parts += (b"x-request-id: ", _request_id(), b"\r\n")
+            lines += 1
+        if m.host:
+            parts += (b"host: ", m.host.encode("latin-1"), b"\r\n")
+            lines += 1
+        return EncodedHeaders(b"".join(parts), lines, host=bool(m.host),
+                              content_length=request.content_length)
+
+    def _edited_headers(self, request: Request, m: RouteMatch) -> HeaderPairs:
+        """``_upstream_headers`` as pairs, in one pass over the request's headers."""
         headers: HeaderPairs = []
         forwarded: list[bytes] = []
         listed: set[bytes] | None = None

@@ -57,7 +57,7 @@ import contextlib
 import select
 import ssl as _ssl
 import weakref
-from collections.abc import AsyncIterable, Callable, Iterable
+from collections.abc import AsyncIterable, Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -73,6 +73,7 @@ __all__ = [
     "READ_LOW_WATER",
     "Address",
     "ConnectionPool",
+    "EncodedHeaders",
     "Http1Connection",
     "Response",
     "TlsHttp1Connection",
@@ -123,6 +124,32 @@ def format_address(target: tuple[str, int] | str) -> str:
         return f"unix:{target}"
     host, port = target
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class EncodedHeaders:
+    """Request header lines already encoded (``name: value\r\n`` each), taken as they are
+    when a request head is encoded: for a caller that builds the lines in the pass that
+    chooses them (the gateway), instead of pairs encoded in a second pass. ``host``: one
+    of the lines is a Host header; ``content_length``: the value of the Content-Length
+    line, if there is one (a Transfer-Encoding line is not allowed). The lines are
+    checked for CR and LF like any others. Iterating gives the ``(name, value)`` pairs."""
+
+    __slots__ = ("block", "content_length", "host", "lines")
+
+    def __init__(self, block: bytes, lines: int, *, host: bool,
+                 content_length: int | None) -> None:
+        self.block = block
+        self.lines = lines
+        self.host = host
+        self.content_length = content_length
+
+    def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
+        for line in self.block.split(b"\r\n")[:self.lines]:
+            name, _, value = line.partition(b":")
+            yield name, value.strip(b" ")
+
+    def __repr__(self) -> str:
+        return f"<EncodedHeaders {self.lines} lines>"
 
 
 class _StopParsing(Exception):
@@ -524,23 +551,28 @@ class Http1Connection(asyncio.BaseProtocol):
         parts = [method, b" ", target, b" HTTP/1.1\r\n"]
         has_host = has_te = False
         length: int | None = None
-        for name, value in headers:
-            if type(name) is not bytes:
-                name = name.encode("latin-1")  # type: ignore[union-attr]
-            if type(value) is not bytes:
-                value = value.encode("latin-1")  # type: ignore[union-attr]
-            if len(name) in _LOOKED_AT:
-                low = name.lower()
-                if low == b"host":
-                    has_host = True
-                elif low == b"content-length":
-                    if not value.isdigit():
-                        raise ValueError(f"Content-Length {value!r} is not a number")
-                    length = int(value)
-                elif low == b"transfer-encoding":
-                    has_te = True
-            parts += (name, b": ", value, b"\r\n")
-        lines = len(parts) // 4 + 1  # the request line, a line per header, the blank line
+        if type(headers) is EncodedHeaders:
+            parts.append(headers.block)
+            lines = headers.lines + 2  # the request line and the blank line
+            has_host, length = headers.host, headers.content_length
+        else:
+            for name, value in headers:
+                if type(name) is not bytes:
+                    name = name.encode("latin-1")  # type: ignore[union-attr]
+                if type(value) is not bytes:
+                    value = value.encode("latin-1")  # type: ignore[union-attr]
+                if len(name) in _LOOKED_AT:
+                    low = name.lower()
+                    if low == b"host":
+                        has_host = True
+                    elif low == b"content-length":
+                        if not value.isdigit():
+                            raise ValueError(f"Content-Length {value!r} is not a number")
+                        length = int(value)
+                    elif low == b"transfer-encoding":
+                        has_te = True
+                parts += (name, b": ", value, b"\r\n")
+            lines = len(parts) // 4 + 1  # the request line, one per header, the blank line
         if not has_host:
             parts.append(self._host_line)
             lines += 1
