@@ -90,6 +90,7 @@ _REQUEST_DROP = HOP_BY_HOP | {b"host", b"expect", b"x-forwarded-proto"}
 _HOP_LENGTHS = frozenset(len(n) for n in HOP_BY_HOP)  # other names need no lower-casing
 _REQUEST_LOOK = frozenset(len(n) for n in (*_REQUEST_DROP, b"x-forwarded-for", b"x-request-id"))
 _NOT_LISTED = HOP_BY_HOP | {b"close"}  # ``Connection`` tokens that name nothing left to drop
+_ANSWER_LOOK = _HOP_LENGTHS | {len(b"date"), len(b"content-length")}
 
 HeaderPairs = list[tuple[bytes, bytes]]
 
@@ -110,6 +111,32 @@ def _strip(headers: Sequence[tuple[bytes, bytes]]) -> HeaderPairs:
     if listed and not listed <= _NOT_LISTED:  # "keep-alive", "close": nothing more to drop
         out = [(n, v) for n, v in out if n.lower() not in listed]
     return out
+
+
+def _encoded_answer_headers(headers: Sequence[tuple[bytes, bytes]]) -> EncodedHeaders | None:
+    """A whole upstream response's headers as the server takes them, encoded in one pass:
+    ``_strip``'s, and no Content-Length line (the server frames the body; the length is
+    kept for a HEAD or 304 answer). None if ``Connection`` names more to drop."""
+    parts: list[bytes] = []
+    listed: set[bytes] | None = None
+    length: int | None = None
+    date = False
+    for name, value in headers:
+        if len(name) in _ANSWER_LOOK:
+            low = name.lower()
+            if low in HOP_BY_HOP:
+                if low == b"connection":
+                    listed = _listed(listed, value)
+                continue
+            if low == b"content-length":
+                length = int(value)  # digits: llhttp checked it
+                continue
+            if low == b"date":
+                date = True
+        parts += (name, b": ", value, b"\r\n")
+    if listed and not listed <= _NOT_LISTED:
+        return None
+    return EncodedHeaders(b"".join(parts), len(parts) // 4, content_length=length, date=date)
 
 
 def _listed(listed: set[bytes] | None, value: bytes) -> set[bytes]:
@@ -278,10 +305,14 @@ class Gateway:
     def _relay(self, m: RouteMatch, resp: UpstreamResponse) -> Any:
         """The upstream's response as relayed: hop-by-hop headers dropped, the route's
         edits; as bytes if the whole body is here, else streamed."""
+        content = resp.complete_body()
+        if content is not None and not m.response_headers:  # the usual case: one pass
+            encoded = _encoded_answer_headers(resp.headers)
+            if encoded is not None:
+                return Response(content, resp.status, encoded)
         out = _strip(resp.headers)
         if m.response_headers:
             out = m.response_headers.apply_bytes(out)
-        content = resp.complete_body()
         if content is not None:  # the whole body is already here: no stream
             return Response(content, resp.status, out)
         resp.headers = out

@@ -102,7 +102,7 @@ import httptools
 import msgspec
 
 from shoal.errors import ShoalError
-from shoal.mesh.http1 import ChunkIterator
+from shoal.mesh.http1 import ChunkIterator, EncodedHeaders
 from shoal.mesh.security.spiffe import spiffe_id_of_peercert
 from shoal.mesh.tls_reads import TlsReads
 from shoal.units import parse_duration, parse_size
@@ -1287,8 +1287,15 @@ class _ServerConnection(asyncio.BaseProtocol):
             raise ValueError(f"status {status} is not from 200 to 999")
         if type(headers) is dict:
             headers = headers.items()
-        block, lines, handler_length, date = _header_lines(headers, _status_line(status))
-        lines += 1  # the blank line
+        if type(headers) is EncodedHeaders:  # lines without framing (the proxy's relay)
+            block = _status_line(status) + headers.block
+            lines = headers.lines + 2  # the status line and the blank line
+            length_given = headers.content_length
+            handler_length = None if length_given is None else b"%d" % length_given
+            date = b"" if headers.date else _date_line()
+        else:
+            block, lines, handler_length, date = _header_lines(headers, _status_line(status))
+            lines += 1  # the blank line
         if body is None:
             body = b""
         keep_alive = req.keep_alive and not self._closing

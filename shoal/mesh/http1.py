@@ -127,21 +127,26 @@ def format_address(target: tuple[str, int] | str) -> str:
 
 
 class EncodedHeaders:
-    """Request header lines already encoded (``name: value\r\n`` each), taken as they are
-    when a request head is encoded: for a caller that builds the lines in the pass that
-    chooses them (the gateway), instead of pairs encoded in a second pass. ``host``: one
-    of the lines is a Host header; ``content_length``: the value of the Content-Length
-    line, if there is one (a Transfer-Encoding line is not allowed). The lines are
-    checked for CR and LF like any others. Iterating gives the ``(name, value)`` pairs."""
+    """Header lines already encoded (``name: value\r\n`` each, ``lines`` of them), taken
+    as they are when a head is encoded: for a caller that builds the lines in the pass
+    that chooses them (the gateway), instead of pairs encoded in a second pass. The lines
+    are still checked for CR and LF. Iterating gives the ``(name, value)`` pairs.
 
-    __slots__ = ("block", "content_length", "host", "lines")
+    In a request (``Http1Connection``): ``host`` tells that a line is a Host header, and
+    ``content_length`` is the value of the Content-Length line if there is one (no
+    Transfer-Encoding line). In a response (``shoal.gateway.server``): no framing or
+    persistence line, ``content_length`` is the length to announce for a HEAD or 304
+    answer, and ``date`` tells that a line is a Date header."""
 
-    def __init__(self, block: bytes, lines: int, *, host: bool,
-                 content_length: int | None) -> None:
+    __slots__ = ("block", "content_length", "date", "host", "lines")
+
+    def __init__(self, block: bytes, lines: int, *, host: bool = False,
+                 content_length: int | None = None, date: bool = False) -> None:
         self.block = block
         self.lines = lines
         self.host = host
         self.content_length = content_length
+        self.date = date
 
     def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
         for line in self.block.split(b"\r\n")[:self.lines]:
