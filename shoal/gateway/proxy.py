@@ -523,8 +523,20 @@ class Gateway:
             await self.ejections.aclose()
 
 
-_ID_PREFIX = os.urandom(8).hex().encode()
-_ID_COUNTER = itertools.count(int.from_bytes(os.urandom(4)))
+_ID_PREFIX = b""
+_ID_COUNTER = itertools.count()
+
+
+def _reseed_request_ids() -> None:
+    """A new random prefix and counter start: at import, and in every forked child (the
+    gateway's workers are forked: they must not repeat each other's ids)."""
+    global _ID_PREFIX, _ID_COUNTER
+    _ID_PREFIX = os.urandom(8).hex().encode()
+    _ID_COUNTER = itertools.count(int.from_bytes(os.urandom(4)))
+
+
+_reseed_request_ids()
+os.register_at_fork(after_in_child=_reseed_request_ids)
 
 
 def _request_id() -> bytes:
