@@ -31,6 +31,7 @@ from shoal.mesh.http1 import (
     MAX_HEAD_BYTES,
     READ_HIGH_WATER,
     ConnectionPool,
+    EncodedHeaders,
     Http1Connection,
     Response,
     format_address,
@@ -940,5 +941,38 @@ def test_response_repr_and_types(run: Any) -> None:
             assert "ConnectionPool" in repr(pool)
             r = await pool.request("POST", "/echo", [], b'{"a": [1, 2]}')
             assert await r.json() == {"a": [1, 2]}
+
+    run(scenario)
+
+
+def test_encoded_header_lines_are_sent_as_pairs_would_be(run: Any) -> None:
+    heads: list[bytes] = []
+
+    async def record(conn: RawConn) -> None:
+        while True:
+            head, body = await conn.recv_request()
+            heads.append(head + b"|" + body)
+            await conn.send(ok())
+
+    async def scenario() -> None:
+        pairs = [(b"x-a", b"1"), (b"content-length", b"4")]
+        block = EncodedHeaders(b"x-a: 1\r\ncontent-length: 4\r\n", 2, content_length=4)
+        assert list(block) == pairs
+        async with RawServer(record) as srv, ConnectionPool(srv.address) as pool:
+            for headers in (pairs, block):
+                r = await pool.request("POST", "/p", headers, b"data")
+                assert await r.aread() == b"ok"
+            host = EncodedHeaders(b"host: svc.internal\r\n", 1, host=True)
+            assert await (await pool.request("GET", "/h", host)).aread() == b"ok"
+            for bad in (EncodedHeaders(b"x-a: 1\r\nx-b: 2\r\n", 1),  # a line not counted
+                        EncodedHeaders(b"x-a: 1\nx-b: 2\r\n", 1)):
+                with pytest.raises(ValueError, match="CR or LF"):
+                    await pool.request("GET", "/", bad)
+            with pytest.raises(ValueError, match="Content-Length 4 but the body has 2"):
+                await pool.request("POST", "/", block, b"xx")
+        assert heads[0] == heads[1]
+        assert heads[0].startswith(b"POST /p HTTP/1.1\r\nx-a: 1\r\ncontent-length: 4\r\nHost: ")
+        assert heads[2].startswith(b"GET /h HTTP/1.1\r\nhost: svc.internal|")
+        assert len(heads) == 3  # nothing was sent for a refused head
 
     run(scenario)
