@@ -251,6 +251,7 @@ def _malformed(exc: Exception) -> ClientRequestError:
 
 
 _FRAMING_NAMES = frozenset((b"content-length", b"transfer-encoding", b"expect"))
+_LOOKED_AT = frozenset(len(n) for n in (b"host", *_FRAMING_NAMES))
 
 
 def _check_framing(framing: list[tuple[bytes, bytes]], version: str, limits: ServerLimits
@@ -916,14 +917,12 @@ class _ServerConnection(asyncio.BaseProtocol):
             if len(headers) > self._max_headers:  # here, not later: tiny headers cost memory
                 raise ClientRequestError(431, "too-many-headers",
                                          f"request has more than {self._max_headers} header lines")
-            n = len(name)
-            if n == 4:
-                if name.lower() == b"host":
+            if len(name) in _LOOKED_AT:  # host, content-length, transfer-encoding, expect
+                low = name.lower()
+                if low == b"host":
                     self._host_count += 1
                     self._host_value = value
-            elif n == 14 or n == 17 or n == 6:
-                low = name.lower()
-                if low in _FRAMING_NAMES:
+                elif low in _FRAMING_NAMES:
                     if self._framing is None:
                         self._framing = []
                     self._framing.append((low, value))
