@@ -37,6 +37,12 @@ Decisions, written down once:
   endpoint), so no choice is made twice. Observability: ``on_route`` is called the same;
   ``observe_gateway`` keeps the fast path (its ``fast_handle`` counts the request), and
   only a request whose trace is recorded takes the coroutine path.
+* **Header lines are encoded in the pass that picks them.** Without route edits, the
+  forwarded request's lines and a whole response's relayed lines are built as bytes while
+  the hop-by-hop ones are dropped (``shoal.mesh.http1.EncodedHeaders``), not as pairs that
+  the next layer encodes in a second pass (a ``Connection`` header naming other headers
+  takes the pairs path). Generated ``X-Request-Id`` values are a random prefix per process
+  (drawn again in each forked worker) and a counter: unique, with no syscall.
 * **Mirrors are fire-and-forget** and only for buffered bodies; at most ``MAX_MIRRORS``
   are in flight (more are skipped, never queued), and their responses are discarded.
 """

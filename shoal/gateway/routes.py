@@ -58,6 +58,9 @@ Decisions, written down once:
 - **Header edits** apply remove, then set (replacing every value), then add. Hop-by-hop
   and framing headers (``content-length``, ``transfer-encoding``, ...) cannot be edited,
   and ``host`` is changed with ``rewrite.host``: an edit must never smuggle a request.
+- **Decisions are remembered** by (method, host, path) in a table without header or query
+  matchers (at most ``MAX_DECISIONS``, forgotten whole when full): a path seen before is
+  not normalized and matched again. Refused paths are refused every time.
 - **Policy**: a route's ``timeout`` (short for ``timeouts: {request: ...}``), ``retries``,
   ``circuit_breaker``, ``outlier_detection`` and ``load_balancer`` override the service's
   settings key by key (``merge_policy``); a route naming another load-balancing policy
