@@ -739,6 +739,27 @@ def test_malformed_response_is_protocol_error(run: Any, response: bytes) -> None
     run(scenario)
 
 
+def test_a_head_under_the_cap_read_with_a_large_body_is_accepted(run: Any) -> None:
+    # The head is measured exactly only when the reads could hold more than the cap: one
+    # read of a 55 KB head and a 100 KB body is more, and the head is still accepted.
+    head = b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 100) for i in range(500))
+    body = bytes(range(256)) * 400
+
+    async def handler(conn: RawConn) -> None:
+        await conn.recv_request()
+        await conn.send(b"HTTP/1.1 200 OK\r\n" + head + b"Content-Length: %d\r\n\r\n"
+                        % len(body) + body)
+        await asyncio.sleep(1)
+
+    async def scenario() -> None:
+        async with RawServer(handler) as srv, ConnectionPool(srv.address) as pool:
+            r = await pool.request("GET", "/")
+            assert r.status == 200 and len(r.headers) == 501
+            assert await r.aread() == body
+
+    run(scenario)
+
+
 @pytest.mark.parametrize("shape", ["many", "one-huge", "endless"])
 def test_huge_response_head_is_capped(run: Any, shape: str) -> None:
     async def handler(conn: RawConn) -> None:
