@@ -20,7 +20,11 @@ after a warm-up. Proxies measured, all in the same run:
 * ``nginx``: nginx as a proxy, one worker, upstream keepalive;
 * ``haproxy``: haproxy, ``nbthread 1``, ``http-reuse always``;
 * ``aiohttp``: a plain aiohttp.web reverse proxy on uvloop, one ``ClientSession``
-  (keep-alive) in one process.
+  (keep-alive) in one process;
+* ``py-floor`` (only with ``--only``): the least a Python proxy on uvloop + httptools does,
+  GET only and no checks: parse the request, write a fixed head on a pre-opened upstream
+  connection, parse the response and write its bytes back. What is above it in ``shoal``'s
+  CPU per request is Shoal's own Python, not the runtime or the kernel.
 
 Debian's nginx, haproxy and wrk are installed with apt-get when missing (as root). Configs
 go to a temporary directory. Figures per proxy: requests/s, p50 and p99 latency (wrk's
@@ -187,6 +191,71 @@ def serve_aiohttp(port: int, backends: list[int]) -> None:
     web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
 
 
+def serve_floor(port: int, backends: list[int]) -> None:
+    """``py-floor``: GET only, no validation, no limits, 64 upstream connections per port."""
+    import asyncio
+    import itertools
+
+    import httptools
+    import uvloop
+
+    class Upstream(asyncio.Protocol):
+        def __init__(self, idle: list[Upstream]) -> None:
+            self.idle, self.client, self.pieces = idle, None, []
+            self.parser = httptools.HttpResponseParser(self)
+
+        def connection_made(self, transport: Any) -> None:
+            self.transport = transport
+
+        def data_received(self, data: bytes) -> None:
+            self.pieces.append(data)
+            self.parser.feed_data(data)
+
+        def on_message_complete(self) -> None:
+            client, self.client = self.client, None
+            answer, self.pieces = b"".join(self.pieces), []
+            self.idle.append(self)
+            client.transport.write(answer)
+
+    class Client(asyncio.Protocol):
+        def __init__(self) -> None:
+            self.parser = httptools.HttpRequestParser(self)
+            self.url = b""
+
+        def connection_made(self, transport: Any) -> None:
+            self.transport = transport
+
+        def data_received(self, data: bytes) -> None:
+            self.parser.feed_data(data)
+
+        def on_url(self, url: bytes) -> None:
+            self.url = url
+
+        def on_message_complete(self) -> None:
+            up = next(pools[0]).pop()
+            up.client = self
+            up.transport.write(b"GET " + self.url + b" HTTP/1.1\r\nHost: backend\r\n"
+                               b"X-Forwarded-For: 127.0.0.1\r\n\r\n")
+
+    pools: list[Iterator[list[Upstream]]] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        idles: list[list[Upstream]] = []
+        for p in backends:
+            idle: list[Upstream] = []
+            for _ in range(64):
+                _, up = await loop.create_connection(lambda idle=idle: Upstream(idle),
+                                                     "127.0.0.1", p)
+                idle.append(up)
+            idles.append(idle)
+        pools.append(itertools.cycle(idles))
+        await loop.create_server(Client, "127.0.0.1", port)
+        await asyncio.Event().wait()
+
+    uvloop.run(main())
+
+
 def serve_shoal(port: int, backends: list[int], workers: int, fast: bool = True,
                 observe: bool = False) -> None:
     """The bench-only launcher: one route to service ``hello`` (round robin), whose two
@@ -306,8 +375,8 @@ def proxy_command(kind: str, port: int, backends: list[int], d: str, tools: dict
         conf.write_text(HAPROXY.format(port=port, port_a=backends[0], port_b=backends[1]))
         return [tools["haproxy"], "-db", "-f", str(conf)]
     ports = ",".join(map(str, backends))
-    if kind == "aiohttp":
-        return [sys.executable, __file__, "--serve", "aiohttp", "--port", str(port),
+    if kind in ("aiohttp", "py-floor"):
+        return [sys.executable, __file__, "--serve", kind, "--port", str(port),
                 "--backends", ports]
     workers = 2 if kind == "shoal-2w" else 1
     observe = ["--observe"] if kind == "shoal-obs" else []
@@ -386,14 +455,14 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--only", help="comma-separated proxies to measure (default: all but "
-                    "shoal-obs)")
+                    "shoal-obs and py-floor)")
     ap.add_argument("--observability", action="store_true",
                     help="measure shoal against shoal-obs (metrics + tracing) only")
     ap.add_argument("--taskset", help="CPU list every proxy is pinned to (taskset -c)")
     ap.add_argument("--bursts", type=int, default=10, help="--observability: bursts per "
                     "proxy per round, each of duration / bursts seconds")
     ap.add_argument("--observe", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--serve", choices=("shoal", "aiohttp"), help=argparse.SUPPRESS)
+    ap.add_argument("--serve", choices=("shoal", "aiohttp", "py-floor"), help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--backends", help=argparse.SUPPRESS)
     ap.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)
@@ -403,6 +472,8 @@ def main() -> None:
         backends = [int(p) for p in args.backends.split(",")]
         if args.serve == "aiohttp":
             serve_aiohttp(args.port, backends)
+        elif args.serve == "py-floor":
+            serve_floor(args.port, backends)
         else:
             serve_shoal(args.port, backends, args.workers, fast=not args.coroutine_path,
                         observe=args.observe)
@@ -412,10 +483,10 @@ def main() -> None:
         args.warmup = 6.0 if args.observability or "shoal-obs" in (args.only or "") else 2.0
     kinds = tuple(args.only.split(",")) if args.only else (
         OBSERVED if args.observability else PROXIES)
-    unknown = set(kinds) - {*PROXIES, *OBSERVED}
+    unknown = set(kinds) - {*PROXIES, *OBSERVED, "py-floor"}
     if unknown:
         raise SystemExit(f"--only: unknown proxies {sorted(unknown)}; known: "
-                         f"{', '.join((*PROXIES, 'shoal-obs'))}")
+                         f"{', '.join((*PROXIES, 'shoal-obs', 'py-floor'))}")
     load = [round(os.getloadavg()[0], 2)]
     tools = ensure_tools()
     results: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
@@ -459,11 +530,12 @@ def main() -> None:
     if "shoal" in final:
         shoal = final["shoal"]["rps"]
         cpu = final["shoal"]["proxy_cpu_us_per_req"]
-        for peer in ("nginx", "haproxy", "aiohttp"):
+        for peer in ("nginx", "haproxy", "aiohttp", "py-floor"):
             if peer in final:
-                ratios[f"shoal_vs_{peer}_rps"] = round(shoal / final[peer]["rps"], 2)
+                key = peer.replace("-", "_")
+                ratios[f"shoal_vs_{key}_rps"] = round(shoal / final[peer]["rps"], 2)
                 # CPU per request: the figure a machine shared with other work distorts least
-                ratios[f"{peer}_vs_shoal_cpu_per_req"] = round(
+                ratios[f"{key}_vs_shoal_cpu_per_req"] = round(
                     final[peer]["proxy_cpu_us_per_req"] / cpu, 2)
         if "shoal-coro" in final:
             coro = final["shoal-coro"]

@@ -37,6 +37,12 @@ Decisions, written down once:
   endpoint), so no choice is made twice. Observability: ``on_route`` is called the same;
   ``observe_gateway`` keeps the fast path (its ``fast_handle`` counts the request), and
   only a request whose trace is recorded takes the coroutine path.
+* **Header lines are encoded in the pass that picks them.** Without route edits, the
+  forwarded request's lines and a whole response's relayed lines are built as bytes while
+  the hop-by-hop ones are dropped (``shoal.mesh.http1.EncodedHeaders``), not as pairs that
+  the next layer encodes in a second pass (a ``Connection`` header naming other headers
+  takes the pairs path). Generated ``X-Request-Id`` values are a random prefix per process
+  (drawn again in each forked worker) and a counter: unique, with no syscall.
 * **Mirrors are fire-and-forget** and only for buffered bodies; at most ``MAX_MIRRORS``
   are in flight (more are skipped, never queued), and their responses are discarded.
 """
@@ -65,7 +71,7 @@ from shoal.gateway.server import Request, Response
 from shoal.mesh.ejections import EjectionReporter
 from shoal.mesh.endpoint import Endpoint
 from shoal.mesh.fast_try import FastTry
-from shoal.mesh.http1 import Body
+from shoal.mesh.http1 import Body, EncodedHeaders
 from shoal.mesh.http1 import Response as UpstreamResponse
 from shoal.mesh.registry import EndpointCache
 from shoal.mesh.security.tls import MeshTLS
@@ -87,25 +93,56 @@ HOP_BY_HOP = frozenset((
 ))
 """Headers that concern one connection and are never forwarded (RFC 9110 7.6.1)."""
 _REQUEST_DROP = HOP_BY_HOP | {b"host", b"expect", b"x-forwarded-proto"}
+_HOP_LENGTHS = frozenset(len(n) for n in HOP_BY_HOP)  # other names need no lower-casing
+_REQUEST_LOOK = frozenset(len(n) for n in (*_REQUEST_DROP, b"x-forwarded-for", b"x-request-id"))
+_NOT_LISTED = HOP_BY_HOP | {b"close"}  # ``Connection`` tokens that name nothing left to drop
+_ANSWER_LOOK = _HOP_LENGTHS | {len(b"date"), len(b"content-length")}
 
 HeaderPairs = list[tuple[bytes, bytes]]
 
 
-def _strip(headers: Sequence[tuple[bytes, bytes]], drop: frozenset[bytes]) -> HeaderPairs:
-    """``headers`` without ``drop`` and without the names a ``Connection`` header lists
-    (``drop`` must hold ``connection``)."""
+def _strip(headers: Sequence[tuple[bytes, bytes]]) -> HeaderPairs:
+    """``headers`` without the hop-by-hop ones and the names a ``Connection`` header lists.
+    A name of a length no hop-by-hop name has is kept without being lower-cased."""
     out: HeaderPairs = []
     listed: set[bytes] | None = None
     for pair in headers:
-        low = pair[0].lower()
-        if low in drop:
-            if low == b"connection":
-                listed = _listed(listed, pair[1])
-        else:
-            out.append(pair)
-    if listed:
+        if len(pair[0]) in _HOP_LENGTHS:
+            low = pair[0].lower()
+            if low in HOP_BY_HOP:
+                if low == b"connection":
+                    listed = _listed(listed, pair[1])
+                continue
+        out.append(pair)
+    if listed and not listed <= _NOT_LISTED:  # "keep-alive", "close": nothing more to drop
         out = [(n, v) for n, v in out if n.lower() not in listed]
     return out
+
+
+def _encoded_answer_headers(headers: Sequence[tuple[bytes, bytes]]) -> EncodedHeaders | None:
+    """A whole upstream response's headers as the server takes them, encoded in one pass:
+    ``_strip``'s, and no Content-Length line (the server frames the body; the length is
+    kept for a HEAD or 304 answer). None if ``Connection`` names more to drop."""
+    parts: list[bytes] = []
+    listed: set[bytes] | None = None
+    length: int | None = None
+    date = False
+    for name, value in headers:
+        if len(name) in _ANSWER_LOOK:
+            low = name.lower()
+            if low in HOP_BY_HOP:
+                if low == b"connection":
+                    listed = _listed(listed, value)
+                continue
+            if low == b"content-length":
+                length = int(value)  # digits: llhttp checked it
+                continue
+            if low == b"date":
+                date = True
+        parts += (name, b": ", value, b"\r\n")
+    if listed and not listed <= _NOT_LISTED:
+        return None
+    return EncodedHeaders(b"".join(parts), len(parts) // 4, content_length=length, date=date)
 
 
 def _listed(listed: set[bytes] | None, value: bytes) -> set[bytes]:
@@ -213,13 +250,13 @@ class Gateway:
     def _route(self, request: Request) -> Any:
         """The route match and destination for ``request``, or what answers it instead
         (an error ``Response``, or the events endpoint's coroutine)."""
-        if request.method == "POST" and request.raw_path.startswith(EVENTS_PREFIX):
+        path, query, _ = request._parts()
+        if request.method == "POST" and path.startswith(EVENTS_PREFIX):
             refusal = None if self.edge is None else self.edge.check(request, None)
             return refusal or self._publish(request)
         host = request.host or ""
         try:
-            m = self.routes.match(request.method, host, request.raw_path, request.headers,
-                                  request.raw_query)
+            m = self.routes.match(request.method, host, path, request.headers, query)
         except InvalidPath as exc:
             return Response.error(exc.status, "invalid-path", str(exc), layer="router")
         if self.edge is not None:
@@ -274,10 +311,14 @@ class Gateway:
     def _relay(self, m: RouteMatch, resp: UpstreamResponse) -> Any:
         """The upstream's response as relayed: hop-by-hop headers dropped, the route's
         edits; as bytes if the whole body is here, else streamed."""
-        out = _strip(resp.headers, HOP_BY_HOP)
+        content = resp.complete_body()
+        if content is not None and not m.response_headers:  # the usual case: one pass
+            encoded = _encoded_answer_headers(resp.headers)
+            if encoded is not None:
+                return Response(content, resp.status, encoded)
+        out = _strip(resp.headers)
         if m.response_headers:
             out = m.response_headers.apply_bytes(out)
-        content = resp.complete_body()
         if content is not None:  # the whole body is already here: no stream
             return Response(content, resp.status, out)
         resp.headers = out
@@ -317,9 +358,56 @@ class Gateway:
 
         return endpoints
 
-    def _upstream_headers(self, request: Request, m: RouteMatch) -> HeaderPairs:
-        """The request's headers as forwarded, in one pass over them: hop-by-hop and
-        ``host`` dropped, the route's edits, ``X-Forwarded-*``, ``X-Request-Id``, ``Host``."""
+    def _upstream_headers(self, request: Request, m: RouteMatch) -> HeaderPairs | EncodedHeaders:
+        """The request's headers as forwarded: hop-by-hop and ``host`` dropped, the
+        route's edits, ``X-Forwarded-*``, ``X-Request-Id``, ``Host``. Without edits, and
+        unless ``Connection`` lists a header to drop, the lines are encoded in the one pass
+        over the request's headers (``EncodedHeaders``); else they are pairs."""
+        if m.request_headers:
+            return self._edited_headers(request, m)
+        parts: list[bytes] = []
+        forwarded: list[bytes] | None = None
+        listed: set[bytes] | None = None
+        has_id = False
+        for name, value in request.headers:
+            if len(name) in _REQUEST_LOOK:  # the length of a name that needs a look
+                low = name.lower()
+                if low in _REQUEST_DROP:
+                    if low == b"connection":
+                        listed = _listed(listed, value)
+                    continue
+                if low == b"x-forwarded-for":
+                    if forwarded is None:
+                        forwarded = []
+                    forwarded.append(value)
+                    continue
+                if low == b"x-request-id":
+                    has_id = True
+            parts += (name, b": ", value, b"\r\n")
+        if listed and not listed <= _NOT_LISTED:
+            return self._edited_headers(request, m)  # Connection names more to drop
+        lines = len(parts) // 4 + 1  # the request's own, and x-forwarded-proto below
+        ip = _client_ip(request.client)
+        if ip is not None:
+            parts += (b"x-forwarded-for: ", b", ".join([*forwarded, ip]) if forwarded else ip,
+                      b"\r\n")
+            lines += 1
+        elif forwarded:
+            for value in forwarded:
+                parts += (b"x-forwarded-for: ", value, b"\r\n")
+            lines += len(forwarded)
+        parts.append(b"x-forwarded-proto: http\r\n")
+        if not has_id:
+            parts += (b"x-request-id: ", _request_id(), b"\r\n")
+            lines += 1
+        if m.host:
+            parts += (b"host: ", m.host.encode("latin-1"), b"\r\n")
+            lines += 1
+        return EncodedHeaders(b"".join(parts), lines, host=bool(m.host),
+                              content_length=request.content_length)
+
+    def _edited_headers(self, request: Request, m: RouteMatch) -> HeaderPairs:
+        """``_upstream_headers`` as pairs, in one pass over the request's headers."""
         headers: HeaderPairs = []
         forwarded: list[bytes] = []
         listed: set[bytes] | None = None
@@ -441,8 +529,20 @@ class Gateway:
             await self.ejections.aclose()
 
 
-_ID_PREFIX = os.urandom(8).hex().encode()
-_ID_COUNTER = itertools.count(int.from_bytes(os.urandom(4)))
+_ID_PREFIX = b""
+_ID_COUNTER = itertools.count()
+
+
+def _reseed_request_ids() -> None:
+    """A new random prefix and counter start: at import, and in every forked child (the
+    gateway's workers are forked: they must not repeat each other's ids)."""
+    global _ID_PREFIX, _ID_COUNTER
+    _ID_PREFIX = os.urandom(8).hex().encode()
+    _ID_COUNTER = itertools.count(int.from_bytes(os.urandom(4)))
+
+
+_reseed_request_ids()
+os.register_at_fork(after_in_child=_reseed_request_ids)
 
 
 def _request_id() -> bytes:

@@ -58,6 +58,9 @@ Decisions, written down once:
 - **Header edits** apply remove, then set (replacing every value), then add. Hop-by-hop
   and framing headers (``content-length``, ``transfer-encoding``, ...) cannot be edited,
   and ``host`` is changed with ``rewrite.host``: an edit must never smuggle a request.
+- **Decisions are remembered** by (method, host, path) in a table without header or query
+  matchers (at most ``MAX_DECISIONS``, forgotten whole when full): a path seen before is
+  not normalized and matched again. Refused paths are refused every time.
 - **Policy**: a route's ``timeout`` (short for ``timeouts: {request: ...}``), ``retries``,
   ``circuit_breaker``, ``outlier_detection`` and ``load_balancer`` override the service's
   settings key by key (``merge_policy``); a route naming another load-balancing policy
@@ -113,6 +116,8 @@ MAX_REGEX_SUBJECT = 8192
 """Longest header or query value tested against a regex; a longer one does not match."""
 MAX_HEADER_VALUE = 8192
 """Longest header value a route may set or add."""
+MAX_DECISIONS = 1024
+"""Route decisions remembered per table (by method, host and path); when full, forgotten."""
 
 Headers = Mapping[str, str] | Iterable[tuple[str | bytes, str | bytes]]
 """Request headers: a mapping, or (name, value) pairs as read off the wire."""
@@ -1505,6 +1510,12 @@ class RouteTable:
         names = frozenset(n for r in self.routes for n, _ in r.matcher.headers)
         self._wanted = _Wanted(names, frozenset(n.encode("latin-1") for n in names))
         self._regex_path = [r.matcher.path.kind == "regex" for r in self.routes]
+        # With no header or query matcher, a decision depends on method, host and path
+        # only: it is remembered (a bounded dict, forgotten whole when full), so a request
+        # seen before skips normalizing and matching. None: not cacheable.
+        self._decisions: dict[tuple[Any, Any, Any], RouteMatch | None] | None = (
+            {} if not any(r.matcher.headers or r.matcher.query for r in self.routes)
+            else None)
 
     @classmethod
     def from_config(cls, data: Any, *, where: str = "gateway.routes") -> RouteTable:
@@ -1548,7 +1559,26 @@ class RouteTable:
 
         ``path`` is the request target's path (with ``?query`` when ``query`` is None);
         raises ``InvalidPath`` for a path that must be refused (see ``normalize_path``).
+        A table without header and query matchers remembers its decisions (the same
+        ``RouteMatch`` for a request without a query: treat it as read-only).
         """
+        decisions = self._decisions
+        if decisions is None or query is None:
+            return self._match(method, host, path, headers, query)
+        key = (method, host, path)
+        m = decisions.get(key, _UNDECIDED)
+        if m is _UNDECIDED:
+            m = self._match(method, host, path, None, b"")
+            if len(decisions) >= MAX_DECISIONS:
+                decisions.clear()
+            decisions[key] = m
+        if m is None or not query:
+            return m  # type: ignore[return-value]
+        return RouteMatch(m.route, m.path, m.host,  # type: ignore[union-attr]
+                          query.decode("latin-1") if isinstance(query, bytes) else query)
+
+    def _match(self, method: str | bytes, host: str | bytes, path: str | bytes,
+               headers: Headers | None, query: str | bytes | None) -> RouteMatch | None:
         if isinstance(method, bytes):
             method = method.decode("latin-1")
         if isinstance(host, bytes):
@@ -1591,6 +1621,9 @@ class RouteTable:
         if len(hits) == 1:
             return hits[0]
         return sorted(set(chain.from_iterable(hits)))
+
+
+_UNDECIDED: Any = object()
 
 
 def _check_overlaps(routes: Sequence[Route]) -> list[Overlap]:

@@ -102,7 +102,7 @@ import httptools
 import msgspec
 
 from shoal.errors import ShoalError
-from shoal.mesh.http1 import ChunkIterator
+from shoal.mesh.http1 import ChunkIterator, EncodedHeaders
 from shoal.mesh.security.spiffe import spiffe_id_of_peercert
 from shoal.mesh.tls_reads import TlsReads
 from shoal.units import parse_duration, parse_size
@@ -251,6 +251,7 @@ def _malformed(exc: Exception) -> ClientRequestError:
 
 
 _FRAMING_NAMES = frozenset((b"content-length", b"transfer-encoding", b"expect"))
+_LOOKED_AT = frozenset(len(n) for n in (b"host", *_FRAMING_NAMES))
 
 
 def _check_framing(framing: list[tuple[bytes, bytes]], version: str, limits: ServerLimits
@@ -345,14 +346,15 @@ class Request:
 
     __slots__ = (
         "_buffered", "_chunks", "_complete", "_conn", "_content", "_discard", "_error",
-        "_expect_continue", "_head_sent", "_received", "_refusal", "_responded", "_split",
+        "_expect_continue", "_head_sent", "_host", "_received", "_refusal", "_responded",
+        "_split",
         "_streamed", "_tail", "_task", "_waiter", "chunked", "client", "content_length", "headers",
         "http_version", "keep_alive", "method", "peak_buffered", "target",
     )
 
     def __init__(self, conn: _ServerConnection, method: str, target: bytes, http_version: str,
                  headers: Headers, keep_alive: bool, content_length: int | None,
-                 chunked: bool) -> None:
+                 chunked: bool, host: bytes | None = None) -> None:
         self.method = method
         self.target = target
         self.http_version = http_version
@@ -379,6 +381,7 @@ class Request:
         self._refusal: ClientRequestError | None = None
         self._task: Any = None  # an asyncio.Task, or a fast handler's answer to come
         self._split: tuple[bytes, bytes, str | None] | None = None
+        self._host = host  # the Host header's value (the server checked there is one)
 
     def __repr__(self) -> str:
         return f"<Request {self.method} {self.target.decode('latin-1')!r}>"
@@ -424,10 +427,10 @@ class Request:
     @property
     def host(self) -> str | None:
         """The authority of an absolute-form target, else the Host header."""
-        host = self._parts()[2]
-        if host is not None:
-            return host
-        value = self.headers.get(b"host")
+        split = self._split
+        if split is not None and split[2] is not None:
+            return split[2]  # absolute-form (split when the head was parsed)
+        value = self._host
         return None if value is None else value.decode("latin-1")
 
     @property
@@ -588,6 +591,40 @@ class Response:
         return cls(_error_body(status, reason, message, layer), status, hs)
 
 
+def _header_lines(headers: HeaderPairs, first: bytes) -> tuple[bytes, int, bytes | None, bytes]:
+    """``first`` and the handler's header lines, without the server's own (framing,
+    persistence), as one bytes; how many lines; the handler's Content-Length; the ``date``
+    line unless the handler gave one. Bytes names and values are taken as they are (a str
+    or another value is the slow case: found by the join, encoded, then done again)."""
+    parts = [first]
+    handler_length: bytes | None = None
+    date = _date_line()
+    for name, value in headers:
+        if len(name) in _FRAMING_NAME_LENGTHS:
+            low = name.lower()
+            if low in _SERVER_HEADERS:  # framing and persistence are the server's
+                if low == b"content-length":
+                    handler_length = value  # type: ignore[assignment]
+                continue
+            if low == b"date":
+                date = b""
+        parts += (name, b": ", value, b"\r\n")
+    try:
+        block = b"".join(parts)
+    except TypeError:
+        return _header_lines(_as_bytes(headers), first)  # once: all are bytes now
+    return block, len(parts) // 4 + 1, handler_length, date
+
+
+def _as_bytes(headers: HeaderPairs) -> list[tuple[bytes, bytes]]:
+    out = []
+    for name, value in headers:
+        if type(value) is not bytes:
+            value = value.encode("latin-1") if isinstance(value, str) else str(value).encode()
+        out.append((_b(name), value))
+    return out
+
+
 _STATUS_LINES: dict[int, bytes] = {}
 
 
@@ -639,6 +676,7 @@ class _ServerConnection(asyncio.BaseProtocol):
         "_handler",
         "_headers",
         "_host_count",
+        "_host_value",
         "_in_head",
         "_limits",
         "_lingering",
@@ -708,6 +746,7 @@ class _ServerConnection(asyncio.BaseProtocol):
         self._feed_seq = 0
         self._feed_len = 0
         self._host_count = 0
+        self._host_value: bytes | None = None
         self._framing: list[tuple[bytes, bytes]] | None = None
 
     # -- asyncio protocol callbacks -----------------------------------------------------------
@@ -856,6 +895,7 @@ class _ServerConnection(asyncio.BaseProtocol):
         self._url = b""
         self._headers = Headers()
         self._host_count = 0
+        self._host_value = None
         self._framing = None
         if self._read_kind != _HEAD:
             self._read_kind = _HEAD
@@ -877,13 +917,12 @@ class _ServerConnection(asyncio.BaseProtocol):
             if len(headers) > self._max_headers:  # here, not later: tiny headers cost memory
                 raise ClientRequestError(431, "too-many-headers",
                                          f"request has more than {self._max_headers} header lines")
-            n = len(name)
-            if n == 4:
-                if name.lower() == b"host":
-                    self._host_count += 1
-            elif n == 14 or n == 17 or n == 6:
+            if len(name) in _LOOKED_AT:  # host, content-length, transfer-encoding, expect
                 low = name.lower()
-                if low in _FRAMING_NAMES:
+                if low == b"host":
+                    self._host_count += 1
+                    self._host_value = value
+                elif low in _FRAMING_NAMES:
                     if self._framing is None:
                         self._framing = []
                     self._framing.append((low, value))
@@ -932,7 +971,8 @@ class _ServerConnection(asyncio.BaseProtocol):
         if self._closing or (limits.max_requests_per_connection
                              and self._requests >= limits.max_requests_per_connection):
             keep_alive = False
-        req = Request(self, method, url, version, headers, keep_alive, length, chunked)
+        req = Request(self, method, url, version, headers, keep_alive, length, chunked,
+                      self._host_value)
         if url[:1] != b"/":
             if url != b"*" or method != "OPTIONS":
                 req._split = _split_absolute(url)  # or 400: CONNECT's authority-form is gone
@@ -1246,24 +1286,15 @@ class _ServerConnection(asyncio.BaseProtocol):
             raise ValueError(f"status {status} is not from 200 to 999")
         if type(headers) is dict:
             headers = headers.items()
-        parts = [_status_line(status)]
-        handler_length: bytes | None = None
-        date = _date_line()
-        for name, value in headers:
-            if type(name) is not bytes:
-                name = _b(name)
-            if type(value) is not bytes:
-                value = value.encode("latin-1") if isinstance(value, str) else str(value).encode()
-            if len(name) in _FRAMING_NAME_LENGTHS:
-                low = name.lower()
-                if low in _SERVER_HEADERS:  # framing and persistence are the server's
-                    if low == b"content-length":
-                        handler_length = value
-                    continue
-                if low == b"date":
-                    date = b""
-            parts += (name, b": ", value, b"\r\n")
-        lines = len(parts) // 4 + 2  # status line + header lines + the blank line
+        if type(headers) is EncodedHeaders:  # lines without framing (the proxy's relay)
+            block = _status_line(status) + headers.block
+            lines = headers.lines + 2  # the status line and the blank line
+            length_given = headers.content_length
+            handler_length = None if length_given is None else b"%d" % length_given
+            date = b"" if headers.date else _date_line()
+        else:
+            block, lines, handler_length, date = _header_lines(headers, _status_line(status))
+            lines += 1  # the blank line
         if body is None:
             body = b""
         keep_alive = req.keep_alive and not self._closing
@@ -1310,16 +1341,14 @@ class _ServerConnection(asyncio.BaseProtocol):
         else:
             persistence = b""
         lines += (date != b"") + (framing != b"") + (persistence != b"")
-        parts += (date, framing, persistence, b"\r\n")
         if mode == _BYTES and len(body) <= 16384:
             size = len(body)
-            parts.append(body)  # type: ignore[arg-type]
-            head = b"".join(parts)
+            head = b"".join((block, date, framing, persistence, b"\r\n", body))
             body = b""
             end = len(head) - size
             ok = head.count(b"\n", 0, end) == lines and head.count(b"\r", 0, end) == lines
         else:
-            head = b"".join(parts)
+            head = b"".join((block, date, framing, persistence, b"\r\n"))
             ok = head.count(b"\n") == lines and head.count(b"\r") == lines
         if not ok:
             raise ValueError("CR or LF in a response header name or value")

@@ -91,6 +91,7 @@ class Balancer(abc.ABC):
         self._healthy: frozenset[str] | None = None
         self._tracked: tuple[Sequence[Endpoint], Sequence[Endpoint]] | None = None
         self._plain_select = type(self)._select is Balancer._select
+        self._observes = type(self)._observe is not Balancer._observe  # latency-aware
 
     # -- the interface ---------------------------------------------------------------------
 
@@ -114,16 +115,23 @@ class Balancer(abc.ABC):
 
     def on_start(self, endpoint: Endpoint) -> None:
         """A request to ``endpoint`` was sent (call once per ``pick`` that is used)."""
-        self.stats(endpoint).active += 1
+        stats = self._stats.get(endpoint.instance_id)
+        if stats is None:
+            stats = self.stats(endpoint)
+        stats.active += 1
 
     def on_finish(self, endpoint: Endpoint, latency: float, ok: bool = True) -> None:
         """The request to ``endpoint`` ended after ``latency`` seconds, successfully or not."""
-        stats = self.stats(endpoint)
-        stats.active = max(0, stats.active - 1)
+        stats = self._stats.get(endpoint.instance_id)
+        if stats is None:
+            stats = self.stats(endpoint)
+        if stats.active > 0:
+            stats.active -= 1
         stats.requests += 1
         if not ok:
             stats.failures += 1
-        self._observe(stats, max(0.0, latency), ok)
+        if self._observes:
+            self._observe(stats, latency if latency > 0.0 else 0.0, ok)
 
     def stats(self, endpoint: Endpoint | str) -> EndpointStats:
         """The live numbers this balancer keeps on ``endpoint``."""

@@ -57,7 +57,7 @@ import contextlib
 import select
 import ssl as _ssl
 import weakref
-from collections.abc import AsyncIterable, Callable, Iterable
+from collections.abc import AsyncIterable, Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -73,6 +73,7 @@ __all__ = [
     "READ_LOW_WATER",
     "Address",
     "ConnectionPool",
+    "EncodedHeaders",
     "Http1Connection",
     "Response",
     "TlsHttp1Connection",
@@ -98,6 +99,7 @@ TLSContext = _ssl.SSLContext | Callable[[], _ssl.SSLContext] | None
 
 _BYTES_LIKE = (bytes, bytearray, memoryview)
 _EMPTY_BODY_METHODS = frozenset((b"POST", b"PUT", b"PATCH"))
+_LOOKED_AT = frozenset((4, 14, 17))  # lengths of host, content-length, transfer-encoding
 
 
 def parse_address(address: Address) -> tuple[str, int] | str:
@@ -122,6 +124,37 @@ def format_address(target: tuple[str, int] | str) -> str:
         return f"unix:{target}"
     host, port = target
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class EncodedHeaders:
+    """Header lines already encoded (``name: value\r\n`` each, ``lines`` of them), taken
+    as they are when a head is encoded: for a caller that builds the lines in the pass
+    that chooses them (the gateway), instead of pairs encoded in a second pass. The lines
+    are still checked for CR and LF. Iterating gives the ``(name, value)`` pairs.
+
+    In a request (``Http1Connection``): ``host`` tells that a line is a Host header, and
+    ``content_length`` is the value of the Content-Length line if there is one (no
+    Transfer-Encoding line). In a response (``shoal.gateway.server``): no framing or
+    persistence line, ``content_length`` is the length to announce for a HEAD or 304
+    answer, and ``date`` tells that a line is a Date header."""
+
+    __slots__ = ("block", "content_length", "date", "host", "lines")
+
+    def __init__(self, block: bytes, lines: int, *, host: bool = False,
+                 content_length: int | None = None, date: bool = False) -> None:
+        self.block = block
+        self.lines = lines
+        self.host = host
+        self.content_length = content_length
+        self.date = date
+
+    def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
+        for line in self.block.split(b"\r\n")[:self.lines]:
+            name, _, value = line.partition(b":")
+            yield name, value.strip(b" ")
+
+    def __repr__(self) -> str:
+        return f"<EncodedHeaders {self.lines} lines>"
 
 
 class _StopParsing(Exception):
@@ -359,7 +392,7 @@ class Http1Connection(asyncio.BaseProtocol):
 
     __slots__ = (
         "_broken", "_content_length", "_drain_waiter", "_eof", "_head_bytes", "_head_done",
-        "_head_only", "_head_size", "_head_waiter", "_headers", "_host_line", "_in_exchange",
+        "_head_only", "_head_waiter", "_headers", "_host_line", "_in_exchange",
         "_keep_alive", "_listener", "_loop", "_message_done", "_owner", "_parser", "_poller",
         "_raw_remaining", "_reading_paused", "_reason", "_request_done", "_response_ref",
         "_transport", "_write_paused", "closed", "exchanges", "idle_since", "label", "target",
@@ -386,8 +419,7 @@ class Http1Connection(asyncio.BaseProtocol):
         self._broken = False
         self._head_only = False
         self._head_done = False
-        self._head_bytes = 0
-        self._head_size = 0
+        self._head_bytes = 0  # bytes read in this exchange before its head ended (a bound)
         self._headers: list[tuple[bytes, bytes]] = []
         self._reason = b""
         self._content_length: bytes | None = None
@@ -522,25 +554,30 @@ class Http1Connection(asyncio.BaseProtocol):
         """Encode the request head; for a streamed body also its declared length (None:
         chunked)."""
         parts = [method, b" ", target, b" HTTP/1.1\r\n"]
-        lines = 2  # request line + the blank line
         has_host = has_te = False
         length: int | None = None
-        for name, value in headers:
-            n = name if type(name) is bytes else name.encode("latin-1")  # type: ignore[union-attr]
-            v = value if type(value) is bytes else value.encode("latin-1")  # type: ignore[union-attr]
-            size = len(n)
-            if size == 4 or size == 14 or size == 17:  # only these lengths need a look
-                low = n.lower()
-                if low == b"host":
-                    has_host = True
-                elif low == b"content-length":
-                    if not v.isdigit():
-                        raise ValueError(f"Content-Length {v!r} is not a number")
-                    length = int(v)
-                elif low == b"transfer-encoding":
-                    has_te = True
-            parts += (n, b": ", v, b"\r\n")
-            lines += 1
+        if type(headers) is EncodedHeaders:
+            parts.append(headers.block)
+            lines = headers.lines + 2  # the request line and the blank line
+            has_host, length = headers.host, headers.content_length
+        else:
+            for name, value in headers:
+                if type(name) is not bytes:
+                    name = name.encode("latin-1")  # type: ignore[union-attr]
+                if type(value) is not bytes:
+                    value = value.encode("latin-1")  # type: ignore[union-attr]
+                if len(name) in _LOOKED_AT:
+                    low = name.lower()
+                    if low == b"host":
+                        has_host = True
+                    elif low == b"content-length":
+                        if not value.isdigit():
+                            raise ValueError(f"Content-Length {value!r} is not a number")
+                        length = int(value)
+                    elif low == b"transfer-encoding":
+                        has_te = True
+                parts += (name, b": ", value, b"\r\n")
+            lines = len(parts) // 4 + 1  # the request line, one per header, the blank line
         if not has_host:
             parts.append(self._host_line)
             lines += 1
@@ -626,7 +663,6 @@ class Http1Connection(asyncio.BaseProtocol):
         self._keep_alive = False
         self._head_done = False
         self._head_bytes = 0
-        self._head_size = 0
         self._headers = []
         self._reason = b""
         self._content_length = None
@@ -728,6 +764,8 @@ class Http1Connection(asyncio.BaseProtocol):
         if self._raw_remaining:
             self._raw_body(data)
             return
+        if not self._head_done:
+            self._head_bytes += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -752,7 +790,6 @@ class Http1Connection(asyncio.BaseProtocol):
         if self._message_done:
             self._complete_exchange()
         elif not self._head_done:
-            self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
                 self._protocol_error(f"response head exceeds {MAX_HEAD_BYTES} bytes")
         elif self._listener is not None:  # a head without all of its body: it streams
@@ -831,8 +868,7 @@ class Http1Connection(asyncio.BaseProtocol):
         self._reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
-        self._head_size += len(name) + len(value) + 4
+        self._headers.append((name, value))  # the head's size: see on_headers_complete
         if len(name) == 14 and name.lower() == b"content-length":
             self._content_length = value
 
@@ -841,7 +877,9 @@ class Http1Connection(asyncio.BaseProtocol):
         status = parser.get_status_code()
         if status < 200:
             return  # informational (100 Continue, 103 Early Hints): skipped
-        if self._head_size + len(self._reason) > MAX_HEAD_BYTES:
+        if self._head_bytes > MAX_HEAD_BYTES and len(self._reason) + sum(
+                [len(n) + len(v) + 4 for n, v in self._headers]) > MAX_HEAD_BYTES:
+            # Only measured when the reads so far could hold a head over the limit.
             raise ProtocolError(self.label, f"malformed HTTP response from {self.label}: "
                                 f"response head exceeds {MAX_HEAD_BYTES} bytes")
         self._head_done = True
@@ -875,7 +913,6 @@ class Http1Connection(asyncio.BaseProtocol):
     def on_message_complete(self) -> None:
         if not self._head_done:  # end of an informational response: wait for the real one
             self._headers = []
-            self._head_size = 0
             self._reason = b""
             return
         self._message_done = True

@@ -412,15 +412,22 @@ class SlidingWindowCounter:
         self._buckets = buckets
         self._counts: deque[list[int]] = deque()  # [slice index, count], oldest first
         self._total = 0
+        self._slice = (math.inf, -math.inf)  # [start, end) of the newest slice
 
     def add(self, now: float, n: int = 1) -> None:
         """Count ``n`` events at ``now``."""
+        start, end = self._slice
+        if start <= now < end:  # the newest slice, as most events: nothing to expire
+            self._counts[-1][1] += n
+            self._total += n
+            return
         index = math.floor(now / self._width)
         self._expire(index)
         if self._counts and self._counts[-1][0] >= index:
             self._counts[-1][1] += n  # same slice (or the clock stepped back)
         else:
             self._counts.append([index, n])
+            self._slice = (index * self._width, (index + 1) * self._width)
         self._total += n
 
     def total(self, now: float) -> int:
@@ -432,6 +439,8 @@ class SlidingWindowCounter:
         counts = self._counts
         while counts and counts[0][0] <= index - self._buckets:
             self._total -= counts.popleft()[1]
+            if not counts:
+                self._slice = (math.inf, -math.inf)
 
 
 class RetryBudget:

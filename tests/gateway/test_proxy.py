@@ -60,6 +60,9 @@ class Backends:
                       "headers": list(request.headers.items()), "size": size,
                       "sha256": digest.hexdigest()}
             self.seen.append(record)
+            if "x-plain" in request.headers:  # no Connection header naming another
+                return web.json_response(record, headers={
+                    "server": "backend", "x-up": name, "date": "Tue, 01 Jan 2030 00:00:00 GMT"})
             return web.json_response(record, headers={"server": "backend", "x-up": name,
                                                       "connection": "keep-alive, x-up"})
 
@@ -172,6 +175,38 @@ async def test_route_rewrite_and_header_edits_reach_the_backend(env: Env) -> Non
     _, seen = await env.json("GET", "/api/orders", headers=[("x-request-id", "abc")])
     assert _header(seen, "x-request-id") == ["abc"]
     assert _header(seen, "x-forwarded-for") == ["127.0.0.1"]
+
+
+async def test_a_route_without_edits_forwards_and_relays_headers_alike(env: Env) -> None:
+    # Without edits the header lines are encoded in the pass that picks them (both ways).
+    await env.backends.add("orders", "o1")
+    await env.start([{"match": {"path": {"prefix": "/api"}}, "service": "orders"}],
+                    wait={"orders": 1})
+    resp, seen = await env.json("GET", "/api/x?q=1", headers=[
+        ("traceparent", TRACEPARENT), ("x-forwarded-for", "10.0.0.9"),
+        ("x-forwarded-for", "10.0.0.10"), ("connection", "keep-alive"), ("te", "trailers"),
+        ("keep-alive", "timeout=5"), ("x-forwarded-proto", "https"), ("x-plain", "1")])
+    assert resp.status == 200 and seen["path"] == "/api/x?q=1"
+    assert _header(seen, "host") == ["shop.test"]
+    assert _header(seen, "traceparent") == [TRACEPARENT]
+    assert _header(seen, "x-forwarded-for") == ["10.0.0.9, 10.0.0.10, 127.0.0.1"]
+    assert _header(seen, "x-forwarded-proto") == ["http"]
+    assert len(_header(seen, "x-request-id")[0]) == 32
+    for hop in ("te", "keep-alive", "connection"):
+        assert not _header(seen, hop), hop
+    assert resp.header("server") == b"backend" and resp.header("x-up") == b"o1"
+    assert [v for n, v in resp.headers if n.lower() == b"date"] == [
+        b"Tue, 01 Jan 2030 00:00:00 GMT"]  # the upstream's, not a second one
+    assert [n for n, _ in resp.headers if n.lower() == b"content-length"] == [b"content-length"]
+
+    _, seen = await env.json("GET", "/api/y", headers=[
+        ("connection", "x-secret"), ("x-secret", "hop"), ("x-request-id", "abc"),
+        ("x-plain", "1")])
+    assert not _header(seen, "x-secret") and _header(seen, "x-request-id") == ["abc"]
+
+    resp = await env.request("HEAD", "/api/z", headers=[("x-plain", "1")])
+    assert resp.status == 200 and await resp.aread() == b""
+    assert int(resp.header("content-length") or 0) > 0  # the upstream's, announced
 
 
 async def test_no_route_and_invalid_path_name_the_router(env: Env) -> None:

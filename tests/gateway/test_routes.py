@@ -781,3 +781,46 @@ def test_accepted_regexes_stay_fast_on_hostile_input(seed: int) -> None:
 def test_catastrophic_regexes_are_refused(pattern: str) -> None:
     with pytest.raises(ConfigError, match="regular expression"):
         compile_regex(pattern, what="r")
+
+
+# -- remembered decisions -----------------------------------------------------------------------
+def test_decisions_are_remembered_with_the_query_of_each_request() -> None:
+    t = table(route("api", match={"path": {"prefix": "/api"}},
+                    rewrite={"prefix": "/v2", "host": "api.internal"}),
+              route("rest", match={"methods": ["POST"]}))
+    first = t.match("GET", "shop", b"/api/a", None, b"")
+    assert first is not None and (first.path, first.host, first.query) == ("/v2/a", "api.internal",
+                                                                          "")
+    assert t.match("GET", "shop", b"/api/a", None, b"") is first  # remembered
+    other = t.match("GET", "shop", b"/api/a", None, b"x=1&y=2")
+    assert other is not None and other.route is first.route and other.query == "x=1&y=2"
+    assert first.query == ""  # the remembered decision is not changed by a later query
+    assert t.match("GET", "shop", b"/other", None, b"") is None
+    assert t.match("POST", "shop", b"/other", None, b"")  # method is part of the key
+    assert t.match("GET", "shop", b"/api/b", None, b"").path == "/v2/b"  # type: ignore[union-attr]
+
+
+def test_refused_paths_are_refused_every_time() -> None:
+    t = table(route("all"))
+    for _ in range(3):
+        with pytest.raises(InvalidPath):
+            t.match("GET", "h", b"/a/../../etc", None, b"")
+
+
+def test_remembered_decisions_are_bounded() -> None:
+    from shoal.gateway.routes import MAX_DECISIONS
+
+    t = table(route("all"))
+    for i in range(MAX_DECISIONS * 3):
+        assert t.match("GET", "h", f"/p{i}".encode(), None, b"") is not None
+        assert len(t._decisions or {}) <= MAX_DECISIONS
+
+
+def test_header_and_query_matchers_are_decided_per_request() -> None:
+    t = table(route("canary", match={"headers": {"x-canary": "1"}}), route("stable"))
+    assert name_of(t, headers=[(b"x-canary", b"1")], query="") == "canary"
+    assert name_of(t, headers=[], query="") == "stable"
+    assert name_of(t, headers=[(b"x-canary", b"1")], query="") == "canary"
+    q = table(route("preview", match={"query": {"preview": {"present": True}}}), route("plain"))
+    assert name_of(q, query="preview=1") == "preview" and name_of(q, query="") == "plain"
+    assert name_of(q, query="preview=1") == "preview"

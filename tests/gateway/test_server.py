@@ -1202,3 +1202,58 @@ def test_fuzz_request_path(fuzz_server: FuzzServer, data: bytes, cuts: list[int]
     assert [r.status for r in resps] == [200]
     fuzz_server.calls.pop(me, None)
     assert fuzz_server.errors == []
+
+
+def test_header_names_and_values_of_any_kind_are_encoded(run: Any) -> None:
+    """Bytes headers are taken as they are; str (and other) names and values are encoded,
+    framing headers given as str are still the server's, and a ready block of lines
+    (``EncodedHeaders``, the proxy's relay) is checked for CR/LF like any header."""
+    from shoal.mesh.http1 import EncodedHeaders
+
+    async def handler(req: Request) -> Any:
+        if req.path == "/str":
+            return Response(b"hello", headers=[("X-Text", "caf\xe9"), ("x-count", 7),
+                                               ("Content-Length", "99"), (b"x-b", b"1"),
+                                               ("Connection", "close")])
+        if req.path == "/dict":
+            return Response(b"hi", headers={"x-d": "1", "date": "Tue, 01 Jan 2030 00:00:00 GMT"})
+        if req.path == "/block":
+            return Response(b"blk", headers=EncodedHeaders(b"x-e: 1\r\n", 1, date=False))
+        if req.path == "/head-length":
+            return Response(b"", headers=EncodedHeaders(b"x-e: 2\r\n", 1, content_length=42))
+        return Response(b"x", headers=EncodedHeaders(b"x-e: 1\r\nset-cookie: evil=1\r\n", 1))
+
+    async def scenario() -> None:
+        async with serving(handler) as server:
+            c = await Client.connect(server)
+            await c.send(get("/str"))
+            r = await c.response()
+            assert r.status == 200 and r.body == b"hello"
+            assert r.header(b"x-text") == "caf\xe9".encode("latin-1")
+            assert r.header(b"x-count") == b"7" and r.header(b"x-b") == b"1"
+            assert r.header(b"content-length") == b"5" and r.header(b"connection") is None
+            await c.send(get("/dict"))
+            r = await c.response()
+            assert r.header(b"x-d") == b"1"
+            assert [v for k, v in r.headers if k.lower() == b"date"] == [
+                b"Tue, 01 Jan 2030 00:00:00 GMT"]
+            await c.send(get("/block"))
+            r = await c.response()
+            assert r.body == b"blk" and r.header(b"x-e") == b"1" and r.header(b"date")
+            h = await Client.connect(server)  # HEAD: the block's length is announced
+            await h.send(f"HEAD /head-length HTTP/1.1\r\n{H}\r\n".encode())
+            async with asyncio.timeout(3):
+                while b"\r\n\r\n" not in h.raw and not h.eof:
+                    await h._read()
+            assert b"\r\ncontent-length: 42\r\n" in h.raw and b"\r\nx-e: 2\r\n" in h.raw
+            h.close()
+            await c.send(get("/smuggle"))
+            r = await c.response()
+            assert r.status == 500 and r.json()["reason"] == "invalid-response"
+            assert r.header(b"set-cookie") is None
+
+    logging.getLogger("shoal.gateway").disabled = True
+    try:
+        run(scenario)
+    finally:
+        logging.getLogger("shoal.gateway").disabled = False

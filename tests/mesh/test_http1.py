@@ -31,6 +31,7 @@ from shoal.mesh.http1 import (
     MAX_HEAD_BYTES,
     READ_HIGH_WATER,
     ConnectionPool,
+    EncodedHeaders,
     Http1Connection,
     Response,
     format_address,
@@ -738,6 +739,27 @@ def test_malformed_response_is_protocol_error(run: Any, response: bytes) -> None
     run(scenario)
 
 
+def test_a_head_under_the_cap_read_with_a_large_body_is_accepted(run: Any) -> None:
+    # The head is measured exactly only when the reads could hold more than the cap: one
+    # read of a 55 KB head and a 100 KB body is more, and the head is still accepted.
+    head = b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 100) for i in range(500))
+    body = bytes(range(256)) * 400
+
+    async def handler(conn: RawConn) -> None:
+        await conn.recv_request()
+        await conn.send(b"HTTP/1.1 200 OK\r\n" + head + b"Content-Length: %d\r\n\r\n"
+                        % len(body) + body)
+        await asyncio.sleep(1)
+
+    async def scenario() -> None:
+        async with RawServer(handler) as srv, ConnectionPool(srv.address) as pool:
+            r = await pool.request("GET", "/")
+            assert r.status == 200 and len(r.headers) == 501
+            assert await r.aread() == body
+
+    run(scenario)
+
+
 @pytest.mark.parametrize("shape", ["many", "one-huge", "endless"])
 def test_huge_response_head_is_capped(run: Any, shape: str) -> None:
     async def handler(conn: RawConn) -> None:
@@ -940,5 +962,38 @@ def test_response_repr_and_types(run: Any) -> None:
             assert "ConnectionPool" in repr(pool)
             r = await pool.request("POST", "/echo", [], b'{"a": [1, 2]}')
             assert await r.json() == {"a": [1, 2]}
+
+    run(scenario)
+
+
+def test_encoded_header_lines_are_sent_as_pairs_would_be(run: Any) -> None:
+    heads: list[bytes] = []
+
+    async def record(conn: RawConn) -> None:
+        while True:
+            head, body = await conn.recv_request()
+            heads.append(head + b"|" + body)
+            await conn.send(ok())
+
+    async def scenario() -> None:
+        pairs = [(b"x-a", b"1"), (b"content-length", b"4")]
+        block = EncodedHeaders(b"x-a: 1\r\ncontent-length: 4\r\n", 2, content_length=4)
+        assert list(block) == pairs
+        async with RawServer(record) as srv, ConnectionPool(srv.address) as pool:
+            for headers in (pairs, block):
+                r = await pool.request("POST", "/p", headers, b"data")
+                assert await r.aread() == b"ok"
+            host = EncodedHeaders(b"host: svc.internal\r\n", 1, host=True)
+            assert await (await pool.request("GET", "/h", host)).aread() == b"ok"
+            for bad in (EncodedHeaders(b"x-a: 1\r\nx-b: 2\r\n", 1),  # a line not counted
+                        EncodedHeaders(b"x-a: 1\nx-b: 2\r\n", 1)):
+                with pytest.raises(ValueError, match="CR or LF"):
+                    await pool.request("GET", "/", bad)
+            with pytest.raises(ValueError, match="Content-Length 4 but the body has 2"):
+                await pool.request("POST", "/", block, b"xx")
+        assert heads[0] == heads[1]
+        assert heads[0].startswith(b"POST /p HTTP/1.1\r\nx-a: 1\r\ncontent-length: 4\r\nHost: ")
+        assert heads[2].startswith(b"GET /h HTTP/1.1\r\nhost: svc.internal|")
+        assert len(heads) == 3  # nothing was sent for a refused head
 
     run(scenario)

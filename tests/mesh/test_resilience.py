@@ -171,6 +171,11 @@ def test_sliding_window_counter() -> None:
     assert counter.total(10.0) == 2  # the [0, 1) slice expired
     counter.add(3.0)  # the clock stepped back: counted in the latest slice
     assert counter.total(13.9) == 3 and counter.total(14.0) == 0
+    counter.add(4.5)  # back into a slice that expired whole: counted, no stale slice used
+    assert counter.total(4.5) == 1
+    counter.add(20.0)
+    counter.add(20.5)  # the newest slice again (the short way)
+    assert counter.total(20.9) == 2 and counter.total(29.9) == 2 and counter.total(31.0) == 0
 
 
 # -- circuit breaker ------------------------------------------------------------------------------
