@@ -1,6 +1,7 @@
 """What is particular to the nats:// broker, beyond the conformance suite: names that must
 not collide once escaped for NATS, and consumers woken by appends made by another process
-(the server's republished notices, not the in-process shortcut)."""
+(the server's republished notices, not the in-process shortcut); NATS failures surfacing
+as the contracts' errors."""
 
 from __future__ import annotations
 
@@ -8,8 +9,14 @@ import asyncio
 import sys
 import time
 
+import nats
+import pytest
+
+from shoal.errors import StoreError, TopicError
 from shoal.events import EventBus
-from shoal.events.brokers.nats import escape_topic
+from shoal.events.brokers.base import TopicSpec
+from shoal.events.brokers.nats import NatsBroker, escape_topic
+from shoal.store.nats import NatsStore
 from tests.helpers import eventually
 
 
@@ -68,3 +75,36 @@ async def test_topics_are_listed_past_the_servers_first_page_of_streams(nats_url
         names = [f"t{i:03d}" for i in range(260)]
         await asyncio.gather(*(bus.create_topic(n, partitions=1) for n in names))
         assert [t.spec.name for t in await bus.topics()] == names
+
+
+async def test_a_failing_server_call_is_a_topic_error_naming_it(nats_url: str) -> None:
+    """Every broker call that reaches the server answers a NATS failure (here: the
+    connection closed under it) with the contract's TopicError, never a raw nats-py
+    exception a partition worker would not expect."""
+    broker = await NatsBroker.open(nats_url)
+    try:
+        await broker.create_topic(TopicSpec("t", 2, retention_seconds=60))
+        await broker._conn.nc.close()
+        calls = {
+            "ranges": broker.ranges("t"),
+            "offset_for_time": broker.offset_for_time("t", 1, 0),
+            "get_topic": broker.get_topic("other"),
+            "list_topics": broker.list_topics(),
+            "apply_retention": broker.apply_retention("t"),
+        }
+        for name, call in calls.items():
+            with pytest.raises(TopicError, match=f"on {nats_url}.* failed") as info:
+                await call
+            assert isinstance(info.value.__cause__, nats.errors.Error), name
+    finally:
+        await broker.close()
+
+
+async def test_a_watch_that_cannot_start_is_a_store_error(nats_url: str) -> None:
+    store = await NatsStore.open(nats_url)
+    try:
+        await store._conn.nc.close()
+        with pytest.raises(StoreError, match="watch on 'a/' cannot start"):
+            await anext(store.watch("a/", after_revision=0))
+    finally:
+        await store.close()

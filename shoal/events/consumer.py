@@ -321,6 +321,18 @@ class _PartitionWorker:
             self._wake = None
 
     async def run(self) -> None:
+        """Read and dispatch until stopped. A failure none of the paths below expects (a
+        bug, a record that cannot be decoded) restarts from the committed offset instead
+        of ending the worker: a dead worker would leave its partition unread for good."""
+        while not self.stopping:
+            try:
+                await self._run()
+            except Exception:
+                log.exception("partition %s/%s: worker failed; restarting from the committed "
+                              "offset", self.sub.topic, self.p)
+                await asyncio.sleep(BACKEND_RETRY)
+
+    async def _run(self) -> None:
         sub, broker = self.sub, self.sub.bus.broker
         topic = sub.topic
         try:

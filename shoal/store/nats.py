@@ -190,11 +190,15 @@ class _NatsChangeStream(ChangeStream):
         async def on_msg(msg: Any) -> None:
             queue.put_nowait(msg)
 
-        self._holder["sub"] = await store._js.subscribe(
-            f"{store.target.namespace}.kv.*", stream=store._kv_stream, cb=on_msg,
-            ordered_consumer=True, deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-            config=nats.js.api.ConsumerConfig(opt_start_seq=self.last + 1),
-        )
+        try:
+            self._holder["sub"] = await store._js.subscribe(
+                f"{store.target.namespace}.kv.*", stream=store._kv_stream, cb=on_msg,
+                ordered_consumer=True, deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                config=nats.js.api.ConsumerConfig(opt_start_seq=self.last + 1),
+            )
+        except (TimeoutError, nats.errors.Error) as exc:  # e.g. the stream electing a leader
+            raise StoreError(f"store {store.url}: watch on {self.prefix!r} cannot start: "
+                             f"{exc or type(exc).__name__}") from exc
         if self._ended:  # closed while subscribing
             _stop_watch(store, self._holder)
 
