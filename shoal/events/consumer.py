@@ -99,6 +99,7 @@ class Subscription:
             self._start_partition, self._stop_partition,
         )
         self.ready = asyncio.Event()
+        self._closing = False
 
     async def start(self) -> None:
         """Join the group and start handling the partitions it gives us."""
@@ -119,6 +120,7 @@ class Subscription:
 
     async def close(self) -> None:
         """Finish what is in flight, commit, and leave the group."""
+        self._closing = True
         await self.member.leave()
         if self._threads is not None:
             self._threads.shutdown(wait=False)
@@ -203,7 +205,16 @@ class Subscription:
             subject=event.subject, time=event.time, data=event.data, extensions=extensions,
         )
         dedup = f"{self.group}/{self.topic}/{record.partition}/{record.offset}"
-        await self.bus.publish_event(f"{self.topic}.dlq", dead, dedup_id=dedup)
+        while True:  # until it lands: the event is committed only once dead-lettered
+            try:
+                await self.bus.publish_event(f"{self.topic}.dlq", dead, dedup_id=dedup)
+                break
+            except ShoalError as exc:  # e.g. the broker electing a leader; the dedup id
+                if self._closing:  # makes a retry idempotent. Closing: redelivered later
+                    raise
+                log.warning("dead-lettering %s/%s@%s failed, retrying: %s",
+                            self.topic, record.partition, record.offset, exc)
+                await asyncio.sleep(BACKEND_RETRY)
         self.stats.dead_lettered += 1
         log.warning(
             "dead-lettered %s/%s@%s after %d attempts: %s",
@@ -420,13 +431,16 @@ class _PartitionWorker:
             sub._key_tails[key] = done
 
         async def handle() -> None:
+            handled = False
             try:
                 if previous is not None:
                     await previous
                 await sub.handle(record, event)
+                handled = True
             finally:
                 sub._slots.release()
-                tracker.handled(record.offset)
+                if handled:  # else (not dead-lettered as the bus closed) never committed
+                    tracker.handled(record.offset)
                 done.set_result(None)
                 if key is not None and sub._key_tails.get(key) is done:
                     del sub._key_tails[key]

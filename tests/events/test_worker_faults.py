@@ -1,11 +1,16 @@
-"""A partition worker under broker faults it does not expect: it must go on delivering."""
+"""A partition worker under broker faults: it must go on delivering and lose nothing."""
 
 from __future__ import annotations
 
 import uuid
 from typing import Any
 
-from shoal.events import EventBus
+import pytest
+
+from shoal.errors import PublishError
+from shoal.events import Event, EventBus
+from shoal.events.dlq import dead_letters
+from shoal.events.retry import RetryPolicy
 from tests.helpers import eventually
 
 
@@ -33,3 +38,41 @@ async def test_a_worker_survives_an_unexpected_broker_error() -> None:
         await eventually(lambda: len(seen) >= 10, timeout=5, what="every event")
         assert failures == 0
         assert seen == [f"e{i}" for i in range(10)]
+
+
+@pytest.mark.parametrize("concurrency", [1, 2])
+async def test_a_failing_dead_letter_publish_is_retried_not_lost(concurrency: int) -> None:
+    """The dead-letter topic refusing appends for a while (a leader election): the event
+    is dead-lettered once it can be, exactly once, and the handler is not run again. (It
+    was lost with ``concurrency > 1``: committed though never dead-lettered.)"""
+    async with EventBus.connect(f"memory://{uuid.uuid4().hex}", source="/tests/w") as bus:
+        await bus.create_topic("t", partitions=1)
+        real_publish = bus.publish_event
+        failures = 2
+
+        async def publish_event(topic: str, *args: Any, **kwargs: Any) -> Any:
+            nonlocal failures
+            if topic.endswith(".dlq") and failures:
+                failures -= 1
+                raise PublishError(f"append to topic {topic!r} failed (test)")
+            return await real_publish(topic, *args, **kwargs)
+
+        bus.publish_event = publish_event  # type: ignore[method-assign]
+        calls: list[str] = []
+
+        def handler(e: Event) -> None:
+            calls.append(e.id)
+            if e.id == "bad":
+                raise ValueError("cannot handle (test)")
+
+        sub = await bus.subscribe("t", "g", handler, retry=RetryPolicy(attempts=1),
+                                  concurrency=concurrency)
+        await bus.publish("t", 1, id="bad")
+        await bus.publish("t", 2, id="good")
+        await eventually(lambda: sub.stats.dead_lettered == 1, timeout=5, what="a dead letter")
+        await eventually(lambda: "good" in calls, timeout=5, what="the next event")
+        await sub.close()
+        assert failures == 0
+        assert sorted(calls) == ["bad", "good"]  # nothing redelivered
+        assert [e.id for _, _, e in await dead_letters(bus, "t.dlq")] == ["bad.dlq.g"]
+        assert await bus.committed("t", "g") == {0: 2}
