@@ -113,15 +113,18 @@ class GroupMember:
         works. Never ends on an error: a member that stopped renewing or rejoining would
         leave its partitions unread for good (a delivery stall, not a crash anyone sees).
         """
-        interval = self.session_timeout / 3
+        interval, pause = self.session_timeout / 3, self.session_timeout / 3
         while not self._closing:
-            # Rejoining is retried sooner than a renewal is due: we own nothing meanwhile.
-            await asyncio.sleep(interval if self.lease is not None else min(interval, RETRY))
+            await asyncio.sleep(pause)
             try:
                 await self._renew_or_rejoin()
+                pause = interval
             except Exception as exc:  # StoreError: the store briefly away (a leader election)
                 log.warning("member %s: keepalive failed, retrying: %s", self.member, exc,
                             exc_info=not isinstance(exc, StoreError))
+                # Retried soon: a renewal may still land within the lease's time (a new
+                # leader elected), and without a lease we own nothing until we rejoin.
+                pause = min(interval, RETRY)
 
     async def _renew_or_rejoin(self) -> None:
         if self.lease is not None:

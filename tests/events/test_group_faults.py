@@ -35,6 +35,7 @@ class FlakyLease(Lease):
         self.ttl = inner.ttl
         self.presumed_expired = False
         self.failures = 0  # keepalives still to fail with StoreError
+        self.renewed = 0
 
     async def keepalive(self) -> None:
         if self.failures > 0:
@@ -43,6 +44,7 @@ class FlakyLease(Lease):
         if self.presumed_expired:
             raise LeaseExpired(f"lease {self.id}: presumed expired by the test")
         await self.inner.keepalive()
+        self.renewed += 1
 
     async def revoke(self) -> None:
         await self.inner.revoke()
@@ -164,6 +166,22 @@ async def test_member_keeps_renewing_through_failing_keepalives(
     store.leases[-1].failures = 3
     await eventually(lambda: len(store.leases) >= 2, timeout=5, what="a rejoin")
     await publish_and_see(bus, seen, range(20))
+    assert sub.member.owned == set(range(PARTITIONS))
+
+
+async def test_a_failed_keepalive_is_retried_before_the_lease_runs_out(
+    flaky: tuple[EventBus, FlakyStore],
+) -> None:
+    """Two keepalives failing (a leader election): the third try comes soon enough to keep
+    the lease (a 3 s session renews at 1 s; waiting another 1 s after each failure would
+    renew at 3 s, when the lease is gone), so the member keeps its partitions."""
+    bus, store = flaky
+    seen: set[str] = set()
+    sub = await subscribe(bus, seen, session_timeout=3.0)
+    lease = store.leases[-1]
+    lease.failures = 2
+    await eventually(lambda: lease.renewed >= 1, timeout=2.5, what="a renewal")
+    assert store.leases == [lease]  # no rejoin was needed
     assert sub.member.owned == set(range(PARTITIONS))
 
 
