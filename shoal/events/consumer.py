@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from shoal.errors import ShoalError
 from shoal.events.event import Event, decode_record
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("shoal.events.consumer")
 
+T = TypeVar("T")
 Handler = Callable[[Event], Awaitable[Any] | Any]
 StartPosition = Literal["earliest", "latest"] | int | datetime
 
@@ -230,7 +231,7 @@ class _PartitionWorker:
         self.p = partition
         self.task: asyncio.Task[None] | None = None
         self.stopping = False
-        self.idle = False
+        self.waiting = False  # in a wait stop() may cut short (see _cancellable)
         self.tracker: OffsetTracker | None = None
         self.revision = 0
         self.committed = -1
@@ -358,7 +359,7 @@ class _PartitionWorker:
                 except ShoalError as exc:  # a store or broker briefly away: try again
                     log.warning("partition %s/%s: cannot load the offset: %s",
                                 topic, self.p, exc)
-                    await asyncio.sleep(BACKEND_RETRY)
+                    await self._cancellable(asyncio.sleep(BACKEND_RETRY))
                     continue
                 self.tracker = tracker = OffsetTracker(offset)
                 last_commit = self._last_commit = time.monotonic()
@@ -366,10 +367,11 @@ class _PartitionWorker:
                 while not self.stopping and not self.moved:
                     gen = broker.append_generation(topic)
                     try:
-                        records = await broker.read(topic, self.p, offset, limit)
+                        records = await self._cancellable(
+                            broker.read(topic, self.p, offset, limit))
                     except ShoalError as exc:  # e.g. a server restarting: read again soon
                         log.warning("partition %s/%s: read failed: %s", topic, self.p, exc)
-                        await asyncio.sleep(BACKEND_RETRY)
+                        await self._cancellable(asyncio.sleep(BACKEND_RETRY))
                         continue
                     limit = TAIL_BATCH if len(records) < TAIL_BATCH else READ_BATCH
                     if not records:
@@ -381,11 +383,7 @@ class _PartitionWorker:
                         # than COMMIT_INTERVAL: a consumer that keeps up goes idle after
                         # nearly every event.
                         self._commit_later(tracker, last_commit)
-                        self.idle = True  # from here to the wait nothing yields: stop() sees it
-                        try:
-                            await self._idle_wait(gen)
-                        finally:
-                            self.idle = False
+                        await self._cancellable(self._idle_wait(gen))
                         continue
                     handled, failed = 0, None
                     for record in records:
@@ -450,6 +448,19 @@ class _PartitionWorker:
         task.add_done_callback(self._inflight.discard)
         return True
 
+    async def _cancellable(self, step: Awaitable[T]) -> T:
+        """Await ``step`` where ``stop()`` may cancel it, so that stopping (on a lost lease
+        or a rebalance) does not wait out a read retrying through a leader election or an
+        idle wait. Only steps that lose nothing when cut short: a read whose records are
+        not dispatched yet, a wait, a pause. No await comes between the caller's check of
+        ``stopping`` and this, so a stop either sees ``waiting`` or is seen by the caller.
+        """
+        self.waiting = True
+        try:
+            return await step
+        finally:
+            self.waiting = False
+
     async def _drain(self) -> None:
         while self._inflight:
             await asyncio.gather(*list(self._inflight), return_exceptions=True)
@@ -459,7 +470,13 @@ class _PartitionWorker:
         self.stopping = True
         if self.task is None:
             return
-        if self.idle:
+        if self.waiting:
             self.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.task
+        try:
+            # Shielded: cancelling the stop must not cancel the worker, which (stopping)
+            # would swallow it and return, so that the caller's cancellation were lost.
+            await asyncio.shield(self.task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if not self.task.cancelled() or (current is not None and current.cancelling()):
+                raise  # we were cancelled, not (only) the worker

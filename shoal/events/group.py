@@ -135,9 +135,8 @@ class GroupMember:
                 # We were presumed dead: our partitions may be someone else's now.
                 log.warning("member %s lost its lease; rejoining", self.member)
                 self.lease = None  # until rejoined: claim nothing (see rebalance)
-                for p in sorted(self.owned):
-                    self.owned.discard(p)
-                    await self._stop_partition(p)
+                lost, self.owned = sorted(self.owned), set()
+                await asyncio.gather(*(self._stop_partition(p) for p in lost))
         await self._register()
         log.info("member %s rejoined group %s of %s", self.member, self.group, self.topic)
         self._changed.set()

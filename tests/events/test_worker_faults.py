@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 from typing import Any
 
@@ -76,3 +78,52 @@ async def test_a_failing_dead_letter_publish_is_retried_not_lost(concurrency: in
         assert sorted(calls) == ["bad", "good"]  # nothing redelivered
         assert [e.id for _, _, e in await dead_letters(bus, "t.dlq")] == ["bad.dlq.g"]
         assert await bus.committed("t", "g") == {0: 2}
+
+
+async def test_stopping_does_not_wait_out_a_hanging_read() -> None:
+    """A read stuck in the broker (retrying through a leader election) is cut short by
+    stop: closing a subscription (or losing a lease) does not wait for it."""
+    async with EventBus.connect(f"memory://{uuid.uuid4().hex}", source="/tests/w") as bus:
+        await bus.create_topic("t", partitions=2)
+        await bus.publish("t", 0, id="e0")
+        real_read = bus.broker.read
+        hanging = asyncio.Event()
+
+        async def read(*args: Any) -> Any:
+            if hanging.is_set():
+                await asyncio.sleep(60)
+            return await real_read(*args)
+
+        bus.broker.read = read  # type: ignore[method-assign]
+        seen: list[str] = []
+        sub = await bus.subscribe("t", "g", lambda e: seen.append(e.id))
+        await eventually(lambda: seen == ["e0"], timeout=5, what="the first event")
+        hanging.set()
+        await bus.publish("t", 1, id="e1")  # wakes the workers into the hanging read
+        started = time.monotonic()
+        async with asyncio.timeout(5):
+            await sub.close()
+        assert time.monotonic() - started < 2
+        assert seen == ["e0"]
+        assert await bus.committed("t", "g") == {0: 1, 1: 0}  # e0 committed at the stop
+
+
+async def test_a_close_cancelled_while_a_handler_runs_is_cancelled() -> None:
+    """Cancelling a close (a timeout around it) while it waits for a handler to finish
+    cancels it: the stop of the partition does not swallow the cancellation."""
+    async with EventBus.connect(f"memory://{uuid.uuid4().hex}", source="/tests/w") as bus:
+        await bus.create_topic("t", partitions=1)
+        release, started = asyncio.Event(), asyncio.Event()
+
+        async def handler(e: Event) -> None:
+            started.set()
+            await release.wait()
+
+        sub = await bus.subscribe("t", "g", handler)
+        await bus.publish("t", 0)
+        await asyncio.wait_for(started.wait(), 5)
+        asyncio.get_running_loop().call_later(3, release.set)  # bounds a swallowed cancel
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.3):
+                await sub.close()
+        release.set()
