@@ -11,10 +11,11 @@ import time
 
 import nats
 import pytest
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from shoal.errors import StoreError, TopicError
 from shoal.events import EventBus
-from shoal.events.brokers.base import TopicSpec
+from shoal.events.brokers.base import Append, TopicSpec
 from shoal.events.brokers.nats import NatsBroker, escape_topic
 from shoal.store.nats import NatsStore
 from tests.helpers import eventually
@@ -108,3 +109,31 @@ async def test_a_watch_that_cannot_start_is_a_store_error(nats_url: str) -> None
             await anext(store.watch("a/", after_revision=0))
     finally:
         await store.close()
+
+
+async def test_a_reader_does_not_believe_a_consumer_that_wrongly_says_nothing_more(
+    nats_url: str,
+) -> None:
+    """A kept consumer answering "no messages" where the stream has some (what a consumer
+    that lost track after a node died looks like; here one positioned past the end is
+    swapped in) is checked against the stream and replaced: the read returns the records
+    instead of nothing, for good."""
+    broker = await NatsBroker.open(nats_url)
+    try:
+        await broker.create_topic(TopicSpec("t", 1))
+        await broker.append("t", [Append(0, None, 0, b"r%d" % i, None) for i in range(5)])
+        assert len(await broker.read("t", 0, 0, 10)) == 5
+        (reader,) = broker._readers[("t", 0)]
+        stuck = await broker._js.add_consumer(reader.stream, ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=1000,
+            ack_policy=AckPolicy.NONE, inactive_threshold=60, mem_storage=True,
+        ))
+        reader.consumer, reader.next_seq = stuck.name, 1
+        assert await broker.read("t", 0, 0, 10) == []  # believed at first
+        reader.doubt_empty = 0.0  # (2 s by default)
+        records = await broker.read("t", 0, 0, 10)
+        assert [r.value for r in records] == [b"r%d" % i for i in range(5)]
+        assert reader.consumer != stuck.name
+        assert await broker.read("t", 0, 5, 10) == []  # the end, believed: nothing more
+    finally:
+        await broker.close()
