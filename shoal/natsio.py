@@ -51,6 +51,7 @@ _HOSTPORT = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
 REQUEST_TIMEOUT = 5.0  # seconds for any one JetStream request (covers a server restart)
 INACTIVE_CONSUMER = 60.0  # an ephemeral reader the server forgets after this long unused
 DOUBT_EMPTY = 2.0  # seconds of "nothing more" from one consumer before checking the stream
+REPLICATE_FOR = 60.0  # seconds a stream's readers use replicated consumers after a timeout
 
 log = logging.getLogger("shoal.natsio")
 
@@ -119,6 +120,7 @@ class SharedConnection:
         self.refs = 0
         self.marks: set[asyncio.Future[Any]] = set()  # see shoal.store.nats (watch "now")
         self.on_reconnect: set[Any] = set()  # callables run after every reconnect
+        self.replicate_until: dict[str, float] = {}  # stream -> until when (see PullReader)
 
     async def _reconnected(self) -> None:
         for fn in list(self.on_reconnect):
@@ -323,6 +325,12 @@ class PullReader:
     After ``doubt_empty`` seconds of empty answers, one empty answer is checked against
     the stream's last sequence (one ``stream_info``), and a consumer found wrong is made
     again.
+
+    A reader's consumer is R1 (cheap), which the server may place on a node that died
+    but is not yet known dead (nats-server 2.9 keeps choosing it for ~30 s after a
+    kill -9): its creation then goes unanswered. After such a timeout every reader of
+    that stream on this connection makes consumers with the stream's replication for
+    ``REPLICATE_FOR`` seconds (their leader is elected among the live nodes).
     """
 
     def __init__(
@@ -346,14 +354,23 @@ class PullReader:
         if self.consumer is not None and self.next_seq == seq:
             return
         await self._drop_consumer()
+        replicated = self.conn.replicate_until.get(self.stream, 0.0) > time.monotonic()
         config = ConsumerConfig(
             deliver_policy=self.deliver, ack_policy=AckPolicy.NONE,
-            inactive_threshold=INACTIVE_CONSUMER, mem_storage=True, num_replicas=1,
+            inactive_threshold=INACTIVE_CONSUMER, mem_storage=True,
+            num_replicas=0 if replicated else 1,  # 0: the stream's
             filter_subject=self.filter_subject, max_waiting=16,
         )
         if self.deliver == DeliverPolicy.BY_START_SEQUENCE:
             config.opt_start_seq = max(1, seq)
-        info = await self.conn.js.add_consumer(self.stream, config)
+        try:
+            info = await self.conn.js.add_consumer(self.stream, config)
+        except (TimeoutError, nats.errors.TimeoutError):
+            if not replicated:
+                log.warning("stream %s: creating a reader timed out; replicated readers for "
+                            "%.0f s", self.stream, REPLICATE_FOR)
+            self.conn.replicate_until[self.stream] = time.monotonic() + REPLICATE_FOR
+            raise
         self.consumer, self.next_seq = info.name, seq
 
     async def _drop_consumer(self) -> None:

@@ -137,3 +137,31 @@ async def test_a_reader_does_not_believe_a_consumer_that_wrongly_says_nothing_mo
         assert await broker.read("t", 0, 5, 10) == []  # the end, believed: nothing more
     finally:
         await broker.close()
+
+
+async def test_a_reader_whose_consumer_creation_times_out_replicates_it(nats_url: str) -> None:
+    """Creating an R1 reader that goes unanswered (placed on a node that died but is not
+    known dead yet) makes the stream's readers replicated for a while: the read is served
+    at the second attempt instead of timing out again and again."""
+    broker = await NatsBroker.open(nats_url)
+    try:
+        await broker.create_topic(TopicSpec("t", 1))
+        await broker.append("t", [Append(0, None, 0, b"r%d" % i, None) for i in range(3)])
+        js = broker._conn.js
+        real_add = js.add_consumer
+        asked: list[int | None] = []
+
+        async def add_consumer(stream: str, config: ConsumerConfig, **kw: object) -> object:
+            asked.append(config.num_replicas)
+            if config.num_replicas == 1:
+                raise nats.errors.TimeoutError
+            return await real_add(stream, config, **kw)
+
+        js.add_consumer = add_consumer  # type: ignore[method-assign]
+        records = await broker.read("t", 0, 0, 10)
+        assert [r.value for r in records] == [b"r0", b"r1", b"r2"]
+        assert asked == [1, 0]  # R1 timed out; then the stream's replication
+        assert await broker.read("t", 0, 1, 10)  # a new position: replicated at once
+        assert asked == [1, 0, 0]
+    finally:
+        await broker.close()
