@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from typing import Any
 
 import nats
 import pytest
@@ -163,5 +164,34 @@ async def test_a_reader_whose_consumer_creation_times_out_replicates_it(nats_url
         assert asked == [1, 0]  # R1 timed out; then the stream's replication
         assert await broker.read("t", 0, 1, 10)  # a new position: replicated at once
         assert asked == [1, 0, 0]
+    finally:
+        await broker.close()
+
+
+async def test_creating_a_topic_asks_again_when_a_stream_creation_times_out(
+    nats_url: str,
+) -> None:
+    """A replicated stream's creation can outlast one request on a loaded cluster; asking
+    again with the same config is idempotent, so a timeout is retried, not fatal."""
+    broker = await NatsBroker.open(nats_url)
+    try:
+        js = broker._conn.js
+        real_add = js.add_stream
+        timeouts = {"t-0": 1, "t-1": 2}
+
+        async def add_stream(config: Any, **kw: Any) -> Any:
+            info = await real_add(config, **kw)  # created, but the answer comes too late
+            key = f"t-{config.name[-1]}"
+            if timeouts.get(key):
+                timeouts[key] -= 1
+                raise nats.errors.TimeoutError
+            return info
+
+        js.add_stream = add_stream  # type: ignore[method-assign]
+        spec = await broker.create_topic(TopicSpec("t", 2))
+        assert spec.partitions == 2 and timeouts == {"t-0": 0, "t-1": 0}
+        timeouts["t-0"] = 3  # every attempt: the error names the partition
+        with pytest.raises(TopicError, match="cannot create partition 0"):
+            await broker.create_topic(TopicSpec("u", 1))
     finally:
         await broker.close()

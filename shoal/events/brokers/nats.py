@@ -87,6 +87,7 @@ MIN_MAX_AGE = 0.1  # JetStream refuses a shorter max_age
 BUSY_NOTICES = 256  # notices with no waiter after which the wait subscription is dropped
 _SPEC_TAG = "shoal-topic "
 READERS_PER_PARTITION = 4
+CREATE_ATTEMPTS = 3  # requests to create one partition's stream before giving up
 
 
 def escape_topic(name: str) -> str:
@@ -209,7 +210,15 @@ class NatsBroker(Broker):
 
     async def _add_stream(self, spec: TopicSpec, p: int) -> None:
         try:
-            await self._js.add_stream(self._config(spec, p))
+            for attempt in range(CREATE_ATTEMPTS):
+                try:
+                    await self._js.add_stream(self._config(spec, p))
+                    break
+                except (TimeoutError, nats.errors.TimeoutError):
+                    # A replicated stream forms a raft group: on a loaded cluster that can
+                    # outlast one request. Asking again is idempotent (same config).
+                    if attempt == CREATE_ATTEMPTS - 1:
+                        raise
         except nats.js.errors.APIError as exc:
             if exc.err_code != 10058:  # 10058: exists with another configuration
                 raise TopicError(f"topic {spec.name!r}: cannot create partition {p} "
