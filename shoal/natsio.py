@@ -25,7 +25,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import re
+import time
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +50,10 @@ _NAMESPACE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 _HOSTPORT = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
 REQUEST_TIMEOUT = 5.0  # seconds for any one JetStream request (covers a server restart)
 INACTIVE_CONSUMER = 60.0  # an ephemeral reader the server forgets after this long unused
+DOUBT_EMPTY = 2.0  # seconds of "nothing more" from one consumer before checking the stream
+REPLICATE_FOR = 60.0  # seconds a stream's readers use replicated consumers after a timeout
+
+log = logging.getLogger("shoal.natsio")
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +120,7 @@ class SharedConnection:
         self.refs = 0
         self.marks: set[asyncio.Future[Any]] = set()  # see shoal.store.nats (watch "now")
         self.on_reconnect: set[Any] = set()  # callables run after every reconnect
+        self.replicate_until: dict[str, float] = {}  # stream -> until when (see PullReader)
 
     async def _reconnected(self) -> None:
         for fn in list(self.on_reconnect):
@@ -311,6 +318,19 @@ class PullReader:
     ``read(seq, limit)`` returns the stored messages from ``seq`` on (from the first kept,
     if ``seq`` was trimmed), at most ``limit``, and ``[]`` at the end. The consumer is kept
     while reads continue from where the last ended; any other position recreates it.
+
+    A kept consumer is not believed forever when it says "nothing more": after a node of
+    the cluster died, a consumer can go on answering so although the stream has moved on
+    (seen with nats-server 2.9 after kill -9 of a node: a partition read nothing for good).
+    After ``doubt_empty`` seconds of empty answers, one empty answer is checked against
+    the stream's last sequence (one ``stream_info``), and a consumer found wrong is made
+    again.
+
+    A reader's consumer is R1 (cheap), which the server may place on a node that died
+    but is not yet known dead (nats-server 2.9 keeps choosing it for ~30 s after a
+    kill -9): its creation then goes unanswered. After such a timeout every reader of
+    that stream on this connection makes consumers with the stream's replication for
+    ``REPLICATE_FOR`` seconds (their leader is elected among the live nodes).
     """
 
     def __init__(
@@ -327,19 +347,30 @@ class PullReader:
         self._sub: Any = None
         self._request = 0
         self._lock = asyncio.Lock()
+        self.doubt_empty = DOUBT_EMPTY
+        self._empty_since: float | None = None  # when the kept consumer last had nothing
 
     async def _position(self, seq: int) -> None:
         if self.consumer is not None and self.next_seq == seq:
             return
         await self._drop_consumer()
+        replicated = self.conn.replicate_until.get(self.stream, 0.0) > time.monotonic()
         config = ConsumerConfig(
             deliver_policy=self.deliver, ack_policy=AckPolicy.NONE,
-            inactive_threshold=INACTIVE_CONSUMER, mem_storage=True, num_replicas=1,
+            inactive_threshold=INACTIVE_CONSUMER, mem_storage=True,
+            num_replicas=0 if replicated else 1,  # 0: the stream's
             filter_subject=self.filter_subject, max_waiting=16,
         )
         if self.deliver == DeliverPolicy.BY_START_SEQUENCE:
             config.opt_start_seq = max(1, seq)
-        info = await self.conn.js.add_consumer(self.stream, config)
+        try:
+            info = await self.conn.js.add_consumer(self.stream, config)
+        except (TimeoutError, nats.errors.TimeoutError):
+            if not replicated:
+                log.warning("stream %s: creating a reader timed out; replicated readers for "
+                            "%.0f s", self.stream, REPLICATE_FOR)
+            self.conn.replicate_until[self.stream] = time.monotonic() + REPLICATE_FOR
+            raise
         self.consumer, self.next_seq = info.name, seq
 
     async def _drop_consumer(self) -> None:
@@ -362,8 +393,31 @@ class PullReader:
                     continue
                 if msgs:
                     self.next_seq = stream_sequence(msgs[-1]) + 1
+                    self._empty_since = None
+                elif attempt == 0 and await self._wrongly_empty(seq):
+                    self.consumer = None  # (left to the server's inactivity threshold)
+                    continue
                 return msgs
         return []  # pragma: no cover
+
+    async def _wrongly_empty(self, seq: int) -> bool:
+        """True if the consumer has said "nothing more" for ``doubt_empty`` seconds while
+        the stream holds ``seq`` (checked at most once per period)."""
+        if self.deliver != DeliverPolicy.BY_START_SEQUENCE:
+            return False
+        now = time.monotonic()
+        if self._empty_since is None:
+            self._empty_since = now
+        if now - self._empty_since < self.doubt_empty:
+            return False
+        self._empty_since = now
+        last = (await self.conn.js.stream_info(self.stream)).state.last_seq
+        if last < seq:
+            return False
+        log.warning("stream %s: consumer %s answered nothing from sequence %d on, but the "
+                    "stream ends at %d; reading through a new consumer",
+                    self.stream, self.consumer, seq, last)
+        return True
 
     async def _pull(self, limit: int) -> list[Msg]:
         nc = self.conn.nc

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from shoal.errors import ShoalError
 from shoal.events.event import Event, decode_record
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("shoal.events.consumer")
 
+T = TypeVar("T")
 Handler = Callable[[Event], Awaitable[Any] | Any]
 StartPosition = Literal["earliest", "latest"] | int | datetime
 
@@ -99,6 +100,7 @@ class Subscription:
             self._start_partition, self._stop_partition,
         )
         self.ready = asyncio.Event()
+        self._closing = False
 
     async def start(self) -> None:
         """Join the group and start handling the partitions it gives us."""
@@ -119,6 +121,7 @@ class Subscription:
 
     async def close(self) -> None:
         """Finish what is in flight, commit, and leave the group."""
+        self._closing = True
         await self.member.leave()
         if self._threads is not None:
             self._threads.shutdown(wait=False)
@@ -203,7 +206,16 @@ class Subscription:
             subject=event.subject, time=event.time, data=event.data, extensions=extensions,
         )
         dedup = f"{self.group}/{self.topic}/{record.partition}/{record.offset}"
-        await self.bus.publish_event(f"{self.topic}.dlq", dead, dedup_id=dedup)
+        while True:  # until it lands: the event is committed only once dead-lettered
+            try:
+                await self.bus.publish_event(f"{self.topic}.dlq", dead, dedup_id=dedup)
+                break
+            except ShoalError as exc:  # e.g. the broker electing a leader; the dedup id
+                if self._closing:  # makes a retry idempotent. Closing: redelivered later
+                    raise
+                log.warning("dead-lettering %s/%s@%s failed, retrying: %s",
+                            self.topic, record.partition, record.offset, exc)
+                await asyncio.sleep(BACKEND_RETRY)
         self.stats.dead_lettered += 1
         log.warning(
             "dead-lettered %s/%s@%s after %d attempts: %s",
@@ -219,7 +231,7 @@ class _PartitionWorker:
         self.p = partition
         self.task: asyncio.Task[None] | None = None
         self.stopping = False
-        self.idle = False
+        self.waiting = False  # in a wait stop() may cut short (see _cancellable)
         self.tracker: OffsetTracker | None = None
         self.revision = 0
         self.committed = -1
@@ -321,6 +333,18 @@ class _PartitionWorker:
             self._wake = None
 
     async def run(self) -> None:
+        """Read and dispatch until stopped. A failure none of the paths below expects (a
+        bug, a record that cannot be decoded) restarts from the committed offset instead
+        of ending the worker: a dead worker would leave its partition unread for good."""
+        while not self.stopping:
+            try:
+                await self._run()
+            except Exception:
+                log.exception("partition %s/%s: worker failed; restarting from the committed "
+                              "offset", self.sub.topic, self.p)
+                await asyncio.sleep(BACKEND_RETRY)
+
+    async def _run(self) -> None:
         sub, broker = self.sub, self.sub.bus.broker
         topic = sub.topic
         try:
@@ -335,7 +359,7 @@ class _PartitionWorker:
                 except ShoalError as exc:  # a store or broker briefly away: try again
                     log.warning("partition %s/%s: cannot load the offset: %s",
                                 topic, self.p, exc)
-                    await asyncio.sleep(BACKEND_RETRY)
+                    await self._cancellable(asyncio.sleep(BACKEND_RETRY))
                     continue
                 self.tracker = tracker = OffsetTracker(offset)
                 last_commit = self._last_commit = time.monotonic()
@@ -343,10 +367,11 @@ class _PartitionWorker:
                 while not self.stopping and not self.moved:
                     gen = broker.append_generation(topic)
                     try:
-                        records = await broker.read(topic, self.p, offset, limit)
+                        records = await self._cancellable(
+                            broker.read(topic, self.p, offset, limit))
                     except ShoalError as exc:  # e.g. a server restarting: read again soon
                         log.warning("partition %s/%s: read failed: %s", topic, self.p, exc)
-                        await asyncio.sleep(BACKEND_RETRY)
+                        await self._cancellable(asyncio.sleep(BACKEND_RETRY))
                         continue
                     limit = TAIL_BATCH if len(records) < TAIL_BATCH else READ_BATCH
                     if not records:
@@ -358,11 +383,7 @@ class _PartitionWorker:
                         # than COMMIT_INTERVAL: a consumer that keeps up goes idle after
                         # nearly every event.
                         self._commit_later(tracker, last_commit)
-                        self.idle = True  # from here to the wait nothing yields: stop() sees it
-                        try:
-                            await self._idle_wait(gen)
-                        finally:
-                            self.idle = False
+                        await self._cancellable(self._idle_wait(gen))
                         continue
                     handled, failed = 0, None
                     for record in records:
@@ -408,13 +429,16 @@ class _PartitionWorker:
             sub._key_tails[key] = done
 
         async def handle() -> None:
+            handled = False
             try:
                 if previous is not None:
                     await previous
                 await sub.handle(record, event)
+                handled = True
             finally:
                 sub._slots.release()
-                tracker.handled(record.offset)
+                if handled:  # else (not dead-lettered as the bus closed) never committed
+                    tracker.handled(record.offset)
                 done.set_result(None)
                 if key is not None and sub._key_tails.get(key) is done:
                     del sub._key_tails[key]
@@ -423,6 +447,19 @@ class _PartitionWorker:
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
         return True
+
+    async def _cancellable(self, step: Awaitable[T]) -> T:
+        """Await ``step`` where ``stop()`` may cancel it, so that stopping (on a lost lease
+        or a rebalance) does not wait out a read retrying through a leader election or an
+        idle wait. Only steps that lose nothing when cut short: a read whose records are
+        not dispatched yet, a wait, a pause. No await comes between the caller's check of
+        ``stopping`` and this, so a stop either sees ``waiting`` or is seen by the caller.
+        """
+        self.waiting = True
+        try:
+            return await step
+        finally:
+            self.waiting = False
 
     async def _drain(self) -> None:
         while self._inflight:
@@ -433,7 +470,13 @@ class _PartitionWorker:
         self.stopping = True
         if self.task is None:
             return
-        if self.idle:
+        if self.waiting:
             self.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.task
+        try:
+            # Shielded: cancelling the stop must not cancel the worker, which (stopping)
+            # would swallow it and return, so that the caller's cancellation were lost.
+            await asyncio.shield(self.task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if not self.task.cancelled() or (current is not None and current.cancelling()):
+                raise  # we were cancelled, not (only) the worker

@@ -27,6 +27,7 @@ from shoal.store.base import Lease, Store
 log = logging.getLogger("shoal.events.group")
 
 GROUPS = "shoal/groups"
+RETRY = 0.2  # seconds before retrying a failed rejoin or rebalance
 
 
 def group_prefix(topic: str, group: str) -> str:
@@ -75,10 +76,7 @@ class GroupMember:
 
     async def join(self) -> None:
         """Register, claim what is free for us, and keep doing so in the background."""
-        self.lease = await self.store.lease(self.session_timeout)
-        await self.store.put(
-            f"{self._prefix}members/{self.member}", self.member.encode(), lease=self.lease
-        )
+        await self._register()
         watching = asyncio.Event()
         self._tasks = [
             asyncio.create_task(self._watch(watching)),
@@ -88,6 +86,14 @@ class GroupMember:
         await self.rebalance()
         self._tasks.append(asyncio.create_task(self._rebalance_loop()))
 
+    async def _register(self) -> None:
+        """Take a fresh lease and put our member key on it (joining and rejoining)."""
+        lease = await self.store.lease(self.session_timeout)
+        await self.store.put(
+            f"{self._prefix}members/{self.member}", self.member.encode(), lease=lease
+        )
+        self.lease = lease
+
     async def _watch(self, ready: asyncio.Event) -> None:
         while not self._closing:
             try:
@@ -96,32 +102,44 @@ class GroupMember:
                 async for change in watch:
                     if "/offsets/" not in change.key:
                         self._changed.set()
-            except StoreError as exc:  # fell behind; resync on a fresh watch
-                log.warning("group watch restarted: %s", exc)
+            except Exception as exc:  # fell behind, or the store away: resync on a fresh watch
+                log.warning("member %s: group watch restarted: %s", self.member, exc,
+                            exc_info=not isinstance(exc, StoreError))
                 self._changed.set()
                 await asyncio.sleep(0.1)
 
     async def _keepalive(self) -> None:
-        interval = self.session_timeout / 3
+        """Renew the lease every third of the session; after losing it, rejoin until that
+        works. Never ends on an error: a member that stopped renewing or rejoining would
+        leave its partitions unread for good (a delivery stall, not a crash anyone sees).
+        """
+        interval, pause = self.session_timeout / 3, self.session_timeout / 3
         while not self._closing:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(pause)
             try:
-                assert self.lease is not None
+                await self._renew_or_rejoin()
+                pause = interval
+            except Exception as exc:  # StoreError: the store briefly away (a leader election)
+                log.warning("member %s: keepalive failed, retrying: %s", self.member, exc,
+                            exc_info=not isinstance(exc, StoreError))
+                # Retried soon: a renewal may still land within the lease's time (a new
+                # leader elected), and without a lease we own nothing until we rejoin.
+                pause = min(interval, RETRY)
+
+    async def _renew_or_rejoin(self) -> None:
+        if self.lease is not None:
+            try:
                 await self.lease.keepalive()
+                return
             except LeaseExpired:
                 # We were presumed dead: our partitions may be someone else's now.
                 log.warning("member %s lost its lease; rejoining", self.member)
-                for p in sorted(self.owned):
-                    await self._stop_partition(p)
-                self.owned.clear()
-                self.lease = await self.store.lease(self.session_timeout)
-                await self.store.put(
-                    f"{self._prefix}members/{self.member}", self.member.encode(),
-                    lease=self.lease,
-                )
-                self._changed.set()
-            except StoreError as exc:  # the store briefly away: keep trying within the TTL
-                log.warning("member %s: keepalive failed: %s", self.member, exc)
+                self.lease = None  # until rejoined: claim nothing (see rebalance)
+                lost, self.owned = sorted(self.owned), set()
+                await asyncio.gather(*(self._stop_partition(p) for p in lost))
+        await self._register()
+        log.info("member %s rejoined group %s of %s", self.member, self.group, self.topic)
+        self._changed.set()
 
     async def _rebalance_loop(self) -> None:
         while not self._closing:
@@ -132,20 +150,21 @@ class GroupMember:
             if not self._closing:
                 try:
                     await self.rebalance()
-                except StoreError as exc:
-                    log.warning("member %s: rebalance failed, retrying: %s", self.member, exc)
-                    await asyncio.sleep(0.2)
+                except Exception as exc:  # StoreError: the store briefly away; else a bug
+                    log.warning("member %s: rebalance failed, retrying: %s", self.member, exc,
+                                exc_info=not isinstance(exc, StoreError))
+                    await asyncio.sleep(RETRY)
                     self._changed.set()
 
     async def rebalance(self) -> None:
         """Release what is no longer ours, claim what is ours and free."""
+        lease = self.lease  # this one: the keepalive task may drop it while we await
+        if lease is None:  # lost and not yet rejoined: the keepalive task rejoins
+            return
         entries = await self.store.list(self._prefix)
         members = [e.key.rsplit("/", 1)[1] for e in entries if "/members/" in e.key]
-        owners = {
-            int(e.key.rsplit("/", 1)[1]): e.value.decode()
-            for e in entries
-            if "/owners/" in e.key
-        }
+        claims = {int(e.key.rsplit("/", 1)[1]): e for e in entries if "/owners/" in e.key}
+        owners = {p: e.value.decode() for p, e in claims.items()}
         wanted = assigned_partitions(self.member, members, self.partitions)
         for p in sorted(self.owned - wanted):
             await self._release(p)
@@ -154,11 +173,17 @@ class GroupMember:
                 self.owned.discard(p)
                 await self._stop_partition(p)
         for p in sorted(wanted - self.owned):
-            if p in owners:
+            claim = claims.get(p)
+            if claim is not None and claim.value.decode() == self.member and (
+                claim.lease != lease.id
+            ):  # our claim from before a rejoin (its lease not yet swept): take it back
+                if not await self.store.delete(claim.key, expected_revision=claim.revision):
+                    continue
+            elif claim is not None:
                 continue  # still held; its owner releases it and we hear of it
             rev = await self.store.cas(
                 f"{self._prefix}owners/{p}", self.member.encode(), expected_revision=0,
-                lease=self.lease,
+                lease=lease,
             )
             if rev is not None:
                 self.owned.add(p)

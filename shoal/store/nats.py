@@ -142,7 +142,7 @@ class NatsLease(Lease):
             if not _wrong_sequence(exc.__cause__):  # type: ignore[arg-type]
                 self._attempt = record  # its answer was lost, but it may have landed
                 raise
-            last = await store._last(subject, store._lease_stream)
+            last = await store._last(subject, store._lease_stream, consistent=True)
             if last is None or self._last_attempt is None or last.data != self._last_attempt:
                 self._revoked = True
                 raise LeaseExpired(
@@ -190,11 +190,15 @@ class _NatsChangeStream(ChangeStream):
         async def on_msg(msg: Any) -> None:
             queue.put_nowait(msg)
 
-        self._holder["sub"] = await store._js.subscribe(
-            f"{store.target.namespace}.kv.*", stream=store._kv_stream, cb=on_msg,
-            ordered_consumer=True, deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-            config=nats.js.api.ConsumerConfig(opt_start_seq=self.last + 1),
-        )
+        try:
+            self._holder["sub"] = await store._js.subscribe(
+                f"{store.target.namespace}.kv.*", stream=store._kv_stream, cb=on_msg,
+                ordered_consumer=True, deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                config=nats.js.api.ConsumerConfig(opt_start_seq=self.last + 1),
+            )
+        except (TimeoutError, nats.errors.Error) as exc:  # e.g. the stream electing a leader
+            raise StoreError(f"store {store.url}: watch on {self.prefix!r} cannot start: "
+                             f"{exc or type(exc).__name__}") from exc
         if self._ended:  # closed while subscribing
             _stop_watch(store, self._holder)
 
@@ -344,20 +348,25 @@ class NatsStore(Store):
                              ) from exc
         return int(ack.seq)
 
-    async def _last(self, subject: str, stream: str | None = None) -> Any | None:
-        """The last message on ``subject`` (direct get), or None."""
+    async def _last(self, subject: str, stream: str | None = None, *,
+                    consistent: bool = False) -> Any | None:
+        """The last message on ``subject``, or None. A direct get (any replica answers,
+        so a lagging follower may answer with an older message) unless ``consistent``:
+        then the stream leader answers (for the reads a conditional write decides on)."""
         self._check_open()
         try:
-            return await self._js.get_last_msg(stream or self._kv_stream, subject, direct=True)
+            return await self._js.get_last_msg(stream or self._kv_stream, subject,
+                                               direct=not consistent)
         except nats.js.errors.NotFoundError:
             return None
         except (TimeoutError, nats.errors.Error) as exc:
             raise StoreError(f"store {self.url}: read failed: {exc or type(exc).__name__}"
                              ) from exc
 
-    async def _current(self, key: str) -> tuple[int, bytes | None, int | None] | None:
+    async def _current(self, key: str, *, consistent: bool = False
+                       ) -> tuple[int, bytes | None, int | None] | None:
         """(revision, value, lease) of the key's last message (value None: deleted)."""
-        msg = await self._last(self._subject(key))
+        msg = await self._last(self._subject(key), consistent=consistent)
         if msg is None:
             return None
         _, value, lease = _kv_decode(msg.data)
@@ -441,7 +450,9 @@ class NatsStore(Store):
                     raise
             if expected_revision != 0:
                 return None
-            current = await self._current(key)  # absent also means "last was a delete"
+            # Absent also means "last was a delete". From the leader: a stale answer (the
+            # claim before its delete) would refuse the claim, again at every rebalance.
+            current = await self._current(key, consistent=True)
             if current is None or current[1] is not None:
                 return None
             expect = current[0]
@@ -454,7 +465,7 @@ class NatsStore(Store):
         self._check_open()
         subject, marker = self._subject(key), _kv((key, None, None))
         for _ in range(8):
-            current = await self._current(key)
+            current = await self._current(key, consistent=True)
             if current is None or current[1] is None:
                 return False
             if expected_revision not in (None, current[0]):

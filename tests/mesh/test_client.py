@@ -168,17 +168,20 @@ async def test_success_rate_ejection_runs_every_interval(store) -> None:
         "load_balancer": {"policy": "round_robin"},
         "retries": {"attempts": 0},
         "outlier_detection": {
-            "consecutive_5xx": 0, "success_rate": True, "interval": "300ms",
+            "consecutive_5xx": 0, "success_rate": True, "interval": "1s",
             "success_rate_minimum_hosts": 3, "success_rate_request_volume": 5,
             "max_ejection_percent": 50,
         },
     })
     async with await MeshClient.connect(store, default_policy=policy) as mesh:
         await mesh.cache.wait_for("sr", lambda eps: len(eps) == 6, timeout=5)
-        for _ in range(120):
-            await (await mesh.get("http://sr/")).aread()
-            await asyncio.sleep(0.005)
-        assert mesh.upstream("sr").stats.ejections >= 1
+        # Until the first evaluation with enough volume: the counts start afresh every
+        # interval, so a fixed number of paced requests (as before) never reached the
+        # volume on a loaded machine (30 requests per interval: 33 ms each at most now).
+        async with asyncio.timeout(10):
+            while not mesh.upstream("sr").stats.ejections:
+                await (await mesh.get("http://sr/")).aread()
+        assert mesh.upstream("sr").stats.ejections == 1
         before = hits["flaky"]
         for _ in range(30):
             await (await mesh.get("http://sr/")).aread()

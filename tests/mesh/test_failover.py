@@ -62,15 +62,24 @@ SECONDS = 4.0
 KILL_AT = 1.5  # seconds into the run
 
 
-async def start_instance(url: str, name: str) -> tuple[asyncio.subprocess.Process, str]:
+async def start_instance(url: str, name: str, procs: list[asyncio.subprocess.Process]
+                         ) -> tuple[asyncio.subprocess.Process, str]:
+    """Start one instance (added to ``procs`` at once, for the caller to reap whatever
+    happens) and wait for its "ready" line; a failure says why, with its stderr."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", INSTANCE, url, name,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    assert proc.stdout is not None
-    async with asyncio.timeout(15):
-        line = (await proc.stdout.readline()).decode().split()
+    procs.append(proc)
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        async with asyncio.timeout(30):  # three at once, beside other tests, on 2 cores
+            line = (await proc.stdout.readline()).decode().split()
+    except TimeoutError:
+        line = ["(no ready line within 30 s)"]
     if line[:1] != ["ready"]:
-        err = await proc.stderr.read() if proc.stderr else b""
+        if proc.returncode is None:
+            proc.kill()
+        err = await proc.stderr.read()
         raise AssertionError(f"instance {name} did not start: {line} {err.decode()}")
     return proc, f"127.0.0.1:{line[1]}"
 
@@ -78,10 +87,12 @@ async def start_instance(url: str, name: str) -> tuple[asyncio.subprocess.Proces
 @pytest.mark.slow
 async def test_sigkill_of_an_instance_under_load_loses_no_request(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'store.db'}"
-    started = await asyncio.gather(*(start_instance(url, f"echo-{i}") for i in range(3)))
-    procs = [proc for proc, _ in started]
-    victim, dead = procs[0], started[0][1]
+    procs: list[asyncio.subprocess.Process] = []
     try:
+        async with asyncio.TaskGroup() as group:  # a failure stops the other starts too
+            starting = [group.create_task(start_instance(url, f"echo-{i}", procs))
+                        for i in range(3)]
+        victim, dead = starting[0].result()
         async with await MeshClient.connect(url) as mesh:
             await mesh.cache.wait_for("echo", lambda eps: len(eps) == 3, timeout=5)
             upstream = mesh.upstream("echo")

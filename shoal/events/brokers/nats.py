@@ -87,6 +87,7 @@ MIN_MAX_AGE = 0.1  # JetStream refuses a shorter max_age
 BUSY_NOTICES = 256  # notices with no waiter after which the wait subscription is dropped
 _SPEC_TAG = "shoal-topic "
 READERS_PER_PARTITION = 4
+CREATE_ATTEMPTS = 3  # requests to create one partition's stream before giving up
 
 
 def escape_topic(name: str) -> str:
@@ -209,7 +210,15 @@ class NatsBroker(Broker):
 
     async def _add_stream(self, spec: TopicSpec, p: int) -> None:
         try:
-            await self._js.add_stream(self._config(spec, p))
+            for attempt in range(CREATE_ATTEMPTS):
+                try:
+                    await self._js.add_stream(self._config(spec, p))
+                    break
+                except (TimeoutError, nats.errors.TimeoutError):
+                    # A replicated stream forms a raft group: on a loaded cluster that can
+                    # outlast one request. Asking again is idempotent (same config).
+                    if attempt == CREATE_ATTEMPTS - 1:
+                        raise
         except nats.js.errors.APIError as exc:
             if exc.err_code != 10058:  # 10058: exists with another configuration
                 raise TopicError(f"topic {spec.name!r}: cannot create partition {p} "
@@ -238,6 +247,8 @@ class NatsBroker(Broker):
             info = await self._js.stream_info(self._stream(name, 0))
         except nats.js.errors.NotFoundError:
             return None
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise self._failed(f"looking up topic {name!r}", exc) from exc
         spec = self._parse_spec(info.config.description)
         if spec is None or spec.name != name:
             return None
@@ -248,7 +259,10 @@ class NatsBroker(Broker):
         prefix = f"{self.target.namespace}-ev-"
         specs, offset = [], 0
         while True:  # the server answers a page (256 streams) at a time
-            page = await self._js.streams_info(offset=offset)
+            try:
+                page = await self._js.streams_info(offset=offset)
+            except (TimeoutError, nats.errors.Error) as exc:
+                raise self._failed("listing topics", exc) from exc
             if not page:
                 break
             offset += len(page)
@@ -339,7 +353,14 @@ class NatsBroker(Broker):
         return readers[-1]
 
     async def _state(self, stream: str) -> Any:
-        return (await self._js.stream_info(stream)).state
+        try:
+            return (await self._js.stream_info(stream)).state
+        except (TimeoutError, nats.errors.Error) as exc:  # NotFoundError too: a TopicError
+            raise self._failed(f"reading the state of stream {stream}", exc) from exc
+
+    def _failed(self, what: str, exc: BaseException) -> TopicError:
+        """A NATS failure (e.g. a stream electing its leader) as the contract's error."""
+        return TopicError(f"{what} on {self.url} failed: {exc or type(exc).__name__}")
 
     async def ranges(self, topic: str) -> list[PartitionRange]:
         t = await self._topic(topic)
@@ -347,7 +368,13 @@ class NatsBroker(Broker):
         return [PartitionRange(max(0, s.first_seq - 1), s.last_seq, s.bytes) for s in states]
 
     async def _timestamp(self, stream: str, seq: int) -> int:
-        msg = await self._js.get_msg(stream, seq=seq, direct=True)
+        """The timestamp of message ``seq``; NotFoundError if it is not (or no longer) kept."""
+        try:
+            msg = await self._js.get_msg(stream, seq=seq, direct=True)
+        except nats.js.errors.NotFoundError:
+            raise
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise self._failed(f"reading message {seq} of stream {stream}", exc) from exc
         return _decode(msg.data)[0]
 
     async def offset_for_time(self, topic: str, partition: int, timestamp_ms: int) -> int:
@@ -444,7 +471,10 @@ class NatsBroker(Broker):
             state = await self._state(stream)
             keep_from = await self.offset_for_time(topic, p, cutoff) + 1
             if keep_from > state.first_seq:
-                await self._js.purge_stream(stream, seq=keep_from)
+                try:
+                    await self._js.purge_stream(stream, seq=keep_from)
+                except (TimeoutError, nats.errors.Error) as exc:
+                    raise self._failed(f"purging stream {stream}", exc) from exc
                 removed += keep_from - state.first_seq
         return removed
 
