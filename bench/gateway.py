@@ -410,7 +410,7 @@ def measure_side_by_side(kinds: tuple[str, ...], tools: dict[str, str], script: 
                          ) -> dict[str, dict[str, float]]:
     """One round of ``--observability``: every proxy of ``kinds`` running at once, driven in
     turn (a shuffled order per turn) for ``args.bursts`` bursts each; figures summed."""
-    burst = args.duration / args.bursts
+    burst = max(1, round(args.duration / args.bursts))  # wrk takes whole seconds only
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent),
                OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{backends[0]}")  # the stub
     with contextlib.ExitStack() as stack:
@@ -460,7 +460,8 @@ def main() -> None:
                     help="measure shoal against shoal-obs (metrics + tracing) only")
     ap.add_argument("--taskset", help="CPU list every proxy is pinned to (taskset -c)")
     ap.add_argument("--bursts", type=int, default=10, help="--observability: bursts per "
-                    "proxy per round, each of duration / bursts seconds")
+                    "proxy per round, each of duration / bursts seconds (at least 1: "
+                    "wrk counts whole seconds)")
     ap.add_argument("--observe", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--serve", choices=("shoal", "aiohttp", "py-floor"), help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
