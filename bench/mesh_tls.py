@@ -23,57 +23,17 @@ the rounds' throughput ratios mtls/plain (the target: at least 0.85, i.e. at mos
 lower). The last line is one JSON object; the
 load average before and after is printed, since the machine is shared.
 
-Where the cost was: the event loop's TLS transport handed a plain ``asyncio.Protocol``
-each read as ``SSLObject.read(262144)`` - a fresh 256 KiB ``bytes`` per read, i.e. an
-mmap, a page fault, an mremap and a munmap on both ends of every call (``strace -c``:
-one of each per read; ``perf``: page faults and munmap about 12% of all CPU). Connections
-were reused (32 opened for 32 workers), one TLS record went each way per call, the SNI
-swap and SPIFFE check ran once per handshake: none of the other suspects. The client and
-server connections over TLS are now ``BufferedProtocol``s decrypting into one reused
-buffer (``shoal.mesh.tls_reads``).
-
-Measured (2 CPUs shared with other engineers' test runs; main's code and this one
-alternated, same bench, 10000 requests, 4 rounds): throughput ratio mtls/plain before
-0.47, 0.43, 0.53 (load 6-7) and 0.47 (load 1); after 0.80, 0.65, 1.02 (load 6-7) and
-0.73, 0.58 (load 1). CPU per request at 32 connections, client + server, plain/mtls:
-0.43-0.59 before, 0.63-0.69 after - the extra CPU of mTLS per call went from about
-120-200 us to 55-80 us (plain: about 125 us through the whole MeshClient stack). Earlier
-runs with the modes' phases not back to back gave 0.38-1.5 after: noise. THE TARGET (at
-least 0.85) IS NOT MET.
-
-``--backend service`` serves the same calls with a ``shoal.Service``'s server instead
-(uvicorn as an instance runs it: ``PeerIdentityProtocol``, under mTLS behind
-``buffered_reads``).
-
-Where the rest goes (tls-perf2, each side measured on its own: CPU per call from
-``process_time`` and /proc, ``perf record``, ``strace -c``, cProfile call counts). Per call
-each side encrypts one record and decrypts one: uvloop decrypts it with one
-``SSLObject.read`` and two ``pending()`` (no ``SSLWantReadError`` raised), each side makes
-one ``send`` and one ``recv`` as in plaintext, and no other Python call runs under TLS. In
-isolation that is small: the four records of a call through two ``SSLObject``s and their
-BIOs cost 8.3 us of CPU (TLS_AES_256_GCM_SHA384 is negotiated; AES-GCM itself is under
-1 us per 128-byte record, the rest is libssl's per-record work), and a ping-pong of the
-same messages over uvloop's TLS transports costs 15-37 us more per round trip than
-plaintext, both ends together. In the full stack each side's CPU per call rises by
-25-60 us: the same code running slower, not more code (``perf``: the interpreter loop
-itself +18 us per call on the client). Adding ~70 us of Python work per message to that
-ping-pong raises its TLS cost to +56-59 us per round trip: OpenSSL and the interpreter
-evict each other from the caches, the more so the more Python runs per call. Checked and
-not the cause: both processes (and instances, ``shoal.instance``) run uvloop's Cython TLS
-transport; TCP_NODELAY is on on both sides; the peer certificate is parsed once per
-connection; the ``SSLObject`` Python wrappers (bound to the C methods: about 25 ns per call
-saved, so left out). Kernel TLS, which would take the record work out of the process, is
-not available here (no ``tls`` ULP). ``HttpServer`` writes one record per answer and
-``MeshClient`` one per request; uvicorn wrote two (head, body) and now gets its transport
-behind ``CoalescedWrites`` (``shoal.mesh.tls_writes``): one record and one send per
-response. Against a Service (``--backend service --requests 4000 --rounds 2``, main and
-tls-perf2 alternated, load 9-14), CPU per call plain/mtls went from 0.63-0.69 to
-0.87-0.92 (server-side extra from +53-75 us to -3-+26 us, client-side from +46-67 us to
-+17-28 us: one read and one decryption fewer); throughput ratios 0.61-0.78 before,
-0.55-1.02 after: noise at that load. With ``--requests 10000 --rounds 3`` (load 6-9):
-main 0.505 (CPU 0.611), tls-perf2 0.814 (CPU 0.873). The ``HttpServer`` backend, whose
-path this does not change, measured 0.66, 0.78, 0.48 (CPU 0.65, 0.75, 0.60) before and
-0.58, 0.60 (CPU 0.61, 0.58) after, load 4-9: the target is not met there.
+What the cost is (measured per side with ``perf``, ``strace -c`` and cProfile): each side
+encrypts one record and decrypts one per call - the same ``send``/``recv`` as plaintext,
+no extra Python call. TLS reads go through a ``BufferedProtocol`` into one reused buffer
+(``shoal.mesh.tls_reads``: the loop's SSL layer otherwise allocates 256 KiB per read), and
+a Service's response goes out as one record (``shoal.mesh.tls_writes``: uvicorn writes
+head and body apart). The four records of a call cost about 8 us of CPU in isolation
+(TLS_AES_256_GCM_SHA384); in the full stack each side's CPU per call rises 20-47 us, mostly
+as the interpreter running slower (cache interference with OpenSSL is the likely reason;
+this VM has no hardware counters to show it). Kernel TLS would move the record work out of
+the process; this kernel has no ``tls`` ULP. Figures per run are in the README and the
+commit history.
 """
 
 from __future__ import annotations
